@@ -1,0 +1,42 @@
+"""Shared test helpers. Everything runs on the CPU; nothing is downloaded."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(**overrides):
+    """configs/lm.py:smoke, unlocked overrides applied with dotted keys ("optim.lr": 1e-3)."""
+    sys.path.insert(0, ROOT)
+    try:
+        from configs import lm as lm_config  # pylint: disable=g-import-not-at-top
+    finally:
+        sys.path.pop(0)
+    c = lm_config.get_config("smoke")
+    for k, v in overrides.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    c.lock()
+    return c
+
+
+def run_module(args, env_extra=None, timeout=600):
+    """Runs ``python -m ...`` from the repo root in a fresh interpreter; returns CompletedProcess."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def root():
+    return ROOT

@@ -1,0 +1,85 @@
+"""Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (set by tests/test_sharding.py).
+
+One train step of the smoke LM on a (data=2, fsdp=2, tensor=2) mesh vs on a single device, then a
+checkpoint written on that mesh restored onto a (data=4, fsdp=1, tensor=2) mesh. Prints JSON.
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from conftest import smoke_config  # noqa: E402
+
+from vlmjax import sharding as shd  # noqa: E402
+from vlmjax import tasks  # noqa: E402
+from vlmjax.train import Trainer  # noqa: E402
+from vlmjax.train.checkpoint import Checkpointer  # noqa: E402
+from vlmjax.train.optimizer import path_str  # noqa: E402
+
+
+def flat(tree):
+    return {path_str(k): np.asarray(jax.device_get(v)) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def main():
+    assert jax.device_count() == 8, jax.devices()
+    # fp32 and a wider model than smoke so tensor=2 splits heads/mlp evenly.
+    cfg = smoke_config(**{"model.num_attention_heads": 4, "model.num_key_value_heads": 2,
+                          "batch_size": 8, "optim.warmup_steps": 0})
+    task = tasks.build(cfg, None)
+    batch = next(iter(task.train_dataset(global_batch_size=8, seed=0, process_index=0, process_count=1)))
+
+    results = {}
+    states = {}
+    for name, mesh_cfg, devices in [("single", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
+                                    ("mesh222", dict(data=2, fsdp=2, tensor=2), None)]:
+        mesh = shd.make_mesh(mesh_cfg, devices)
+        tr = Trainer(cfg, task, mesh)
+        state = tr.init()
+        state, m = tr.train_step(state, tr.put(batch))
+        results[name] = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])}
+        states[name] = (tr, state)
+
+    a, b = flat(states["single"][1].params), flat(states["mesh222"][1].params)
+    results["max_param_diff"] = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    results["param_names"] = sorted(a)
+
+    tr, state = states["mesh222"]
+    specs = {path_str(k): str(v.sharding.spec) for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    shard_shapes = {path_str(k): [list(v.shape), list(v.addressable_shards[0].data.shape)]
+                    for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    results["specs"] = specs
+    results["shard_shapes"] = shard_shapes
+    # The Adam moments follow their parameter's sharding.
+    mu_specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(state.opt_state) if x.ndim >= 2})
+    results["opt_specs"] = mu_specs
+
+    # Checkpoint on (2,2,2), restore on (4,1,2).
+    with tempfile.TemporaryDirectory() as d:
+        data_iter = iter(task.train_dataset(global_batch_size=8, seed=0, process_index=0, process_count=1))
+        ck = Checkpointer(d, keep=2, every=1, async_save=False)
+        ck.save(1, state, data_iter, {"note": "test"}, force=True)
+        ck.close()
+        mesh2 = shd.make_mesh(dict(data=4, fsdp=1, tensor=2))
+        tr2 = Trainer(cfg, task, mesh2)
+        ck2 = Checkpointer(d, keep=2, every=1, async_save=False)
+        restored, step = ck2.restore_latest(tr2.abstract_state, iter(task.train_dataset(
+            global_batch_size=8, seed=0, process_index=0, process_count=1)))
+        ck2.close()
+        c = flat(restored.params)
+        results["restore_step"] = step
+        results["restore_max_diff"] = max(float(np.max(np.abs(b[k] - c[k]))) for k in b)
+        results["restore_mesh"] = {str(v.sharding.mesh.shape_tuple) for v in jax.tree.leaves(restored.params)}.pop()
+        # The restored state trains on the new mesh.
+        _, m2 = tr2.train_step(restored, tr2.put(batch))
+        results["restore_next_loss"] = float(m2["loss"])
+    print("RESULT " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

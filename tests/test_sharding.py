@@ -1,0 +1,35 @@
+"""Sharding on 8 fake CPU devices (a fresh interpreter, since the device count is fixed at import)."""
+
+import json
+
+import numpy as np
+
+from conftest import run_module
+
+
+def test_mesh_step_matches_single_device_and_params_are_sharded():
+    p = run_module(["tests/helpers/sharding_check.py"],
+                   env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    res = json.loads(p.stdout.split("RESULT ", 1)[1])
+    np.testing.assert_allclose(res["mesh222"]["loss"], res["single"]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(res["mesh222"]["grad_norm"], res["single"]["grad_norm"], rtol=1e-4)
+    assert res["max_param_diff"] < 1e-5
+
+    specs, shapes = res["specs"], res["shard_shapes"]
+    q = [k for k in specs if k.endswith("q_proj/kernel")]
+    mlp = [k for k in specs if k.endswith("gate_proj/kernel")]
+    emb = [k for k in specs if "embed" in k and specs[k] != "PartitionSpec()"]
+    assert q and mlp and emb, sorted(specs)
+    # Rules: embed -> fsdp, q_heads/mlp/vocab -> tensor.
+    assert specs[q[0]] == "PartitionSpec('fsdp', 'tensor', None)", specs[q[0]]
+    assert specs[mlp[0]] == "PartitionSpec('fsdp', 'tensor')", specs[mlp[0]]
+    assert specs[emb[0]] == "PartitionSpec('tensor', 'fsdp')", specs[emb[0]]
+    glob_shape, shard_shape = shapes[q[0]]
+    assert shard_shape[0] == glob_shape[0] // 2 and shard_shape[1] == glob_shape[1] // 2
+    assert "PartitionSpec('fsdp', 'tensor')" in res["opt_specs"]
+
+    assert res["restore_step"] == 1
+    assert res["restore_max_diff"] == 0.0
+    assert res["restore_mesh"] == "(('data', 4), ('fsdp', 1), ('tensor', 2))"
+    assert np.isfinite(res["restore_next_loss"])

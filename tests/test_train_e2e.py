@@ -1,0 +1,100 @@
+"""End-to-end: main with :smoke, checkpoints, exact resume, corrupt-checkpoint fallback, config errors."""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from conftest import run_module, smoke_config
+from vlmjax import train
+from vlmjax.train.metrics import read_metrics
+
+
+def _losses(workdir):
+    """step -> loss of the LAST logged record for that step (a resumed run may repeat steps)."""
+    return {r["step"]: r["loss"] for r in read_metrics(workdir, "train")}
+
+
+def test_main_smoke_cli_runs_and_writes_everything(tmp_path):
+    wd = tmp_path / "run"
+    p = run_module(["-m", "vlmjax.main", "--config=configs/lm.py:smoke", f"--workdir={wd}"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert (wd / "config.json").exists()
+    recs = read_metrics(str(wd))
+    kinds = {r["kind"] for r in recs}
+    assert {"train", "eval", "summary"} <= kinds
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    for r in recs:
+        if r["kind"] == "train":
+            assert np.isfinite(r["loss"]) and r["grad_norm"] > 0
+            for k in ("lr", "tokens_per_s", "step_time_s", "data_wait_frac"):
+                assert k in r
+    steps = sorted(int(os.path.basename(d)) for d in glob.glob(str(wd / "checkpoints" / "*"))
+                   if os.path.basename(d).isdigit())
+    assert steps == [3, 6]
+    assert "sample" in p.stdout and "done: step 6" in p.stdout
+
+
+def test_resume_gives_identical_losses(tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train.run(smoke_config(), full)
+    # "Preempted" after step 3 (the checkpoint interval), then resumed from the workdir.
+    s1 = train.run(smoke_config(stop_after=3), part)
+    assert s1["step"] == 3
+    s2 = train.run(smoke_config(), part)
+    assert s2["step"] == 6
+    a, b = _losses(full), _losses(part)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([a[s] for s in range(1, 7)], [b[s] for s in range(1, 7)], rtol=1e-5)
+    # Steps 4..6 of the resumed run really came after a restore (not a rerun from scratch).
+    resumed = [r["step"] for r in read_metrics(part, "train")]
+    assert resumed == [1, 2, 3, 4, 5, 6]
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
+    wd = str(tmp_path / "run")
+    train.run(smoke_config(), wd)  # checkpoints at 3 and 6
+    files = [f for f in glob.glob(os.path.join(wd, "checkpoints", "6", "state", "**", "*"), recursive=True)
+             if os.path.isfile(f)]
+    assert files
+    for f in files:  # truncate every file of the latest state: unreadable, but still listed
+        with open(f, "wb") as fh:
+            fh.write(b"\0garbage")
+    s = train.run(smoke_config(total_steps=8), wd)
+    out = capsys.readouterr().out
+    assert "step 6" in out and "unreadable" in out
+    assert "Resumed from checkpoint step 3" in out
+    assert s["step"] == 8
+    # The bad step was kept for inspection, not deleted, and training redid steps 4..8.
+    assert glob.glob(os.path.join(wd, "corrupt_checkpoints", "6.*"))
+    steps = [r["step"] for r in read_metrics(wd, "train")]
+    assert steps == [1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 8]
+
+
+def test_config_typo_fails_with_hint(tmp_path):
+    p = run_module(["-m", "vlmjax.main", "--config=configs/lm.py:smoke", f"--workdir={tmp_path}",
+                    "--config.totl_steps=5"])
+    assert p.returncode != 0
+    assert "total_steps" in p.stderr  # ml_collections: "Did you mean 'total_steps'?"
+
+
+@pytest.mark.parametrize("field,value,expect", [
+    ("batch_size", 0, "config.batch_size"),
+    ("optim.schedule", "cosin", "config.optim.schedule"),
+    ("optim.frozen", ("no_such_param",), "config.optim.frozen"),
+    ("mesh.data", 3, "config.mesh"),
+    ("task", "lmm", "did you mean 'lm'"),
+])
+def test_bad_config_values_name_the_field(tmp_path, field, value, expect):
+    with pytest.raises(ValueError, match=expect.replace("(", r"\(")):
+        train.run(smoke_config(**{field: value}), str(tmp_path))
+
+
+def test_nonfinite_updates_are_skipped_then_stop(tmp_path):
+    # An absurd learning rate blows the loss up; updates with non-finite grads are skipped and
+    # counted, and after max_consecutive_nonfinite the run stops with a message naming the fix.
+    with pytest.raises(FloatingPointError, match="config.optim.lr"):
+        train.run(smoke_config(**{"optim.lr": 1e30, "optim.clip_norm": 0.0, "optim.warmup_steps": 0,
+                                  "optim.max_consecutive_nonfinite": 2, "total_steps": 12,
+                                  "ckpt_every": 0}), str(tmp_path))

@@ -1,0 +1,65 @@
+"""What an experiment family hands the one trainer core.
+
+A task never copies the trainer (DESIGN.md). It supplies data, a model's variables, a
+``loss_fn(params, model_state, batch, rng) -> (loss, aux)``, evaluators and an end-of-run hook.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import jax
+import numpy as np
+
+
+class Task(abc.ABC):
+    """Base class of the per-family task objects (``vlmjax/tasks/<family>.py``).
+
+    Attributes:
+      state_collections: names of non-trainable Linen collections carried in
+        ``TrainState.model_state`` and checkpointed (e.g. ``("router_state",)``).
+      units: what throughput is counted in ("tokens", "examples").
+    """
+
+    state_collections: tuple[str, ...] = ()
+    units: str = "examples"
+
+    def __init__(self, config, workdir: str | None):
+        self.config = config
+        self.workdir = workdir
+
+    # ---- data ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def train_dataset(self, *, global_batch_size: int, seed: int, process_index: int,
+                      process_count: int):
+        """A checkpointable grain IterDataset of per-process numpy batches."""
+
+    @abc.abstractmethod
+    def eval_batches(self, *, global_batch_size: int, process_index: int,
+                     process_count: int) -> list[dict[str, np.ndarray]]:
+        """Finite, deterministic per-process eval batches, the same count on every process."""
+
+    # ---- model --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def init_variables(self, rng: jax.Array) -> dict[str, Any]:
+        """Linen variables (``params`` plus ``state_collections``), boxed with logical axes."""
+
+    @abc.abstractmethod
+    def loss_fn(self, params, model_state, batch, rng) -> tuple[jax.Array, dict[str, Any]]:
+        """Returns ``(loss, {"metrics": {name: scalar}, "model_state": new_model_state})``."""
+
+    @abc.abstractmethod
+    def eval_fn(self, params, model_state, batch) -> dict[str, jax.Array]:
+        """Per-batch SUMS (e.g. summed NLL and token count), so batches combine exactly."""
+
+    @abc.abstractmethod
+    def finalize_eval(self, sums: dict[str, float]) -> dict[str, float]:
+        """Turns summed eval statistics into reported metrics (loss, perplexity, ...)."""
+
+    def units_per_step(self, global_batch_size: int) -> int:
+        return global_batch_size
+
+    def on_end(self, state, mesh) -> dict[str, Any]:
+        """Hook after the last step (e.g. print a sample). Returns extra summary fields."""
+        return {}

@@ -1,0 +1,117 @@
+"""Causal language modelling with the dense decoder (``configs/lm.py``).
+
+Loss: mean next-token cross-entropy over non-padding targets. Evaluation reports validation loss
+(nats/token), perplexity, bits per byte (loss / ln 2 / UTF-8 bytes per token of the validation
+text, comparable across tokenizers) and next-token accuracy. The run ends with a sampled
+continuation of ``config.sample.prompt``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from vlmjax import data as data_lib
+from vlmjax.models import decoder as decoder_lib
+from vlmjax.models import generate as generate_lib
+from vlmjax.tasks.base import Task
+
+
+def sample_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        prompt="The ",           # text to continue at the end of training ('' disables)
+        max_new_tokens=96,
+        temperature=0.7,         # 0 = greedy
+        top_p=0.9,
+    ))
+
+
+def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array):
+    """logits: [B, T, V] (fp32), targets: [B, T] int, mask: [B, T] -> (nll [B, T] masked, correct [B, T])."""
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    return nll * mask, correct * mask
+
+
+class LMTask(Task):
+    units = "tokens"
+
+    def __init__(self, config, workdir):
+        super().__init__(config, workdir)
+        self.data = data_lib.build_lm_data(config.data, workdir=workdir)
+        self.tokenizer = self.data.tokenizer
+        self.seq_len = int(config.data.seq_len)
+        self.model_config = decoder_lib.DecoderConfig.from_config(
+            config.model, vocab_size=self.tokenizer.vocab_size)
+        self.model = decoder_lib.Decoder(self.model_config)
+
+    # ---- data ---------------------------------------------------------------------------
+    def train_dataset(self, *, global_batch_size, seed, process_index, process_count):
+        return self.data.train_dataset(global_batch_size=global_batch_size, seed=seed,
+                                       process_index=process_index, process_count=process_count)
+
+    def eval_batches(self, *, global_batch_size, process_index, process_count):
+        return self.data.eval_batches(global_batch_size=global_batch_size,
+                                      process_index=process_index, process_count=process_count,
+                                      max_batches=self.config.eval.max_batches)
+
+    def units_per_step(self, global_batch_size):
+        return global_batch_size * self.seq_len
+
+    # ---- model --------------------------------------------------------------------------
+    def init_variables(self, rng):
+        return self.model.init(rng, jnp.zeros((1, self.seq_len), jnp.int32))
+
+    def _forward(self, params, model_state, batch):
+        logits, aux = self.model.apply({"params": params, **model_state}, batch["inputs"])
+        mask = batch["loss_mask"].astype(jnp.float32)
+        nll, correct = token_nll(logits, batch["targets"], mask)
+        return nll, correct, mask, aux
+
+    def loss_fn(self, params, model_state, batch, rng):
+        del rng  # the dense LM has no dropout or stochastic routing
+        nll, correct, mask, aux = self._forward(params, model_state, batch)
+        count = jnp.maximum(mask.sum(), 1.0)
+        loss = nll.sum() / count
+        metrics = {"loss": loss, "accuracy": correct.sum() / count,
+                   **{k: jnp.mean(v) for k, v in aux.items()}}
+        return loss, {"metrics": metrics, "model_state": model_state}
+
+    def eval_fn(self, params, model_state, batch):
+        nll, correct, mask, _ = self._forward(params, model_state, batch)
+        return {"nll_sum": nll.sum(), "correct_sum": correct.sum(), "tokens": mask.sum()}
+
+    def finalize_eval(self, sums):
+        tokens = max(sums.get("tokens", 0.0), 1.0)
+        loss = sums["nll_sum"] / tokens
+        return {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)),
+            "bits_per_byte": loss / math.log(2) / self.data.bytes_per_token,
+            "accuracy": sums["correct_sum"] / tokens,
+            "tokens": int(tokens),
+        }
+
+    # ---- end of run ---------------------------------------------------------------------
+    def on_end(self, state, mesh) -> dict[str, Any]:
+        cfg = self.config.sample
+        if not cfg.prompt or cfg.max_new_tokens <= 0:
+            return {}
+        prompt = np.asarray(self.tokenizer.encode(cfg.prompt), np.int32)[None, :]
+        out = generate_lib.generate(
+            self.model, state.params, jnp.asarray(prompt), max_new_tokens=int(cfg.max_new_tokens),
+            rng=jax.random.PRNGKey(self.config.seed), temperature=float(cfg.temperature),
+            top_p=float(cfg.top_p))
+        if jax.process_count() > 1:
+            out = multihost_utils.process_allgather(out, tiled=True)
+        text = self.tokenizer.decode(np.asarray(jax.device_get(out))[0].tolist())
+        if jax.process_index() == 0:
+            print(f"sample (temperature={cfg.temperature}, top_p={cfg.top_p}):\n{text!r}", flush=True)
+        return {"sample": text}

@@ -1,0 +1,115 @@
+"""Orbax checkpointing of the train state, the grain iterator and the config.
+
+MaxText ``common/checkpointing.py`` is the model: one ``CheckpointManager`` with a composite of
+items, async saves, ``max_to_keep``, and automatic resume from the workdir. Orbax writes each step
+to a temporary directory and renames it on commit, so a half-written step is never listed. A step
+that is listed but cannot be read (a disk error, a truncated file) is reported, moved aside (never
+deleted) and the previous step is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+
+class Checkpointer:
+    """Saves and restores ``{"state", "data", "config"}`` under ``directory``."""
+
+    def __init__(self, directory: str, *, keep: int, every: int, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self._options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            save_interval_steps=every,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._open()
+
+    def _open(self):
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            item_names=("state", "data", "config"),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+            },
+            options=self._options,
+        )
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, data_iter, config_dict: dict[str, Any], *, force: bool = False) -> bool:
+        """Saves if ``step`` is on the save interval (or ``force``). Returns whether it saved."""
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iter),
+                config=ocp.args.JsonSave(config_dict),
+            ),
+            force=force,
+        )
+
+    def restore_latest(self, abstract_state, data_iter) -> tuple[Any, int] | None:
+        """Restores the newest readable step onto ``abstract_state``'s shardings.
+
+        ``abstract_state``: ShapeDtypeStructs with the CURRENT run's shardings, so a checkpoint written
+        on another mesh is resharded on load. ``data_iter`` is restored in place. Returns
+        ``(state, step)`` or None when there is no checkpoint.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=grain.checkpoint.CheckpointRestore(data_iter),
+                    ),
+                )
+            except Exception as e:  # noqa: BLE001 - any read failure means "this step is unusable".
+                logging.error("Checkpoint step %d in %s is unreadable (%s: %s); falling back to the "
+                              "previous step.", step, self.directory, type(e).__name__, e)
+                print(f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
+                      f"({type(e).__name__}: {str(e)[:300]}); falling back to the previous checkpoint.",
+                      flush=True)
+                self._quarantine(step)
+                continue
+            return restored["state"], step
+        return None
+
+    def _quarantine(self, step: int):
+        """Moves an unreadable step aside (kept for inspection) so the step can be saved again."""
+        multihost_utils.sync_global_devices(f"vlmjax_ckpt_quarantine_{step}")
+        if jax.process_index() == 0:
+            src = os.path.join(self.directory, str(step))
+            if os.path.exists(src):
+                dst = os.path.join(os.path.dirname(self.directory),
+                                   f"corrupt_checkpoints/{step}.{int(time.time())}")
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.replace(src, dst)
+        multihost_utils.sync_global_devices(f"vlmjax_ckpt_quarantined_{step}")
+        self.manager.close()
+        self._open()
+
+    def saved_config(self, step: int) -> dict[str, Any]:
+        path = os.path.join(self.directory, str(step), "config", "metadata")
+        with open(path) as f:
+            return json.load(f)
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()

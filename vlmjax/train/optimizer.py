@@ -1,0 +1,160 @@
+"""Optimizer from config: AdamW, warmup + cosine, clipping, per-group learning rates, frozen groups.
+
+Groups are chosen by regular expressions on the parameter path ``"layers_0/attn/q_proj/kernel"``
+(big_vision ``optax.py``; deepmind/gemma ``peft``), so freezing a backbone or giving the projector a
+10x learning rate is a config line, never a code edit. Non-finite updates are skipped with
+``optax.apply_if_finite``, whose state keeps the counters the trainer logs.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+FROZEN = "frozen"
+DEFAULT = "default"
+
+
+def default_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        name="adamw",            # adamw | sgd
+        lr=3e-4,                 # peak learning rate
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,        # decoupled; applied to >= 2-D weights only (not norms, biases)
+        schedule="cosine",       # cosine | linear | constant (all after linear warmup)
+        warmup_steps=100,
+        min_lr_ratio=0.1,        # final lr = min_lr_ratio * lr for cosine/linear
+        clip_norm=1.0,           # global-norm clipping of trainable grads; 0 disables
+        grad_accum_steps=1,      # micro-batches per optimizer step (scanned inside the step)
+        # Tuples of regexes (re.search on "a/b/kernel" paths). Frozen params get no update and no state.
+        frozen=(),
+        # Tuples of (regex, lr multiplier); the first match wins; unmatched params use multiplier 1.
+        lr_groups=(),
+        # Non-finite grads: the update is skipped and counted; after this many consecutive skips the
+        # trainer stops with an error rather than spin (the last checkpoint is still clean).
+        max_consecutive_nonfinite=20,
+    ))
+
+
+def path_str(path) -> str:
+    """'layers_0/attn/q_proj/kernel' from a jax key path."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+    return "/".join(parts)
+
+
+def _compile(patterns, field):
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise ValueError(f"config.optim.{field}: {p!r} is not a valid regular expression ({e}).") from e
+    return out
+
+
+def param_labels(params, optim_cfg) -> Any:
+    """Tree of group labels ('frozen', 'default', 'group_i') with the structure of ``params``."""
+    frozen = _compile(optim_cfg.frozen, "frozen")
+    groups = []
+    for i, item in enumerate(optim_cfg.lr_groups):
+        if len(item) != 2:
+            raise ValueError(f"config.optim.lr_groups[{i}]={item!r}: each entry is (regex, lr_multiplier).")
+        groups.append((_compile([item[0]], "lr_groups")[0], float(item[1])))
+
+    def label(path, _):
+        name = path_str(path)
+        if any(r.search(name) for r in frozen):
+            return FROZEN
+        for i, (r, _) in enumerate(groups):
+            if r.search(name):
+                return f"group_{i}"
+        return DEFAULT
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    # A frozen pattern that matches nothing is almost always a typo; say so instead of training all.
+    paths = [path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for r in frozen:
+        if not any(r.search(n) for n in paths):
+            raise ValueError(f"config.optim.frozen: {r.pattern!r} matches no parameter. Paths look like "
+                             f"{paths[0]!r}.")
+    return labels
+
+
+def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+    lr, warmup = float(optim_cfg.lr), int(optim_cfg.warmup_steps)
+    warmup = min(warmup, max(total_steps - 1, 0))
+    end = lr * float(optim_cfg.min_lr_ratio)
+    if optim_cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1), end)
+    if optim_cfg.schedule == "linear":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, max(warmup, 1)),
+             optax.linear_schedule(lr, end, max(total_steps - warmup, 1))], [warmup])
+    if optim_cfg.schedule == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup])
+    raise ValueError(f"config.optim.schedule={optim_cfg.schedule!r} is not one of 'cosine', 'linear', 'constant'.")
+
+
+def _decay_mask(params):
+    # Decoupled weight decay on matrices only: decaying RMSNorm scales or biases pulls them to zero.
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def _base(optim_cfg, lr) -> optax.GradientTransformation:
+    if optim_cfg.name == "adamw":
+        return optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                           weight_decay=optim_cfg.weight_decay, mask=_decay_mask)
+    if optim_cfg.name == "sgd":
+        return optax.chain(optax.add_decayed_weights(optim_cfg.weight_decay, _decay_mask),
+                           optax.sgd(lr, momentum=optim_cfg.b1))
+    raise ValueError(f"config.optim.name={optim_cfg.name!r} is not one of 'adamw', 'sgd'.")
+
+
+def make_optimizer(optim_cfg, params, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Returns (tx, schedule). ``params`` may be abstract (ShapeDtypeStructs); only paths are used."""
+    schedule = make_schedule(optim_cfg, total_steps)
+    labels = param_labels(params, optim_cfg)
+    names = sorted(set(jax.tree.leaves(labels)))
+    transforms = {}
+    for name in names:
+        if name == FROZEN:
+            transforms[name] = optax.set_to_zero()
+        elif name == DEFAULT:
+            transforms[name] = _base(optim_cfg, schedule)
+        else:
+            mult = float(optim_cfg.lr_groups[int(name.split("_")[1])][1])
+            transforms[name] = _base(optim_cfg, lambda s, m=mult: m * schedule(s))
+    # Frozen grads are zeroed before clipping so they don't count in the global norm.
+    zero_frozen = optax.multi_transform(
+        {n: (optax.set_to_zero() if n == FROZEN else optax.identity()) for n in names}, labels)
+    chain = [zero_frozen]
+    if optim_cfg.clip_norm and optim_cfg.clip_norm > 0:
+        chain.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
+    chain.append(optax.multi_transform(transforms, labels))
+    tx = optax.chain(*chain)
+    # Skip (and count) updates with NaN/Inf; max_consecutive_errors is set high because the trainer
+    # itself stops with a clear message, and apply_if_finite would otherwise apply the bad update.
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=2**30)
+    return tx, schedule
+
+
+def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
+    """(consecutive, total) non-finite updates skipped, from apply_if_finite's state."""
+    return opt_state.notfinite_count, opt_state.total_notfinite
+
+
+def trainable_mask(params, optim_cfg):
+    labels = param_labels(params, optim_cfg)
+    return jax.tree.map(lambda l: l != FROZEN, labels)
