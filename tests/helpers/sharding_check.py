@@ -22,6 +22,11 @@ from vlmjax.train.checkpoint import Checkpointer  # noqa: E402
 from vlmjax.train.optimizer import path_str  # noqa: E402
 
 
+def spec_list(sharding):
+    """PartitionSpec as a JSON-able list, e.g. ['fsdp', 'tensor', None] (trailing Nones kept)."""
+    return [list(a) if isinstance(a, tuple) else a for a in sharding.spec]
+
+
 def flat(tree):
     return {path_str(k): np.asarray(jax.device_get(v)) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -50,13 +55,13 @@ def main():
     results["param_names"] = sorted(a)
 
     tr, state = states["mesh222"]
-    specs = {path_str(k): str(v.sharding.spec) for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    specs = {path_str(k): spec_list(v.sharding) for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
     shard_shapes = {path_str(k): [list(v.shape), list(v.addressable_shards[0].data.shape)]
                     for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
     results["specs"] = specs
     results["shard_shapes"] = shard_shapes
     # The Adam moments follow their parameter's sharding.
-    mu_specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(state.opt_state) if x.ndim >= 2})
+    mu_specs = sorted({repr(spec_list(x.sharding)) for x in jax.tree.leaves(state.opt_state) if x.ndim >= 2})
     results["opt_specs"] = mu_specs
 
     # Checkpoint on (2,2,2), restore on (4,1,2).

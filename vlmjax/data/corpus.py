@@ -119,147 +119,144 @@ _SKIPPED_PACKAGE_DIRS = frozenset({"test", "tests", "idle_test", "__pycache__"})
 
 
 def _stdlib_dir() -> str:
-  return sysconfig.get_paths()["stdlib"]
+    return sysconfig.get_paths()["stdlib"]
 
 
 def _module_source_files(stdlib: str, name: str) -> list[str]:
-  """Source files of one stdlib module or package, in sorted path order."""
-  package_dir = os.path.join(stdlib, name)
-  if os.path.isdir(package_dir):
-    files = []
-    for root, dirs, names in os.walk(package_dir):
-      # Sorting in place makes os.walk itself visit folders in sorted order.
-      dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_PACKAGE_DIRS)
-      files.extend(os.path.join(root, n) for n in sorted(names)
-                   if n.endswith(".py"))
-    return files
-  module_file = package_dir + ".py"
-  return [module_file] if os.path.isfile(module_file) else []
+    """Source files of one stdlib module or package, in sorted path order."""
+    package_dir = os.path.join(stdlib, name)
+    if os.path.isdir(package_dir):
+        files = []
+        for root, dirs, names in os.walk(package_dir):
+            # Sorting in place makes os.walk itself visit folders in sorted order.
+            dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_PACKAGE_DIRS)
+            files.extend(os.path.join(root, n) for n in sorted(names)
+                         if n.endswith(".py"))
+        return files
+    module_file = package_dir + ".py"
+    return [module_file] if os.path.isfile(module_file) else []
 
 
 def _docstrings_from_source(path: str) -> Iterator[str]:
-  """Module/class/function docstrings of a Python file, in `ast.walk` order."""
-  # tokenize.open honours PEP 263 encoding cookies.
-  with tokenize.open(path) as f:
-    source = f.read()
-  tree = ast.parse(source, filename=path)
-  for node in ast.walk(tree):
-    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
-                         ast.AsyncFunctionDef)):
-      doc = ast.get_docstring(node, clean=True)
-      if doc:
-        yield doc
+    """Module/class/function docstrings of a Python file, in `ast.walk` order."""
+    # tokenize.open honours PEP 263 encoding cookies.
+    with tokenize.open(path) as f:
+        source = f.read()
+    tree = ast.parse(source, filename=path)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                             ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=True)
+            if doc:
+                yield doc
 
 
 def _docstrings_from_c_module(name: str) -> Iterator[str]:
-  """`__doc__` of a C module, its public callables/classes and their members."""
-  module = importlib.import_module(name)
-
-  def doc_of(obj: Any) -> str | None:
-    doc = getattr(obj, "__doc__", None)
-    return inspect.cleandoc(doc) if isinstance(doc, str) else None
-
-  yield from filter(None, [doc_of(module)])
-  namespace = vars(module)
-  for attr in sorted(namespace):
-    obj = namespace[attr]
-    if not (inspect.isclass(obj) or inspect.isroutine(obj)):
-      continue
-    yield from filter(None, [doc_of(obj)])
-    if inspect.isclass(obj):
-      members = vars(obj)
-      for member in sorted(members):
-        yield from filter(None, [doc_of(members[member])])
+    """`__doc__` of a C module, its classes and routines, and class members."""
+    module = importlib.import_module(name)
+    objects = [module]
+    namespace = vars(module)
+    for attr in sorted(namespace):
+        obj = namespace[attr]
+        if inspect.isclass(obj) or inspect.isroutine(obj):
+            objects.append(obj)
+        if inspect.isclass(obj):
+            members = vars(obj)
+            objects.extend(members[m] for m in sorted(members))
+    for obj in objects:
+        doc = getattr(obj, "__doc__", None)
+        if isinstance(doc, str):
+            yield inspect.cleandoc(doc)
 
 
 def _embedded_candidates() -> Iterator[str]:
-  """All candidate documents of the embedded corpus, in their fixed order."""
-  # pydoc_data is generated from the CPython docs at release time; topics is a
-  # plain dict of str, imported lazily because it is ~0.5 MB of source.
-  from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+    """All candidate documents of the embedded corpus, in their fixed order."""
+    # pydoc_data is generated from the CPython docs at release time; topics is a
+    # plain dict of str, imported lazily because it is ~0.5 MB of source.
+    from pydoc_data import topics  # pylint: disable=g-import-not-at-top
 
-  for key in sorted(topics.topics):
-    yield topics.topics[key]
+    for key in sorted(topics.topics):
+        yield topics.topics[key]
 
-  stdlib = _stdlib_dir()
-  for relpath in STDLIB_TEXT_FILES:
-    path = os.path.join(stdlib, relpath)
-    if os.path.isfile(path):
-      with open(path, encoding="utf-8") as f:
-        yield f.read()
+    stdlib = _stdlib_dir()
+    for relpath in STDLIB_TEXT_FILES:
+        path = os.path.join(stdlib, relpath)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                yield f.read()
 
-  for name in STDLIB_MODULES:
-    for path in _module_source_files(stdlib, name):
-      try:
-        yield from _docstrings_from_source(path)
-      except (SyntaxError, UnicodeDecodeError) as e:
-        # A source newer/older than this interpreter's grammar: skip the file
-        # (the corpus stays deterministic for a given Python build).
-        logging.warning("embedded corpus: skipping %s (%s)", path, e)
+    for name in STDLIB_MODULES:
+        for path in _module_source_files(stdlib, name):
+            try:
+                yield from _docstrings_from_source(path)
+            except (SyntaxError, UnicodeDecodeError) as e:
+                # A source newer/older than this interpreter's grammar: skip the file
+                # (the corpus stays deterministic for a given Python build).
+                logging.warning("embedded corpus: skipping %s (%s)", path, e)
 
-  for name in C_MODULES:
-    try:
-      yield from _docstrings_from_c_module(name)
-    except ImportError:
-      logging.info("embedded corpus: C module %s not available", name)
+    for name in C_MODULES:
+        try:
+            yield from _docstrings_from_c_module(name)
+        except ImportError:
+            logging.info("embedded corpus: C module %s not available", name)
 
 
 @functools.lru_cache(maxsize=1)
 def _embedded_corpus_cached() -> tuple[str, ...]:
-  seen = set()
-  documents = []
-  for doc in _embedded_candidates():
-    doc = doc.strip()
-    if len(doc) < MIN_DOCSTRING_CHARS or doc in seen:
-      continue
-    seen.add(doc)
-    documents.append(doc)
-  return tuple(documents)
+    seen = set()
+    documents = []
+    for doc in _embedded_candidates():
+        doc = doc.strip()
+        if len(doc) < MIN_DOCSTRING_CHARS or doc in seen:
+            continue
+        seen.add(doc)
+        documents.append(doc)
+    return tuple(documents)
 
 
 def embedded_corpus() -> list[str]:
-  """Returns the embedded English corpus (see module docstring), ~2 MB.
+    """Returns the embedded English corpus (see module docstring), ~2 MB.
 
-  The result is computed once per process (about 2 s, mostly `ast.parse`) and
-  cached; a fresh list is returned on every call.
-  """
-  return list(_embedded_corpus_cached())
+    The result is computed once per process (about 2 s, mostly `ast.parse`) and
+    cached; a fresh list is returned on every call.
+    """
+    return list(_embedded_corpus_cached())
 
 
 def corpus_fingerprint(documents: Iterable[str]) -> str:
-  """Order-sensitive CRC32 of a list of documents, as 8 hex digits."""
-  crc = 0
-  for doc in documents:
-    crc = zlib.crc32(doc.encode("utf-8"), crc)
-    crc = zlib.crc32(b"\x00", crc)  # Document boundary.
-  return f"{crc:08x}"
+    """Order-sensitive CRC32 of a list of documents, as 8 hex digits."""
+    crc = 0
+    for doc in documents:
+        crc = zlib.crc32(doc.encode("utf-8"), crc)
+        crc = zlib.crc32(b"\x00", crc)  # Document boundary.
+    return f"{crc:08x}"
 
 
 def split_by_hash(
     documents: Iterable[str], val_fraction: float
 ) -> tuple[list[str], list[str]]:
-  """Splits documents into (train, validation) by a hash of their text.
+    """Splits documents into (train, validation) by a hash of their text.
 
-  A document goes to validation iff `crc32(utf8(text)) < val_fraction * 2**32`.
-  The assignment of a document never depends on the other documents or on
-  their order, so adding files to a corpus never moves existing documents
-  across the split, and every process computes the same split.
+    A document goes to validation iff `crc32(utf8(text)) < val_fraction * 2**32`.
+    The assignment of a document never depends on the other documents or on
+    their order, so adding files to a corpus never moves existing documents
+    across the split, and every process computes the same split.
 
-  Args:
-    documents: the documents.
-    val_fraction: expected fraction of documents in validation, in [0, 1).
+    Args:
+      documents: the documents.
+      val_fraction: expected fraction of documents in validation, in [0, 1).
 
-  Returns:
-    (train, validation) lists, each in the input order.
-  """
-  if not 0.0 <= val_fraction < 1.0:
-    raise ValueError(
-        f"config.data.val_fraction={val_fraction!r} must be in [0, 1).")
-  threshold = int(val_fraction * 2**32)
-  train, val = [], []
-  for doc in documents:
-    (val if zlib.crc32(doc.encode("utf-8")) < threshold else train).append(doc)
-  return train, val
+    Returns:
+      (train, validation) lists, each in the input order.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(
+            f"config.data.val_fraction={val_fraction!r} must be in [0, 1).")
+    threshold = int(val_fraction * 2**32)
+    train, val = [], []
+    for doc in documents:
+        (val if zlib.crc32(doc.encode("utf-8")) < threshold else train).append(doc)
+    return train, val
 
 
 # ----------------------------------------------------------------------------
@@ -268,74 +265,74 @@ def split_by_hash(
 
 
 def _glob_files(pattern: str, source: str) -> list[str]:
-  """Sorted regular files matching `pattern` (`**` recurses)."""
-  if not pattern:
-    raise ValueError(
-        f"config.data.path is empty; source={source!r} needs a glob of local "
-        "files, e.g. '/data/books/**/*.txt'.")
-  files = sorted(p for p in glob.glob(os.path.expanduser(pattern),
-                                      recursive=True) if os.path.isfile(p))
-  if not files:
-    raise ValueError(
-        f"config.data.path={pattern!r} matched no files (source={source!r}).")
-  return files
+    """Sorted regular files matching `pattern` (`**` recurses)."""
+    if not pattern:
+        raise ValueError(
+            f"config.data.path is empty; source={source!r} needs a glob of local "
+            "files, e.g. '/data/books/**/*.txt'.")
+    files = sorted(p for p in glob.glob(os.path.expanduser(pattern),
+                                        recursive=True) if os.path.isfile(p))
+    if not files:
+        raise ValueError(
+            f"config.data.path={pattern!r} matched no files (source={source!r}).")
+    return files
 
 
 def _open_text(path: str):
-  """Opens a UTF-8 text file, transparently gunzipping `*.gz`."""
-  if path.endswith(".gz"):
-    return gzip.open(path, "rt", encoding="utf-8")
-  return open(path, encoding="utf-8")
+    """Opens a UTF-8 text file, transparently gunzipping `*.gz`."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
 
 
 def text_file_documents(pattern: str) -> list[str]:
-  """One document per file matched by `pattern`, in sorted path order.
+    """One document per file matched by `pattern`, in sorted path order.
 
-  Whole files are documents (not paragraphs) so that long-range structure
-  (books, articles, source files) survives packing. Empty files are skipped.
-  """
-  documents = []
-  for path in _glob_files(pattern, "text"):
-    try:
-      with _open_text(path) as f:
-        text = f.read()
-    except UnicodeDecodeError as e:
-      raise ValueError(
-          f"{path} (matched by config.data.path={pattern!r}) is not UTF-8 "
-          f"text ({e}); narrow the glob to text files.") from e
-    if text.strip():
-      documents.append(text)
-  return documents
+    Whole files are documents (not paragraphs) so that long-range structure
+    (books, articles, source files) survives packing. Empty files are skipped.
+    """
+    documents = []
+    for path in _glob_files(pattern, "text"):
+        try:
+            with _open_text(path) as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{path} (matched by config.data.path={pattern!r}) is not UTF-8 "
+                f"text ({e}); narrow the glob to text files.") from e
+        if text.strip():
+            documents.append(text)
+    return documents
 
 
 def jsonl_documents(pattern: str, text_field: str) -> list[str]:
-  """One document per JSON line, `line[text_field]`, files in sorted order.
+    """One document per JSON line, `line[text_field]`, files in sorted order.
 
-  Blank lines are skipped; `*.jsonl.gz` files are read compressed.
-  """
-  documents = []
-  for path in _glob_files(pattern, "jsonl"):
-    with _open_text(path) as f:
-      for line_number, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{line_number} is not valid JSON: {e}") from e
-        if not isinstance(record, dict) or text_field not in record:
-          keys = sorted(record) if isinstance(record, dict) else type(record)
-          raise ValueError(
-              f"{path}:{line_number} has no field "
-              f"config.data.text_field={text_field!r} (found {keys}).")
-        text = record[text_field]
-        if not isinstance(text, str):
-          raise ValueError(
-              f"{path}:{line_number}: field {text_field!r} is "
-              f"{type(text).__name__}, expected a string.")
-        if text.strip():
-          documents.append(text)
-  return documents
+    Blank lines are skipped; `*.jsonl.gz` files are read compressed.
+    """
+    documents = []
+    for path in _glob_files(pattern, "jsonl"):
+        with _open_text(path) as f:
+            for line_number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_number} is not valid JSON: {e}") from e
+                if not isinstance(record, dict) or text_field not in record:
+                    keys = sorted(record) if isinstance(record, dict) else type(record)
+                    raise ValueError(
+                        f"{path}:{line_number} has no field "
+                        f"config.data.text_field={text_field!r} (found {keys}).")
+                text = record[text_field]
+                if not isinstance(text, str):
+                    raise ValueError(
+                        f"{path}:{line_number}: field {text_field!r} is "
+                        f"{type(text).__name__}, expected a string.")
+                if text.strip():
+                    documents.append(text)
+    return documents
 
 
 # ----------------------------------------------------------------------------
@@ -345,111 +342,117 @@ def jsonl_documents(pattern: str, text_field: str) -> list[str]:
 
 
 class TfdsTextSource(Sequence[str]):
-  """Random-access `str` view of one text feature of a TFDS data source.
+    """Random-access `str` view of one text feature of a TFDS data source.
 
-  Records are read and decoded on access (grain calls this from its reader
-  threads), so the dataset never needs to fit in memory.
-  """
+    Records are read and decoded on access (grain calls this from its reader
+    threads), so the dataset never needs to fit in memory.
+    """
 
-  def __init__(self, data_source: Sequence[Any], text_field: str,
-               description: str):
-    self._source = data_source
-    self._text_field = text_field
-    self._description = description
+    def __init__(self, data_source: Sequence[Any], text_field: str,
+                 description: str):
+        self._source = data_source
+        self._text_field = text_field
+        self._description = description
 
-  def __len__(self) -> int:
-    return len(self._source)
+    def __len__(self) -> int:
+        return len(self._source)
 
-  def _decode(self, record: Any) -> str:
-    try:
-      value = record[self._text_field]
-    except KeyError as e:
-      raise ValueError(
-          f"{self._description} has no feature "
-          f"config.data.text_field={self._text_field!r} "
-          f"(features: {sorted(record)}).") from e
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-      value = value.item()  # Some decoders return 0-d object/bytes arrays.
-    if isinstance(value, bytes):  # tfds Text features decode to UTF-8 bytes.
-      return value.decode("utf-8")
-    if isinstance(value, str):
-      return value
-    raise ValueError(
-        f"{self._description}: feature {self._text_field!r} is "
-        f"{type(value).__name__}, expected text.")
+    def _decode(self, record: Any) -> str:
+        try:
+            value = record[self._text_field]
+        except KeyError as e:
+            raise ValueError(
+                f"{self._description} has no feature "
+                f"config.data.text_field={self._text_field!r} "
+                f"(features: {sorted(record)}).") from e
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value.item()  # Some decoders return 0-d object/bytes arrays.
+        if isinstance(value, bytes):  # tfds Text features decode to UTF-8 bytes.
+            return value.decode("utf-8")
+        if isinstance(value, str):
+            return value
+        raise ValueError(
+            f"{self._description}: feature {self._text_field!r} is "
+            f"{type(value).__name__}, expected text.")
 
-  def __getitem__(self, index: int) -> str:  # pytype: disable=signature-mismatch
-    if isinstance(index, slice):
-      return [self[i] for i in range(*index.indices(len(self)))]
-    return self._decode(self._source[index])
+    def __getitem__(self, index: int) -> str:  # pytype: disable=signature-mismatch
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self._decode(self._source[index])
 
-  def __getitems__(self, indices: Sequence[int]) -> list[str]:
-    # Batched reads let ArrayRecord fetch several records in one call.
-    getitems = getattr(self._source, "__getitems__", None)
-    records = getitems(indices) if getitems else [self._source[i]
-                                                  for i in indices]
-    return [self._decode(r) for r in records]
+    def __iter__(self) -> Iterator[str]:
+        # Sequence's default __iter__ stops at IndexError, which data sources
+        # need not raise past the end.
+        for i in range(len(self)):
+            yield self[i]
 
-  def __repr__(self) -> str:
-    return f"TfdsTextSource({self._description}, {len(self)} records)"
+    def __getitems__(self, indices: Sequence[int]) -> list[str]:
+        # Batched reads let ArrayRecord fetch several records in one call.
+        getitems = getattr(self._source, "__getitems__", None)
+        records = getitems(indices) if getitems else [self._source[i]
+                                                      for i in indices]
+        return [self._decode(r) for r in records]
+
+    def __repr__(self) -> str:
+        return f"TfdsTextSource({self._description}, {len(self)} records)"
 
 
 def tfds_documents(*, name: str, data_dir: str, split: str, text_field: str,
                    split_field: str = "train_split") -> TfdsTextSource:
-  """Opens one split of a prepared TFDS dataset as a lazy `str` sequence.
+    """Opens one split of a prepared TFDS dataset as a lazy `str` sequence.
 
-  Args:
-    name: TFDS name such as 'lm1b' or 'my_text/config:1.0.0'. When empty,
-      `data_dir` must be a prepared builder directory (the folder holding
-      `dataset_info.json`, e.g. `~/tensorflow_datasets/lm1b/1.1.0`).
-    data_dir: TFDS data_dir (with `name`; '' = the TFDS default) or builder
-      directory (without `name`).
-    split: TFDS split spec, e.g. 'train', 'validation', 'train[:1%]'.
-    text_field: the feature holding the text.
-    split_field: the config field `split` came from, for error messages.
+    Args:
+      name: TFDS name such as 'lm1b' or 'my_text/config:1.0.0'. When empty,
+        `data_dir` must be a prepared builder directory (the folder holding
+        `dataset_info.json`, e.g. `~/tensorflow_datasets/lm1b/1.1.0`).
+      data_dir: TFDS data_dir (with `name`; '' = the TFDS default) or builder
+        directory (without `name`).
+      split: TFDS split spec, e.g. 'train', 'validation', 'train[:1%]'.
+      text_field: the feature holding the text.
+      split_field: the config field `split` came from, for error messages.
 
-  Returns:
-    A TfdsTextSource. Nothing is ever downloaded or generated: a dataset that
-    is not already prepared (as ArrayRecord) is an error.
-  """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    Returns:
+      A TfdsTextSource. Nothing is ever downloaded or generated: a dataset that
+      is not already prepared (as ArrayRecord) is an error.
+    """
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  if name:
+    if name:
+        try:
+            builder = tfds.builder(name, data_dir=data_dir or None)
+        except tfds.core.registered.DatasetNotFoundError as e:
+            raise ValueError(
+                f"config.data.tfds_name={name!r}: no dataset of that name is "
+                f"prepared under config.data.path={data_dir!r}.") from e
+        origin = f"TFDS dataset {name!r} in {builder.data_dir}"
+    else:
+        if not data_dir:
+            raise ValueError(
+                "source='tfds' needs config.data.tfds_name (with config.data.path as "
+                "its data_dir) or config.data.path naming a prepared builder "
+                "directory.")
+        if not os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
+            raise ValueError(
+                f"config.data.path={data_dir!r} is not a prepared TFDS builder "
+                "directory (it has no dataset_info.json); set config.data.tfds_name "
+                "to use it as a data_dir instead.")
+        builder = tfds.builder_from_directory(data_dir)
+        origin = f"TFDS builder directory {data_dir!r}"
+    if not builder.is_prepared():
+        raise ValueError(
+            f"{origin} is not prepared; run download_and_prepare with "
+            "file_format='array_record' on a machine with the data (downloads "
+            "are disabled here).")
     try:
-      builder = tfds.builder(name, data_dir=data_dir or None)
-    except tfds.core.registered.DatasetNotFoundError as e:
-      raise ValueError(
-          f"config.data.tfds_name={name!r}: no dataset of that name is "
-          f"prepared under config.data.path={data_dir!r}.") from e
-    origin = f"TFDS dataset {name!r} in {builder.data_dir}"
-  else:
-    if not data_dir:
-      raise ValueError(
-          "source='tfds' needs config.data.tfds_name (with config.data.path as "
-          "its data_dir) or config.data.path naming a prepared builder "
-          "directory.")
-    if not os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
-      raise ValueError(
-          f"config.data.path={data_dir!r} is not a prepared TFDS builder "
-          "directory (it has no dataset_info.json); set config.data.tfds_name "
-          "to use it as a data_dir instead.")
-    builder = tfds.builder_from_directory(data_dir)
-    origin = f"TFDS builder directory {data_dir!r}"
-  if not builder.is_prepared():
-    raise ValueError(
-        f"{origin} is not prepared; run download_and_prepare with "
-        "file_format='array_record' on a machine with the data (downloads "
-        "are disabled here).")
-  try:
-    data_source = builder.as_data_source(split=split)
-  except ValueError as e:  # Unknown split names are ValueErrors in tfds.
-    raise ValueError(
-        f"config.data.{split_field}={split!r} for {origin}: {e}") from e
-  source = TfdsTextSource(data_source, text_field,
-                          f"{origin} split {split!r}")
-  if len(source):
-    source[0]  # Fails early, naming text_field, if the feature is missing.
-  return source
+        data_source = builder.as_data_source(split=split)
+    except ValueError as e:  # Unknown split names are ValueErrors in tfds.
+        raise ValueError(
+            f"config.data.{split_field}={split!r} for {origin}: {e}") from e
+    source = TfdsTextSource(data_source, text_field,
+                            f"{origin} split {split!r}")
+    if len(source):
+        source[0]  # Fails early, naming text_field, if the feature is missing.
+    return source
 
 
 # ----------------------------------------------------------------------------
@@ -459,61 +462,61 @@ def tfds_documents(*, name: str, data_dir: str, split: str, text_field: str,
 
 @dataclasses.dataclass(frozen=True)
 class Documents:
-  """Train and validation documents of one configured source.
+    """Train and validation documents of one configured source.
 
-  Attributes:
-    train: random-access documents of the training split.
-    validation: random-access documents of the evaluation split.
-    description: human-readable origin, for logs and benchmark tables.
-  """
+    Attributes:
+      train: random-access documents of the training split.
+      validation: random-access documents of the evaluation split.
+      description: human-readable origin, for logs and benchmark tables.
+    """
 
-  train: Sequence[str]
-  validation: Sequence[str]
-  description: str
+    train: Sequence[str]
+    validation: Sequence[str]
+    description: str
 
 
 def check_source(source: str) -> None:
-  if source not in SOURCES:
-    raise ValueError(
-        f"config.data.source={source!r} is not one of "
-        f"{', '.join(repr(s) for s in SOURCES)}")
+    if source not in SOURCES:
+        raise ValueError(
+            f"config.data.source={source!r} is not one of "
+            f"{', '.join(repr(s) for s in SOURCES)}")
 
 
 def load_documents(data_cfg) -> Documents:
-  """Builds the train/validation documents that `data_cfg.source` names.
+    """Builds the train/validation documents that `data_cfg.source` names.
 
-  Args:
-    data_cfg: the data section of an experiment config (see
-      `vlmjax.data.lm.default_config`); reads `source`, `path`, `tfds_name`,
-      `train_split`, `eval_split`, `text_field` and `val_fraction`.
+    Args:
+      data_cfg: the data section of an experiment config (see
+        `vlmjax.data.lm.default_config`); reads `source`, `path`, `tfds_name`,
+        `train_split`, `eval_split`, `text_field` and `val_fraction`.
 
-  Returns:
-    Documents. `embedded`, `text` and `jsonl` are split by `split_by_hash`
-    with `val_fraction`; `tfds` uses the named `train_split`/`eval_split`.
-  """
-  source = data_cfg.source
-  check_source(source)
-  if source == "tfds":
-    train = tfds_documents(name=data_cfg.tfds_name, data_dir=data_cfg.path,
-                           split=data_cfg.train_split,
-                           text_field=data_cfg.text_field,
-                           split_field="train_split")
-    validation = tfds_documents(name=data_cfg.tfds_name,
-                                data_dir=data_cfg.path,
-                                split=data_cfg.eval_split,
-                                text_field=data_cfg.text_field,
-                                split_field="eval_split")
-    return Documents(train, validation, repr(train))
+    Returns:
+      Documents. `embedded`, `text` and `jsonl` are split by `split_by_hash`
+      with `val_fraction`; `tfds` uses the named `train_split`/`eval_split`.
+    """
+    source = data_cfg.source
+    check_source(source)
+    if source == "tfds":
+        train = tfds_documents(name=data_cfg.tfds_name, data_dir=data_cfg.path,
+                               split=data_cfg.train_split,
+                               text_field=data_cfg.text_field,
+                               split_field="train_split")
+        validation = tfds_documents(name=data_cfg.tfds_name,
+                                    data_dir=data_cfg.path,
+                                    split=data_cfg.eval_split,
+                                    text_field=data_cfg.text_field,
+                                    split_field="eval_split")
+        return Documents(train, validation, repr(train))
 
-  if source == "embedded":
-    documents = embedded_corpus()
-    description = (f"embedded CPython corpus ({len(documents)} documents, "
-                   f"fingerprint {corpus_fingerprint(documents)})")
-  elif source == "text":
-    documents = text_file_documents(data_cfg.path)
-    description = f"text files {data_cfg.path!r} ({len(documents)} documents)"
-  else:
-    documents = jsonl_documents(data_cfg.path, data_cfg.text_field)
-    description = f"JSONL {data_cfg.path!r} ({len(documents)} documents)"
-  train, validation = split_by_hash(documents, data_cfg.val_fraction)
-  return Documents(train, validation, description)
+    if source == "embedded":
+        documents = embedded_corpus()
+        description = (f"embedded CPython corpus ({len(documents)} documents, "
+                       f"fingerprint {corpus_fingerprint(documents)})")
+    elif source == "text":
+        documents = text_file_documents(data_cfg.path)
+        description = f"text files {data_cfg.path!r} ({len(documents)} documents)"
+    else:
+        documents = jsonl_documents(data_cfg.path, data_cfg.text_field)
+        description = f"JSONL {data_cfg.path!r} ({len(documents)} documents)"
+    train, validation = split_by_hash(documents, data_cfg.val_fraction)
+    return Documents(train, validation, description)

@@ -1,10 +1,11 @@
 """Linen model code: layers, the dense decoder and KV-cache generation.
 
 Logical-axis rules (logical name -> mesh axis) live in ``vlmjax/sharding.py``, not here.
+The ``generate`` function is imported from its module (``from vlmjax.models.generate import
+generate``); it is not re-exported here so that the name keeps meaning the submodule.
 """
 
 from vlmjax.models.decoder import Decoder, DecoderConfig, default_config, init_cache
-from vlmjax.models.generate import generate, sample_logits, top_p_filter
 from vlmjax.models.layers import (
     MLP,
     Attention,
@@ -28,8 +29,5 @@ __all__ = [
     "attention_mask_from_positions",
     "default_config",
     "dot_product_attention",
-    "generate",
     "init_cache",
-    "sample_logits",
-    "top_p_filter",
 ]

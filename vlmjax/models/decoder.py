@@ -6,10 +6,10 @@ and ``Qwen3ForCausalLM`` (``qk_norm=True``, explicit ``head_dim``). Config field
 
 Parameter tree (HF name in brackets; see ``layers.py`` for the per-layer layouts):
 
-    embed_tokens/embedding   [V, D]  [model.embed_tokens.weight]
-    layers_{i}/...                   [model.layers.{i}....]
-    norm/scale               [D]     [model.norm.weight]
-    lm_head/kernel           [D, V]  [lm_head.weight.T]  (absent when tie_word_embeddings)
+        embed_tokens/embedding   [V, D]  [model.embed_tokens.weight]
+        layers_{i}/...                   [model.layers.{i}....]
+        norm/scale               [D]     [model.norm.weight]
+        lm_head/kernel           [D, V]  [lm_head.weight.T]  (absent when tie_word_embeddings)
 
 Layers are a python loop of separately named modules (no ``nn.scan``) so routing variants can
 replace individual layers.
@@ -34,293 +34,297 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Decoder hyper-parameters; names follow HF ``config.json``. Defaults: SmolLM2-135M shape."""
-  return ml_collections.ConfigDict(
-      dict(
-          vocab_size=0,  # 0 = take it from the tokenizer (DecoderConfig.from_config(vocab_size=)).
-          hidden_size=576,
-          intermediate_size=1536,
-          num_hidden_layers=30,
-          num_attention_heads=9,
-          num_key_value_heads=3,
-          head_dim=0,  # 0 = hidden_size // num_attention_heads (Qwen3 sets it explicitly).
-          rope_theta=100000.0,
-          rms_norm_eps=1e-5,
-          # Bias on the q/k/v projections, as Qwen2/2.5 (whose config.json omits the field). o_proj
-          # never has a bias: HF Llama/Qwen3 checkpoints with attention_bias=True (o_proj bias too)
-          # are not supported.
-          attention_bias=False,
-          qk_norm=False,  # True for Qwen3 (RMSNorm on each q/k head before RoPE).
-          tie_word_embeddings=True,
-          max_position_embeddings=8192,  # Longest sequence the checkpoint was trained for.
-          dtype="float32",  # Compute dtype: float32 | bfloat16 | float16.
-          param_dtype="float32",  # Storage dtype of the parameters.
-          remat=False,  # Rematerialise each decoder layer in the backward pass (nn.remat).
-          initializer_range=0.02,  # Std of the N(0, s^2) init of all matrices (HF convention).
-      )
-  )
+    """Decoder hyper-parameters; names follow HF ``config.json``. Defaults: SmolLM2-135M shape."""
+    return ml_collections.ConfigDict(
+        dict(
+            vocab_size=0,  # 0 = take it from the tokenizer (DecoderConfig.from_config(vocab_size=)).
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=0,  # 0 = hidden_size // num_attention_heads (Qwen3 sets it explicitly).
+            rope_theta=100000.0,
+            rms_norm_eps=1e-5,
+            # Bias on the q/k/v projections, as Qwen2/2.5 (whose config.json omits the field). o_proj
+            # never has a bias: HF Llama/Qwen3 checkpoints with attention_bias=True (o_proj bias too)
+            # are not supported.
+            attention_bias=False,
+            qk_norm=False,  # True for Qwen3 (RMSNorm on each q/k head before RoPE).
+            tie_word_embeddings=True,
+            max_position_embeddings=8192,  # Longest sequence the checkpoint was trained for.
+            dtype="float32",  # Compute dtype: float32 | bfloat16 | float16.
+            param_dtype="float32",  # Storage dtype of the parameters.
+            remat=False,  # Rematerialise each decoder layer in the backward pass (nn.remat).
+            initializer_range=0.02,  # Std of the N(0, s^2) init of all matrices (HF convention).
+        )
+    )
 
 
 def _parse_dtype(field: str, value: Any) -> Any:
-  if isinstance(value, str):
-    if value not in _DTYPES:
-      raise ValueError(f"{field}={value!r} is not supported; use one of {sorted(_DTYPES)}.")
-    return jnp.dtype(_DTYPES[value])
-  return jnp.dtype(value)
+    if isinstance(value, str):
+        if value not in _DTYPES:
+            raise ValueError(f"{field}={value!r} is not supported; use one of {sorted(_DTYPES)}.")
+        return jnp.dtype(_DTYPES[value])
+    return jnp.dtype(value)
 
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-  """Static decoder hyper-parameters (hashable, so it can be a Linen attribute / jit static arg)."""
+    """Static decoder hyper-parameters (hashable, so it can be a Linen attribute / jit static arg)."""
 
-  vocab_size: int
-  hidden_size: int = 576
-  intermediate_size: int = 1536
-  num_hidden_layers: int = 30
-  num_attention_heads: int = 9
-  num_key_value_heads: int = 3
-  head_dim: int = 0
-  rope_theta: float = 100000.0
-  rms_norm_eps: float = 1e-5
-  attention_bias: bool = False
-  qk_norm: bool = False
-  tie_word_embeddings: bool = True
-  max_position_embeddings: int = 8192
-  dtype: Any = jnp.dtype(jnp.float32)
-  param_dtype: Any = jnp.dtype(jnp.float32)
-  remat: bool = False
-  initializer_range: float = 0.02
+    vocab_size: int
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    head_dim: int = 0
+    rope_theta: float = 100000.0
+    rms_norm_eps: float = 1e-5
+    attention_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 8192
+    dtype: Any = jnp.dtype(jnp.float32)
+    param_dtype: Any = jnp.dtype(jnp.float32)
+    remat: bool = False
+    initializer_range: float = 0.02
 
-  def __post_init__(self):
-    # Resolve head_dim=0 (HF default: hidden_size // num_attention_heads) once, here.
-    if self.head_dim == 0 and self.num_attention_heads > 0:
-      if self.hidden_size % self.num_attention_heads == 0:
-        object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-    object.__setattr__(self, "dtype", _parse_dtype("dtype", self.dtype))
-    object.__setattr__(self, "param_dtype", _parse_dtype("param_dtype", self.param_dtype))
+    def __post_init__(self):
+        # Resolve head_dim=0 (HF default: hidden_size // num_attention_heads) once, here.
+        if self.head_dim == 0 and self.num_attention_heads > 0:
+            if self.hidden_size % self.num_attention_heads == 0:
+                object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        object.__setattr__(self, "dtype", _parse_dtype("dtype", self.dtype))
+        object.__setattr__(self, "param_dtype", _parse_dtype("param_dtype", self.param_dtype))
 
-  @classmethod
-  def from_config(
-      cls, cd: ml_collections.ConfigDict | Mapping[str, Any], vocab_size: int | None = None
-  ) -> "DecoderConfig":
-    """Builds a validated config from a ConfigDict/mapping with the fields of ``default_config``.
+    @classmethod
+    def from_config(
+        cls, cd: ml_collections.ConfigDict | Mapping[str, Any], vocab_size: int | None = None
+    ) -> "DecoderConfig":
+        """Builds a validated config from a ConfigDict/mapping with the fields of ``default_config``.
 
-    Missing fields take the ``default_config`` values; unknown fields are an error (typo guard).
-    ``vocab_size`` is the tokenizer's size: it is used when ``cd.vocab_size == 0``; otherwise
-    ``cd.vocab_size`` must be at least that large (checkpoints often pad the embedding table).
-    """
-    values = dict(default_config().to_dict())
-    given = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
-    unknown = sorted(set(given) - set(values))
-    if unknown:
-      hints = []
-      for key in unknown:
-        close = difflib.get_close_matches(key, values, n=1)
-        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-      raise ValueError(
-          f"Unknown decoder config field(s): {', '.join(hints)}. Valid fields: {sorted(values)}."
-      )
-    values.update(given)
-    if values["vocab_size"] == 0:
-      if vocab_size is None:
-        raise ValueError(
-            "vocab_size=0 means 'take it from the tokenizer', but no tokenizer vocab_size was "
-            "passed to DecoderConfig.from_config(cd, vocab_size=...); set config vocab_size > 0."
+        Missing fields take the ``default_config`` values; unknown fields are an error (typo guard).
+        ``vocab_size`` is the tokenizer's size: it is used when ``cd.vocab_size == 0``; otherwise
+        ``cd.vocab_size`` must be at least that large (checkpoints often pad the embedding table).
+        """
+        values = dict(default_config().to_dict())
+        given = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
+        unknown = sorted(set(given) - set(values))
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, values, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(
+                f"Unknown decoder config field(s): {', '.join(hints)}. Valid fields: {sorted(values)}."
+            )
+        values.update(given)
+        if values["vocab_size"] == 0:
+            if vocab_size is None:
+                raise ValueError(
+                    "vocab_size=0 means 'take it from the tokenizer', but no tokenizer vocab_size "
+                    "was passed to DecoderConfig.from_config(cd, vocab_size=...); set config "
+                    "vocab_size > 0."
+                )
+            values["vocab_size"] = int(vocab_size)
+        elif vocab_size is not None and values["vocab_size"] < vocab_size:
+            raise ValueError(
+                f"vocab_size={values['vocab_size']} is smaller than the tokenizer's vocabulary "
+                f"({vocab_size}); set vocab_size >= {vocab_size} or 0 to use the tokenizer's."
+            )
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raises ValueError naming the offending field and what it accepts."""
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
         )
-      values["vocab_size"] = int(vocab_size)
-    elif vocab_size is not None and values["vocab_size"] < vocab_size:
-      raise ValueError(
-          f"vocab_size={values['vocab_size']} is smaller than the tokenizer's vocabulary "
-          f"({vocab_size}); set vocab_size >= {vocab_size} or 0 to use the tokenizer's."
-      )
-    config = cls(**values)
-    config.validate()
-    return config
-
-  def validate(self) -> None:
-    """Raises ValueError naming the offending field and what it accepts."""
-    positive = (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "max_position_embeddings",
-    )
-    for name in positive:
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    if self.num_attention_heads % self.num_key_value_heads:
-      raise ValueError(
-          f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
-          f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention."
-      )
-    if self.head_dim == 0:
-      raise ValueError(
-          f"head_dim=0 needs hidden_size ({self.hidden_size}) divisible by num_attention_heads "
-          f"({self.num_attention_heads}); set head_dim explicitly."
-      )
-    if not isinstance(self.head_dim, int) or self.head_dim < 0 or self.head_dim % 2:
-      raise ValueError(f"head_dim must be a positive even integer (RoPE), got {self.head_dim!r}.")
-    for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
-      if not getattr(self, name) > 0:
-        raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}.")
-    allowed = {jnp.dtype(d) for d in _DTYPES.values()}
-    for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in allowed:
-        raise ValueError(f"{name}={getattr(self, name)} is not supported; use one of {sorted(_DTYPES)}.")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention."
+            )
+        if self.head_dim == 0:
+            raise ValueError(
+                f"head_dim=0 needs hidden_size ({self.hidden_size}) divisible by num_attention_heads "
+                f"({self.num_attention_heads}); set head_dim explicitly."
+            )
+        if not isinstance(self.head_dim, int) or self.head_dim < 0 or self.head_dim % 2:
+            raise ValueError(f"head_dim must be a positive even integer (RoPE), got {self.head_dim!r}.")
+        for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}.")
+        allowed = {jnp.dtype(d) for d in _DTYPES.values()}
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} is not supported; use one of {sorted(_DTYPES)}."
+                )
 
 
 class _DecodePosition(nn.Module):
-  """Counts the tokens fed in decode mode ("cache"/"index"), the default position of the next one."""
+    """Counts the tokens fed in decode mode ("cache"/"index"), the default position of the next one."""
 
-  @nn.compact
-  def __call__(self, length: int) -> Array:
-    is_initialized = self.has_variable("cache", "index")
-    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-    start = index.value
-    if is_initialized:
-      index.value = start + length
-    return start
+    @nn.compact
+    def __call__(self, length: int) -> Array:
+        is_initialized = self.has_variable("cache", "index")
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        start = index.value
+        if is_initialized:
+            index.value = start + length
+        return start
 
 
 class Decoder(nn.Module):
-  """Decoder-only LM: embed -> N x DecoderBlock -> RMSNorm -> logits.
+    """Decoder-only LM: embed -> N x DecoderBlock -> RMSNorm -> logits.
 
-  Methods (all usable with ``model.apply(..., method=...)``): ``__call__``, ``embed``, ``backbone``,
-  ``unembed``. Decoding: see ``init_cache`` and ``vlmjax.models.generate``.
-  """
+    Methods (all usable with ``model.apply(..., method=...)``): ``__call__``, ``embed``, ``backbone``,
+    ``unembed``. Decoding: see ``init_cache`` and ``vlmjax.models.generate``.
+    """
 
-  config: DecoderConfig
+    config: DecoderConfig
 
-  def setup(self):
-    c = self.config
-    c.validate()
-    self.embed_tokens = layers.Embed(
-        c.vocab_size, c.hidden_size, c.initializer_range, c.dtype, c.param_dtype
-    )
-    # static_argnums counts `self` as 0: (x=1, positions=2, attention_mask=3, decode=4).
-    block = nn.remat(layers.DecoderBlock, static_argnums=(4,)) if c.remat else layers.DecoderBlock
-    # A list attribute in setup names its modules layers_0, layers_1, ... (HF model.layers.{i}).
-    self.layers = [
-        block(
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_heads=c.num_attention_heads,
-            num_kv_heads=c.num_key_value_heads,
-            head_dim=c.head_dim,
-            rope_theta=c.rope_theta,
-            rms_norm_eps=c.rms_norm_eps,
-            attention_bias=c.attention_bias,
-            qk_norm=c.qk_norm,
+    def setup(self):
+        c = self.config
+        c.validate()
+        self.embed_tokens = layers.Embed(
+            num_embeddings=c.vocab_size,
+            features=c.hidden_size,
             initializer_range=c.initializer_range,
             dtype=c.dtype,
             param_dtype=c.param_dtype,
         )
-        for _ in range(c.num_hidden_layers)
-    ]
-    self.norm = layers.RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
-    if not c.tie_word_embeddings:
-      # HF lm_head.weight [V, D] -> kernel [D, V]; fp32 accumulation gives fp32 logits in bf16.
-      self.lm_head = nn.Einsum(
-          shape=(c.hidden_size, c.vocab_size),
-          einsum_str="btd,dv->btv",
-          use_bias=False,
-          dtype=c.dtype,
-          param_dtype=c.param_dtype,
-          kernel_init=nn.with_logical_partitioning(
-              nn.initializers.normal(c.initializer_range), ("embed", "vocab")
-          ),
-          preferred_element_type=jnp.float32,
-      )
-    self.decode_position = _DecodePosition()
+        # static_argnums counts `self` as 0: (x=1, positions=2, attention_mask=3, decode=4).
+        block = nn.remat(layers.DecoderBlock, static_argnums=(4,)) if c.remat else layers.DecoderBlock
+        # A list attribute in setup names its modules layers_0, layers_1, ... (HF model.layers.{i}).
+        self.layers = [
+            block(
+                hidden_size=c.hidden_size,
+                intermediate_size=c.intermediate_size,
+                num_heads=c.num_attention_heads,
+                num_kv_heads=c.num_key_value_heads,
+                head_dim=c.head_dim,
+                rope_theta=c.rope_theta,
+                rms_norm_eps=c.rms_norm_eps,
+                attention_bias=c.attention_bias,
+                qk_norm=c.qk_norm,
+                initializer_range=c.initializer_range,
+                dtype=c.dtype,
+                param_dtype=c.param_dtype,
+            )
+            for _ in range(c.num_hidden_layers)
+        ]
+        self.norm = layers.RMSNorm(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
+        if not c.tie_word_embeddings:
+            # HF lm_head.weight [V, D] -> kernel [D, V]; fp32 accumulation gives fp32 logits in bf16.
+            self.lm_head = layers.DenseGeneral(
+                c.vocab_size,
+                kernel_axes=("embed", "vocab"),
+                initializer_range=c.initializer_range,
+                dtype=c.dtype,
+                param_dtype=c.param_dtype,
+                preferred_element_type=jnp.float32,
+            )
+        self.decode_position = _DecodePosition()
 
-  def embed(self, tokens: Array) -> Array:
-    """tokens: [B, T] int -> embeddings [B, T, D] in the compute dtype."""
-    return self.embed_tokens(tokens)
+    def embed(self, tokens: Array) -> Array:
+        """tokens: [B, T] int -> embeddings [B, T, D] in the compute dtype."""
+        return self.embed_tokens(tokens)
 
-  def backbone(
-      self,
-      inputs_embeds: Array,
-      *,
-      positions: Array | None = None,
-      attention_mask: Array | None = None,
-      decode: bool = False,
-  ) -> tuple[Array, dict[str, Array]]:
-    """Runs the layers and the final norm.
+    def backbone(
+        self,
+        inputs_embeds: Array,
+        *,
+        positions: Array | None = None,
+        attention_mask: Array | None = None,
+        decode: bool = False,
+    ) -> tuple[Array, dict[str, Array]]:
+        """Runs the layers and the final norm.
 
-    Args:
-      inputs_embeds: [B, T, D] input embeddings.
-      positions: [B, T] int position ids; default ``arange(T)``, or in decode mode the number of
-        tokens already in the cache + ``arange(T)``. Left-padded batches must pass them.
-      attention_mask: [B, T], 1 = real token, 0 = padding (padding keys are never attended).
-      decode: use and update the KV cache ("cache" collection must be mutable).
+        Args:
+            inputs_embeds: [B, T, D] input embeddings.
+            positions: [B, T] int position ids; default ``arange(T)``, or in decode mode the number of
+                tokens already in the cache + ``arange(T)``. Left-padded batches must pass them.
+            attention_mask: [B, T], 1 = real token, 0 = padding (padding keys are never attended).
+            decode: use and update the KV cache ("cache" collection must be mutable).
 
-    Returns:
-      (hidden [B, T, D] after the final norm, aux dict with keys ``layers_{i}/<name>``).
-    """
-    c = self.config
-    b, t = inputs_embeds.shape[:2]
-    x = inputs_embeds.astype(c.dtype)
-    start = self.decode_position(t) if decode else 0
-    if positions is None:
-      positions = start + jnp.arange(t, dtype=jnp.int32)[None, :]
-      positions = jnp.broadcast_to(positions, (b, t))
-    positions = nn.with_logical_constraint(positions, (layers.BATCH, layers.LENGTH))
-    aux: dict[str, Array] = {}
-    for i, layer in enumerate(self.layers):
-      x, layer_aux = layer(x, positions, attention_mask, decode)
-      aux.update({f"layers_{i}/{k}": v for k, v in layer_aux.items()})
-    return self.norm(x), aux
+        Returns:
+            (hidden [B, T, D] after the final norm, aux dict with keys ``layers_{i}/<name>``).
+        """
+        c = self.config
+        b, t = inputs_embeds.shape[:2]
+        x = inputs_embeds.astype(c.dtype)
+        start = self.decode_position(t) if decode else 0
+        if positions is None:
+            positions = start + jnp.arange(t, dtype=jnp.int32)[None, :]
+            positions = jnp.broadcast_to(positions, (b, t))
+        positions = nn.with_logical_constraint(positions, (layers.ACT_BATCH, layers.ACT_LEN))
+        aux: dict[str, Array] = {}
+        for i, layer in enumerate(self.layers):
+            x, layer_aux = layer(x, positions, attention_mask, decode)
+            aux.update({f"layers_{i}/{k}": v for k, v in layer_aux.items()})
+        return self.norm(x), aux
 
-  def unembed(self, hidden: Array) -> Array:
-    """hidden: [B, T, D] -> logits [B, T, V] float32."""
-    if self.config.tie_word_embeddings:
-      logits = self.embed_tokens.attend(hidden)
-    else:
-      logits = self.lm_head(hidden)
-    return nn.with_logical_constraint(logits, (layers.BATCH, layers.LENGTH, layers.VOCAB))
+    def unembed(self, hidden: Array) -> Array:
+        """hidden: [B, T, D] -> logits [B, T, V] float32."""
+        if self.config.tie_word_embeddings:
+            logits = self.embed_tokens.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return nn.with_logical_constraint(logits, (layers.ACT_BATCH, layers.ACT_LEN, layers.ACT_VOCAB))
 
-  def __call__(
-      self,
-      tokens: Array | None = None,
-      *,
-      positions: Array | None = None,
-      inputs_embeds: Array | None = None,
-      attention_mask: Array | None = None,
-      decode: bool = False,
-  ) -> tuple[Array, dict[str, Array]]:
-    """Causal LM forward.
+    def __call__(
+        self,
+        tokens: Array | None = None,
+        *,
+        positions: Array | None = None,
+        inputs_embeds: Array | None = None,
+        attention_mask: Array | None = None,
+        decode: bool = False,
+    ) -> tuple[Array, dict[str, Array]]:
+        """Causal LM forward.
 
-    Args:
-      tokens: [B, T] int token ids; exactly one of ``tokens`` / ``inputs_embeds``.
-      positions: [B, T] int position ids (see ``backbone``).
-      inputs_embeds: [B, T, D] embeddings (e.g. visual prefix + ``embed(text)`` concatenated).
-      attention_mask: [B, T], 1 = real token, 0 = padding.
-      decode: KV-cache mode: T > 1 prefills, T = 1 appends one token.
+        Args:
+            tokens: [B, T] int token ids; exactly one of ``tokens`` / ``inputs_embeds``.
+            positions: [B, T] int position ids (see ``backbone``).
+            inputs_embeds: [B, T, D] embeddings (e.g. visual prefix + ``embed(text)`` concatenated).
+            attention_mask: [B, T], 1 = real token, 0 = padding.
+            decode: KV-cache mode: T > 1 prefills, T = 1 appends one token.
 
-    Returns:
-      (logits [B, T, V] float32, aux flat dict of named intermediates; empty for the dense model).
-    """
-    if (tokens is None) == (inputs_embeds is None):
-      raise ValueError("Pass exactly one of tokens [B, T] or inputs_embeds [B, T, D].")
-    x = self.embed(tokens) if inputs_embeds is None else inputs_embeds
-    hidden, aux = self.backbone(
-        x, positions=positions, attention_mask=attention_mask, decode=decode
-    )
-    return self.unembed(hidden), aux
+        Returns:
+            (logits [B, T, V] float32, aux flat dict of named intermediates; empty for the dense model).
+        """
+        if (tokens is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of tokens [B, T] or inputs_embeds [B, T, D].")
+        x = self.embed(tokens) if inputs_embeds is None else inputs_embeds
+        hidden, aux = self.backbone(
+            x, positions=positions, attention_mask=attention_mask, decode=decode
+        )
+        return self.unembed(hidden), aux
 
 
 def init_cache(model: Decoder, batch_size: int, max_len: int) -> dict[str, Any]:
-  """An empty KV cache (the "cache" collection) for ``batch_size`` rows of up to ``max_len`` tokens.
+    """An empty KV cache (the "cache" collection) for ``batch_size`` rows of up to ``max_len`` tokens.
 
-  Shapes come from ``jax.eval_shape`` of ``init(decode=True)``, so no parameters are materialised.
-  Every cache variable starts at zero (index 0, no valid slot).
-  """
-  dummy = jnp.zeros((batch_size, max_len), jnp.int32)
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), dummy, decode=True)
-  )["cache"]
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    Shapes come from ``jax.eval_shape`` of ``init(decode=True)``, so no parameters are materialised.
+    Every cache variable starts at zero (index 0, no valid slot).
+    """
+    dummy = jnp.zeros((batch_size, max_len), jnp.int32)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), dummy, decode=True)
+    )["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

@@ -3,29 +3,32 @@
 Conventions (followed by every module here):
 
 - Parameters are stored in ``param_dtype`` (fp32 by default); activations are computed in ``dtype``
-  (e.g. bfloat16). Norms, RoPE and the attention softmax always run in fp32.
+    (e.g. bfloat16). Norms, RoPE and the attention softmax always run in fp32.
 - Every parameter carries logical axis names via ``nn.with_logical_partitioning`` and the main
-  activations are constrained with ``nn.with_logical_constraint``; the trainer maps the names to the
-  mesh axes (``vlmjax/sharding.py``). Parameter axes: "vocab", "embed", "q_heads", "kv_heads",
-  "head_dim", "mlp", "norm". Activation axes: "act_batch", "act_len", "act_embed", "act_heads",
-  "act_kv_heads", "act_head_dim", "act_mlp", "act_vocab".
-- Projections use ``nn.DenseGeneral`` with per-head kernels (as MaxText and deepmind/gemma do), so
-  the head axis is a real array axis that can be sharded and named. The HF -> vlmjax mapping of
-  every parameter is written next to it; in short (``D`` hidden, ``H`` query heads, ``K`` kv heads,
-  ``Dh`` head dim, ``F`` intermediate, HF ``nn.Linear`` weights are ``[out, in]``):
+    activations are constrained with ``nn.with_logical_constraint``; the trainer maps the names to the
+    mesh axes (``vlmjax/sharding.py``). Parameter axes: "vocab", "embed", "q_heads", "kv_heads",
+    "head_dim", "mlp", "norm". Activation axes: "act_batch", "act_len", "act_embed", "act_heads",
+    "act_kv_heads", "act_head_dim", "act_mlp", "act_vocab".
+- Projections use ``DenseGeneral`` (below) with per-head kernels (as MaxText and deepmind/gemma
+    do), so the head axis is a real array axis that can be sharded and named. The HF -> vlmjax
+    mapping of every parameter is written next to it; in short (``D`` hidden, ``H`` query heads,
+    ``K`` kv heads, ``Dh`` head dim, ``F`` intermediate, HF ``nn.Linear`` weights are ``[out, in]``):
 
-      self_attn/q_proj/kernel [D, H, Dh]   = q_proj.weight.T.reshape(D, H, Dh)
-      self_attn/q_proj/bias   [H, Dh]      = q_proj.bias.reshape(H, Dh)          (Qwen2 only)
-      self_attn/k_proj/kernel [D, K, Dh]   = k_proj.weight.T.reshape(D, K, Dh)   (v_proj alike)
-      self_attn/o_proj/kernel [H, Dh, D]   = o_proj.weight.T.reshape(H, Dh, D)
-      self_attn/q_norm/scale  [Dh]         = q_norm.weight                       (Qwen3 only)
-      mlp/gate_proj/kernel    [D, F]       = gate_proj.weight.T                  (up_proj alike)
-      mlp/down_proj/kernel    [F, D]       = down_proj.weight.T
-      input_layernorm/scale   [D]          = input_layernorm.weight
+            self_attn/q_proj/kernel [D, H, Dh]   = q_proj.weight.T.reshape(D, H, Dh)
+            self_attn/q_proj/bias   [H, Dh]      = q_proj.bias.reshape(H, Dh)          (Qwen2 only)
+            self_attn/k_proj/kernel [D, K, Dh]   = k_proj.weight.T.reshape(D, K, Dh)   (v_proj alike)
+            self_attn/o_proj/kernel [H, Dh, D]   = o_proj.weight.T.reshape(H, Dh, D)
+            self_attn/q_norm/scale  [Dh]         = q_norm.weight                       (Qwen3 only)
+            mlp/gate_proj/kernel    [D, F]       = gate_proj.weight.T                  (up_proj alike)
+            mlp/down_proj/kernel    [F, D]       = down_proj.weight.T
+            input_layernorm/scale   [D]          = input_layernorm.weight
 
+- Sharding follows the flax logical-rules model: meshes with ``AxisType.Auto`` axes (jit
+    in/out shardings + ``with_sharding_constraint``). ``AxisType.Explicit`` meshes are not supported:
+    flax's ``with_logical_constraint`` asserts instead of resharding there.
 - Attention masks are built from *position ids*, not from array indices: a query at position p sees
-  the keys at positions <= p. A block can therefore run on a gathered subset of tokens
-  (Mixture-of-Depths: ``[B, k, D]`` with their original positions) and stay causal.
+    the keys at positions <= p. A block can therefore run on a gathered subset of tokens
+    (Mixture-of-Depths: ``[B, k, D]`` with their original positions) and stay causal.
 """
 
 from __future__ import annotations
@@ -39,376 +42,432 @@ import jax.numpy as jnp
 Array = jax.Array
 Dtype = Any
 
-# Logical axis names, in one place so model code never spells them twice.
-BATCH, LENGTH, EMBED = "act_batch", "act_len", "act_embed"
-HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB = (
-    "act_heads",
-    "act_kv_heads",
-    "act_head_dim",
-    "act_mlp",
-    "act_vocab",
-)
+# Activation logical axis names, in one place so model code never misspells them.
+ACT_BATCH = "act_batch"
+ACT_LEN = "act_len"
+ACT_EMBED = "act_embed"
+ACT_HEADS = "act_heads"
+ACT_KV_HEADS = "act_kv_heads"
+ACT_HEAD_DIM = "act_head_dim"
+ACT_MLP = "act_mlp"
+ACT_VOCAB = "act_vocab"
 
 
 def _normal(stddev: float) -> nn.initializers.Initializer:
-  # HF Llama/Qwen `_init_weights` draws every Linear and the Embedding from N(0, initializer_range^2).
-  return nn.initializers.normal(stddev=stddev)
+    # HF Llama/Qwen `_init_weights` draws every Linear and the Embedding from N(0, initializer_range^2).
+    return nn.initializers.normal(stddev=stddev)
+
+
+class DenseGeneral(nn.Module):
+    """Linear map contracting the input ``axis`` dims with a kernel ``[*in_dims, *features]``.
+
+    Unlike ``flax.linen.DenseGeneral`` (which initialises a flattened 2-D kernel and reshapes it),
+    the initializer sees the full kernel shape, so ``nn.with_logical_partitioning`` metadata with one
+    name per kernel axis stays valid while a mesh and logical rules are active (as MaxText's
+    ``DenseGeneral``). Bias, if any, has shape ``features``.
+    """
+
+    features: int | tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    axis: int | tuple[int, ...] = -1
+    use_bias: bool = False
+    initializer_range: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    # fp32 for the output logits: bf16 inputs, fp32 accumulation and result.
+    preferred_element_type: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [..., *in_dims] -> [..., *features] in ``dtype`` (or ``preferred_element_type``)."""
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        axis = tuple(a % x.ndim for a in axis)
+        kernel_shape = tuple(x.shape[a] for a in axis) + features
+        if len(self.kernel_axes) != len(kernel_shape):
+            raise ValueError(
+                f"kernel_axes {self.kernel_axes} do not match kernel shape {kernel_shape}."
+            )
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(_normal(self.initializer_range), self.kernel_axes),
+            kernel_shape,
+            self.param_dtype,
+        )
+        contract = ((axis, tuple(range(len(axis)))), ((), ()))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            contract,
+            preferred_element_type=self.preferred_element_type,
+        )
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(
+                    nn.initializers.zeros_init(), self.kernel_axes[len(axis) :]
+                ),
+                features,
+                self.param_dtype,
+            )
+            y = y + bias.astype(y.dtype)
+        return y
 
 
 class RMSNorm(nn.Module):
-  """Root-mean-square layer norm (Zhang & Sennrich 2019), as HF ``LlamaRMSNorm``.
+    """Root-mean-square layer norm (Zhang & Sennrich 2019), as HF ``LlamaRMSNorm``.
 
-  ``y = x / sqrt(mean(x^2) + eps) * scale``, computed in fp32 and cast back to ``dtype``.
-  HF weight: ``*.weight`` -> ``scale`` (initialised to ones, no ``1 + scale`` offset as in Gemma).
-  """
+    ``y = x / sqrt(mean(x^2) + eps) * scale``, computed in fp32 and cast back to ``dtype``.
+    HF weight: ``*.weight`` -> ``scale`` (initialised to ones, no ``1 + scale`` offset as in Gemma).
+    """
 
-  eps: float = 1e-6
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """x: [..., F] -> [..., F] in ``dtype``."""
-    scale = self.param(
-        "scale",
-        nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-        (x.shape[-1],),
-        self.param_dtype,
-    )
-    x32 = x.astype(jnp.float32)
-    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    y = x32 * jax.lax.rsqrt(var + self.eps)
-    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [..., F] -> [..., F] in ``dtype``."""
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
 def rope_frequencies(head_dim: int, theta: float) -> Array:
-  """Inverse frequencies ``theta^(-2i/Dh)`` for i in [0, Dh/2): [Dh/2] fp32 (HF ``inv_freq``)."""
-  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    """Inverse frequencies ``theta^(-2i/Dh)`` for i in [0, Dh/2): [Dh/2] fp32 (HF ``inv_freq``)."""
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
 
 
 def apply_rope(x: Array, positions: Array, theta: float) -> Array:
-  """Rotary position embedding (Su et al. 2021) in the HF "rotate_half" layout.
+    """Rotary position embedding (Su et al. 2021) in the HF "rotate_half" layout.
 
-  HF pairs feature i with feature i + Dh/2 (not the interleaved 2i, 2i+1 of the paper), so HF
-  q/k projection weights load without any permutation.
+    HF pairs feature i with feature i + Dh/2 (not the interleaved 2i, 2i+1 of the paper), so HF
+    q/k projection weights load without any permutation.
 
-  Args:
-    x: [B, T, H, Dh] queries or keys (Dh even).
-    positions: [B, T] integer position ids (the original positions for a gathered subset).
-    theta: RoPE base (HF ``rope_theta``).
+    Args:
+        x: [B, T, H, Dh] queries or keys (Dh even).
+        positions: [B, T] integer position ids (the original positions for a gathered subset).
+        theta: RoPE base (HF ``rope_theta``).
 
-  Returns:
-    [B, T, H, Dh] rotated, in the dtype of ``x`` (the rotation itself runs in fp32).
-  """
-  head_dim = x.shape[-1]
-  if head_dim % 2:
-    raise ValueError(f"RoPE needs an even head_dim, got {head_dim}.")
-  inv_freq = rope_frequencies(head_dim, theta)  # [Dh/2]
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
-  cos, sin = jnp.cos(angles), jnp.sin(angles)
-  x32 = x.astype(jnp.float32)
-  x1, x2 = jnp.split(x32, 2, axis=-1)
-  rotated = jnp.concatenate([-x2, x1], axis=-1)  # HF rotate_half
-  return (x32 * cos + rotated * sin).astype(x.dtype)
+    Returns:
+        [B, T, H, Dh] rotated, in the dtype of ``x`` (the rotation itself runs in fp32).
+    """
+    head_dim = x.shape[-1]
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}.")
+    inv_freq = rope_frequencies(head_dim, theta)  # [Dh/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)  # HF rotate_half
+    return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
 def attention_mask_from_positions(
     q_positions: Array, kv_positions: Array, kv_valid: Array | None = None
 ) -> Array:
-  """Causal mask by position id: query t sees key s iff pos_k[s] <= pos_q[t] and key s is valid.
+    """Causal mask by position id: query t sees key s iff pos_k[s] <= pos_q[t] and key s is valid.
 
-  Args:
-    q_positions: [B, T] query position ids.
-    kv_positions: [B, S] key position ids.
-    kv_valid: optional [B, S] bool/int, 0 for padding keys (and, in decode, unwritten cache slots).
+    Args:
+        q_positions: [B, T] query position ids.
+        kv_positions: [B, S] key position ids.
+        kv_valid: optional [B, S] bool/int, 0 for padding keys (and, in decode, unwritten cache slots).
 
-  Returns:
-    [B, T, S] bool, True where attention is allowed.
-  """
-  mask = kv_positions[:, None, :] <= q_positions[:, :, None]
-  if kv_valid is not None:
-    mask = mask & kv_valid.astype(jnp.bool_)[:, None, :]
-  return mask
+    Returns:
+        [B, T, S] bool, True where attention is allowed.
+    """
+    mask = kv_positions[:, None, :] <= q_positions[:, :, None]
+    if kv_valid is not None:
+        mask = mask & kv_valid.astype(jnp.bool_)[:, None, :]
+    return mask
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, dtype: Dtype) -> Array:
-  """Grouped-query scaled dot-product attention with the softmax in fp32.
+    """Grouped-query scaled dot-product attention with the softmax in fp32.
 
-  Query head h uses kv head ``h // (H // K)``, as HF ``repeat_kv``; k/v are never materialised
-  repeated, the query heads are grouped instead.
+    Query head h uses kv head ``h // (H // K)``, as HF ``repeat_kv``; k/v are never materialised
+    repeated, the query heads are grouped instead.
 
-  Args:
-    q: [B, T, H, Dh] queries (already rotated).
-    k: [B, S, K, Dh] keys (already rotated), H % K == 0.
-    v: [B, S, K, Dh] values.
-    mask: [B, T, S] bool, True = attend.
-    dtype: dtype of the probabilities fed to the value matmul and of the output.
+    Args:
+        q: [B, T, H, Dh] queries (already rotated).
+        k: [B, S, K, Dh] keys (already rotated), H % K == 0.
+        v: [B, S, K, Dh] values.
+        mask: [B, T, S] bool, True = attend.
+        dtype: dtype of the probabilities fed to the value matmul and of the output.
 
-  Returns:
-    [B, T, H, Dh] in ``dtype``.
-  """
-  b, t, h, dh = q.shape
-  kv_heads = k.shape[2]
-  groups = h // kv_heads
-  q = q.reshape(b, t, kv_heads, groups, dh)
-  # HF `scaling = head_dim ** -0.5`; scale q before the matmul (cheaper than scaling [.., T, S]).
-  q = q * jnp.asarray(dh**-0.5, q.dtype)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  # A large finite negative (not -inf) keeps rows with no visible key (padding queries) NaN-free.
-  big_neg = jnp.finfo(jnp.float32).min
-  logits = jnp.where(mask[:, None, None, :, :], logits, big_neg)
-  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype))
-  return out.reshape(b, t, h, dh)
+    Returns:
+        [B, T, H, Dh] in ``dtype``.
+    """
+    b, t, h, dh = q.shape
+    kv_heads = k.shape[2]
+    groups = h // kv_heads
+    q = q.reshape(b, t, kv_heads, groups, dh)
+    # HF `scaling = head_dim ** -0.5`; scale q before the matmul (cheaper than scaling [.., T, S]).
+    q = q * jnp.asarray(dh**-0.5, q.dtype)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    # A large finite negative (not -inf) keeps rows with no visible key (padding queries) NaN-free.
+    big_neg = jnp.finfo(jnp.float32).min
+    logits = jnp.where(mask[:, None, None, :, :], logits, big_neg)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype))
+    return out.reshape(b, t, h, dh)
 
 
 class Attention(nn.Module):
-  """Multi-head attention with grouped-query heads, RoPE, optional qkv bias / q-k norm, KV cache.
+    """Multi-head attention with grouped-query heads, RoPE, optional qkv bias / q-k norm, KV cache.
 
-  HF: ``LlamaAttention`` / ``Qwen2Attention`` (``attention_bias=True``) / ``Qwen3Attention``
-  (``qk_norm=True``: RMSNorm over head_dim on q and k, before RoPE).
+    HF: ``LlamaAttention`` / ``Qwen2Attention`` (``attention_bias=True``) / ``Qwen3Attention``
+    (``qk_norm=True``: RMSNorm over head_dim on q and k, before RoPE).
 
-  Decode: the "cache" collection holds ``cached_key``/``cached_value`` [B, L, K, Dh],
-  ``cached_positions`` [B, L] (position id of each slot), ``cached_valid`` [B, L] (slot written and
-  not padding) and ``cache_index`` (next slot to write). The cache is created with length L equal to
-  the sequence length of the ``init(..., decode=True)`` call (flax lm1b convention). A call with
-  ``decode=True`` writes its T tokens at ``cache_index`` (T > 1 = prefill, T = 1 = one step) and
-  attends over the whole cache, masked by position and validity.
-  """
-
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  rope_theta: float = 10000.0
-  use_bias: bool = False
-  qk_norm: bool = False
-  rms_norm_eps: float = 1e-6
-  initializer_range: float = 0.02
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(
-      self,
-      x: Array,
-      positions: Array,
-      attention_mask: Array | None = None,
-      decode: bool = False,
-  ) -> Array:
-    """x: [B, T, D]; positions: [B, T] int; attention_mask: [B, T] (1 real, 0 pad) -> [B, T, D]."""
-    features = x.shape[-1]
-    init = _normal(self.initializer_range)
-
-    def proj(name: str, heads: int, heads_axis: str) -> nn.DenseGeneral:
-      return nn.DenseGeneral(
-          features=(heads, self.head_dim),
-          use_bias=self.use_bias,
-          dtype=self.dtype,
-          param_dtype=self.param_dtype,
-          kernel_init=nn.with_logical_partitioning(init, ("embed", heads_axis, "head_dim")),
-          bias_init=nn.with_logical_partitioning(
-              nn.initializers.zeros_init(), (heads_axis, "head_dim")
-          ),
-          name=name,
-      )
-
-    # HF q_proj/k_proj/v_proj: weight [heads*Dh, D] -> kernel [D, heads, Dh]; bias [heads, Dh].
-    q = proj("q_proj", self.num_heads, "q_heads")(x)  # [B, T, H, Dh]
-    k = proj("k_proj", self.num_kv_heads, "kv_heads")(x)  # [B, T, K, Dh]
-    v = proj("v_proj", self.num_kv_heads, "kv_heads")(x)  # [B, T, K, Dh]
-
-    if self.qk_norm:
-      # Qwen3: per-head RMSNorm over head_dim, shared across heads (HF q_norm.weight [Dh]).
-      norm = lambda name: RMSNorm(self.rms_norm_eps, self.dtype, self.param_dtype, name=name)
-      q = norm("q_norm")(q)
-      k = norm("k_norm")(k)
-
-    q = apply_rope(q, positions, self.rope_theta)
-    k = apply_rope(k, positions, self.rope_theta)
-    q = nn.with_logical_constraint(q, (BATCH, LENGTH, HEADS, HEAD_DIM))
-    k = nn.with_logical_constraint(k, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
-    v = nn.with_logical_constraint(v, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
-
-    kv_positions, kv_valid = positions, attention_mask
-    if decode:
-      k, v, kv_positions, kv_valid = self._update_cache(k, v, positions, attention_mask)
-
-    mask = attention_mask_from_positions(positions, kv_positions, kv_valid)
-    out = dot_product_attention(q, k, v, mask, self.dtype)  # [B, T, H, Dh]
-    out = nn.with_logical_constraint(out, (BATCH, LENGTH, HEADS, HEAD_DIM))
-
-    # HF o_proj: weight [D, H*Dh] -> kernel [H, Dh, D]; Llama/Qwen have no o_proj bias.
-    return nn.DenseGeneral(
-        features=features,
-        axis=(-2, -1),
-        use_bias=False,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(init, ("q_heads", "head_dim", "embed")),
-        name="o_proj",
-    )(out)
-
-  def _update_cache(
-      self, k: Array, v: Array, positions: Array, attention_mask: Array | None
-  ) -> tuple[Array, Array, Array, Array]:
-    """Writes k/v [B, T, K, Dh] at ``cache_index``; returns the full cache (k, v, positions, valid).
-
-    On the ``init`` call the variables are only created (with length T) and the inputs are
-    returned unchanged, so ``init(..., decode=True)`` on a [B, L] input allocates a length-L cache.
+    Decode: the "cache" collection holds ``cached_key``/``cached_value`` [B, L, K, Dh],
+    ``cached_positions`` [B, L] (position id of each slot), ``cached_valid`` [B, L] (slot written and
+    not padding) and ``cache_index`` (next slot to write). The cache is created with length L equal to
+    the sequence length of the ``init(..., decode=True)`` call (flax lm1b convention). A call with
+    ``decode=True`` writes its T tokens at ``cache_index`` (T > 1 = prefill, T = 1 = one step) and
+    attends over the whole cache, masked by position and validity. The caller sizes the cache: past
+    L tokens, ``dynamic_update_slice`` clamps the write index and overwrites the last slots.
     """
-    b, t = positions.shape
-    is_initialized = self.has_variable("cache", "cached_key")
-    cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-    cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-    cached_positions = self.variable("cache", "cached_positions", jnp.zeros, (b, t), jnp.int32)
-    cached_valid = self.variable("cache", "cached_valid", jnp.zeros, (b, t), jnp.bool_)
-    cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-    valid = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(bool)
-    if not is_initialized:
-      return k, v, positions, valid
 
-    max_len = cached_key.value.shape[1]
-    if t > max_len:
-      raise ValueError(f"decode step of {t} tokens does not fit a KV cache of length {max_len}.")
-    i = cache_index.value
-    cached_key.value = jax.lax.dynamic_update_slice(
-        cached_key.value, k.astype(cached_key.value.dtype), (0, i, 0, 0)
-    )
-    cached_value.value = jax.lax.dynamic_update_slice(
-        cached_value.value, v.astype(cached_value.value.dtype), (0, i, 0, 0)
-    )
-    cached_positions.value = jax.lax.dynamic_update_slice(
-        cached_positions.value, positions.astype(jnp.int32), (0, i)
-    )
-    cached_valid.value = jax.lax.dynamic_update_slice(cached_valid.value, valid, (0, i))
-    cache_index.value = i + t
-    return cached_key.value, cached_value.value, cached_positions.value, cached_valid.value
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    use_bias: bool = False
+    qk_norm: bool = False
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        positions: Array,
+        attention_mask: Array | None = None,
+        decode: bool = False,
+    ) -> Array:
+        """x: [B, T, D]; positions: [B, T] int; attention_mask: [B, T] (1 real, 0 pad) -> [B, T, D]."""
+        features = x.shape[-1]
+
+        def proj(name: str, heads: int, heads_axis: str) -> DenseGeneral:
+            return DenseGeneral(
+                features=(heads, self.head_dim),
+                kernel_axes=("embed", heads_axis, "head_dim"),
+                use_bias=self.use_bias,
+                initializer_range=self.initializer_range,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=name,
+            )
+
+        # HF q_proj/k_proj/v_proj: weight [heads*Dh, D] -> kernel [D, heads, Dh]; bias [heads, Dh].
+        q = proj("q_proj", self.num_heads, "q_heads")(x)  # [B, T, H, Dh]
+        k = proj("k_proj", self.num_kv_heads, "kv_heads")(x)  # [B, T, K, Dh]
+        v = proj("v_proj", self.num_kv_heads, "kv_heads")(x)  # [B, T, K, Dh]
+
+        if self.qk_norm:
+            # Qwen3: per-head RMSNorm over head_dim, shared across heads (HF q_norm.weight [Dh]).
+            norm = lambda name: RMSNorm(
+                eps=self.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+            )
+            q = norm("q_norm")(q)
+            k = norm("k_norm")(k)
+
+        q = apply_rope(q, positions, self.rope_theta)
+        k = apply_rope(k, positions, self.rope_theta)
+        q = nn.with_logical_constraint(q, (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM))
+        k = nn.with_logical_constraint(k, (ACT_BATCH, ACT_LEN, ACT_KV_HEADS, ACT_HEAD_DIM))
+        v = nn.with_logical_constraint(v, (ACT_BATCH, ACT_LEN, ACT_KV_HEADS, ACT_HEAD_DIM))
+
+        kv_positions, kv_valid = positions, attention_mask
+        if decode:
+            k, v, kv_positions, kv_valid = self._update_cache(k, v, positions, attention_mask)
+
+        mask = attention_mask_from_positions(positions, kv_positions, kv_valid)
+        out = dot_product_attention(q, k, v, mask, self.dtype)  # [B, T, H, Dh]
+        out = nn.with_logical_constraint(out, (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM))
+
+        # HF o_proj: weight [D, H*Dh] -> kernel [H, Dh, D]; Llama/Qwen have no o_proj bias.
+        return DenseGeneral(
+            features=features,
+            kernel_axes=("q_heads", "head_dim", "embed"),
+            axis=(-2, -1),
+            initializer_range=self.initializer_range,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="o_proj",
+        )(out)
+
+    def _update_cache(
+        self, k: Array, v: Array, positions: Array, attention_mask: Array | None
+    ) -> tuple[Array, Array, Array, Array]:
+        """Writes k/v [B, T, K, Dh] at ``cache_index``; returns the full cache (k, v, positions, valid).
+
+        On the ``init`` call the variables are only created (with length T) and the inputs are
+        returned unchanged, so ``init(..., decode=True)`` on a [B, L] input allocates a length-L cache.
+        """
+        b, t = positions.shape
+        is_initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        cached_positions = self.variable("cache", "cached_positions", jnp.zeros, (b, t), jnp.int32)
+        cached_valid = self.variable("cache", "cached_valid", jnp.zeros, (b, t), jnp.bool_)
+        cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        valid = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(bool)
+        if not is_initialized:
+            return k, v, positions, valid
+
+        max_len = cached_key.value.shape[1]
+        if t > max_len:
+            raise ValueError(f"decode step of {t} tokens does not fit a KV cache of length {max_len}.")
+        i = cache_index.value
+        cached_key.value = jax.lax.dynamic_update_slice(
+            cached_key.value, k.astype(cached_key.value.dtype), (0, i, 0, 0)
+        )
+        cached_value.value = jax.lax.dynamic_update_slice(
+            cached_value.value, v.astype(cached_value.value.dtype), (0, i, 0, 0)
+        )
+        cached_positions.value = jax.lax.dynamic_update_slice(
+            cached_positions.value, positions.astype(jnp.int32), (0, i)
+        )
+        cached_valid.value = jax.lax.dynamic_update_slice(cached_valid.value, valid, (0, i))
+        cache_index.value = i + t
+        return cached_key.value, cached_value.value, cached_positions.value, cached_valid.value
 
 
 class MLP(nn.Module):
-  """SwiGLU feed-forward (Shazeer 2020): ``down(silu(gate(x)) * up(x))``, no biases.
+    """SwiGLU feed-forward (Shazeer 2020): ``down(silu(gate(x)) * up(x))``, no biases.
 
-  HF ``LlamaMLP``/``Qwen2MLP``: gate_proj/up_proj weight [F, D] -> kernel [D, F];
-  down_proj weight [D, F] -> kernel [F, D].
-  """
+    HF ``LlamaMLP``/``Qwen2MLP``: gate_proj/up_proj weight [F, D] -> kernel [D, F];
+    down_proj weight [D, F] -> kernel [F, D].
+    """
 
-  intermediate_size: int
-  initializer_range: float = 0.02
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+    intermediate_size: int
+    initializer_range: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """x: [B, T, D] -> [B, T, D]."""
-    init = _normal(self.initializer_range)
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [B, T, D] -> [B, T, D]."""
+        def dense(name: str, features: int, axes: tuple[str, str]) -> DenseGeneral:
+            return DenseGeneral(
+                features,
+                kernel_axes=axes,
+                initializer_range=self.initializer_range,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=name,
+            )
 
-    def dense(name: str, features: int, axes: tuple[str, str]) -> nn.Dense:
-      return nn.Dense(
-          features,
-          use_bias=False,
-          dtype=self.dtype,
-          param_dtype=self.param_dtype,
-          kernel_init=nn.with_logical_partitioning(init, axes),
-          name=name,
-      )
-
-    gate = dense("gate_proj", self.intermediate_size, ("embed", "mlp"))(x)
-    up = dense("up_proj", self.intermediate_size, ("embed", "mlp"))(x)
-    h = nn.silu(gate) * up
-    h = nn.with_logical_constraint(h, (BATCH, LENGTH, MLP))
-    return dense("down_proj", x.shape[-1], ("mlp", "embed"))(h)
+        gate = dense("gate_proj", self.intermediate_size, ("embed", "mlp"))(x)
+        up = dense("up_proj", self.intermediate_size, ("embed", "mlp"))(x)
+        h = nn.silu(gate) * up
+        h = nn.with_logical_constraint(h, (ACT_BATCH, ACT_LEN, ACT_MLP))
+        return dense("down_proj", x.shape[-1], ("mlp", "embed"))(h)
 
 
 class DecoderBlock(nn.Module):
-  """Pre-norm decoder layer: ``x + attn(norm(x))`` then ``x + mlp(norm(x))`` (HF ``LlamaDecoderLayer``).
+    """Pre-norm decoder layer (HF ``LlamaDecoderLayer``): ``x + attn(norm(x))``, ``x + mlp(norm(x))``.
 
-  The block only needs positions and a key-validity mask, so a routing wrapper can call it on a
-  gathered subset ``[B, k, D]`` with the subset's original positions.
-  """
+    The block only needs positions and a key-validity mask, so a routing wrapper can call it on a
+    gathered subset ``[B, k, D]`` with the subset's original positions.
+    """
 
-  hidden_size: int
-  intermediate_size: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  rope_theta: float = 10000.0
-  rms_norm_eps: float = 1e-6
-  attention_bias: bool = False
-  qk_norm: bool = False
-  initializer_range: float = 0.02
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    attention_bias: bool = False
+    qk_norm: bool = False
+    initializer_range: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(
-      self,
-      x: Array,
-      positions: Array,
-      attention_mask: Array | None = None,
-      decode: bool = False,
-  ) -> tuple[Array, dict[str, Array]]:
-    """x: [B, T, D]; positions: [B, T]; attention_mask: [B, T] or None -> ([B, T, D], aux={})."""
-    norm = lambda name: RMSNorm(self.rms_norm_eps, self.dtype, self.param_dtype, name=name)
-    x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
-    h = Attention(
-        num_heads=self.num_heads,
-        num_kv_heads=self.num_kv_heads,
-        head_dim=self.head_dim,
-        rope_theta=self.rope_theta,
-        use_bias=self.attention_bias,
-        qk_norm=self.qk_norm,
-        rms_norm_eps=self.rms_norm_eps,
-        initializer_range=self.initializer_range,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name="self_attn",
-    )(norm("input_layernorm")(x), positions, attention_mask, decode)
-    x = x + h
-    h = MLP(
-        self.intermediate_size,
-        initializer_range=self.initializer_range,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name="mlp",
-    )(norm("post_attention_layernorm")(x))
-    x = x + h
-    x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
-    return x, {}
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        positions: Array,
+        attention_mask: Array | None = None,
+        decode: bool = False,
+    ) -> tuple[Array, dict[str, Array]]:
+        """x: [B, T, D]; positions: [B, T]; attention_mask: [B, T] or None -> ([B, T, D], aux={})."""
+        norm = lambda name: RMSNorm(
+            eps=self.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+        x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
+        h = Attention(
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            rope_theta=self.rope_theta,
+            use_bias=self.attention_bias,
+            qk_norm=self.qk_norm,
+            rms_norm_eps=self.rms_norm_eps,
+            initializer_range=self.initializer_range,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="self_attn",
+        )(norm("input_layernorm")(x), positions, attention_mask, decode)
+        x = x + h
+        h = MLP(
+            self.intermediate_size,
+            initializer_range=self.initializer_range,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="mlp",
+        )(norm("post_attention_layernorm")(x))
+        x = x + h
+        x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
+        return x, {}
 
 
 class Embed(nn.Module):
-  """Token embedding with an fp32-accumulated ``attend`` for tied output logits.
+    """Token embedding with an fp32-accumulated ``attend`` for tied output logits.
 
-  HF ``model.embed_tokens.weight`` [V, D] -> ``embedding`` [V, D] (same layout).
-  """
+    HF ``model.embed_tokens.weight`` [V, D] -> ``embedding`` [V, D] (same layout).
+    """
 
-  num_embeddings: int
-  features: int
-  initializer_range: float = 0.02
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+    num_embeddings: int
+    features: int
+    initializer_range: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
 
-  def setup(self):
-    self.embedding = self.param(
-        "embedding",
-        nn.with_logical_partitioning(_normal(self.initializer_range), ("vocab", "embed")),
-        (self.num_embeddings, self.features),
-        self.param_dtype,
-    )
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(_normal(self.initializer_range), ("vocab", "embed")),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
 
-  def __call__(self, tokens: Array) -> Array:
-    """tokens: [B, T] int -> [B, T, D] in ``dtype``."""
-    if not jnp.issubdtype(tokens.dtype, jnp.integer):
-      raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}.")
-    x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
-    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+    def __call__(self, tokens: Array) -> Array:
+        """tokens: [B, T] int -> [B, T, D] in ``dtype``."""
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}.")
+        x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+        return nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
 
-  def attend(self, x: Array) -> Array:
-    """x: [B, T, D] -> logits [B, T, V] float32 (inputs in ``dtype``, fp32 accumulation)."""
-    return jnp.einsum(
-        "btd,vd->btv",
-        x.astype(self.dtype),
-        self.embedding.astype(self.dtype),
-        preferred_element_type=jnp.float32,
-    )
+    def attend(self, x: Array) -> Array:
+        """x: [B, T, D] -> logits [B, T, V] float32 (inputs in ``dtype``, fp32 accumulation)."""
+        return jnp.einsum(
+            "btd,vd->btv",
+            x.astype(self.dtype),
+            self.embedding.astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )

@@ -26,9 +26,11 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int, every: int, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        self.every = int(every)
+        # The save interval is decided here, not by orbax, whose default policy also saves the first
+        # step it sees (a resumed run would checkpoint off-interval).
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
-            save_interval_steps=every,
             enable_async_checkpointing=async_save,
             create=True,
         )
@@ -51,6 +53,8 @@ class Checkpointer:
 
     def save(self, step: int, state, data_iter, config_dict: dict[str, Any], *, force: bool = False) -> bool:
         """Saves if ``step`` is on the save interval (or ``force``). Returns whether it saved."""
+        if not force and (self.every <= 0 or step % self.every):
+            return False
         return self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -58,7 +62,7 @@ class Checkpointer:
                 data=grain.checkpoint.CheckpointSave(data_iter),
                 config=ocp.args.JsonSave(config_dict),
             ),
-            force=force,
+            force=True,
         )
 
     def restore_latest(self, abstract_state, data_iter) -> tuple[Any, int] | None:

@@ -52,9 +52,10 @@ class Trainer:
         self.accum = int(config.optim.grad_accum_steps)
 
         rng = jax.random.PRNGKey(config.seed)
-        # Abstract, boxed variables: shapes and logical axis names, no memory.
-        with self._ctx():
-            boxed = jax.eval_shape(task.init_variables, rng)
+        # Abstract, boxed variables: shapes and logical axis names, no memory. Init runs outside the
+        # mesh context: its output shardings come from out_shardings, and flax's DenseGeneral would
+        # otherwise constrain its kernel before reshaping it to the logical rank.
+        boxed = jax.eval_shape(task.init_variables, rng)
         var_shardings = shd.logical_to_shardings(boxed, mesh, self.rules)
         abstract_vars = nn.meta.unbox(boxed)
         self.tx, self.schedule = opt_lib.make_optimizer(
@@ -90,15 +91,18 @@ class Trainer:
         )
 
     def _ctx(self):
-        """Mesh + logical rules in scope while tracing, so ``nn.with_logical_constraint`` binds."""
-        stack = _Stack(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
-        return stack
+        """Mesh + logical rules in scope while tracing, so ``nn.with_logical_constraint`` binds.
+
+        The abstract mesh (unlike ``jax.set_mesh``) may be entered inside a jitted function, so the
+        steps carry their own context and callers need none.
+        """
+        return _Stack(jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh),
+                      nn.logical_axis_rules(self.rules))
 
     # -- pure functions (traced once) ------------------------------------------------------------
     def _init_state(self, rng) -> TrainState:
         init_rng, state_rng = jax.random.split(rng)
-        with self._ctx():
-            variables = nn.meta.unbox(self.task.init_variables(init_rng))
+        variables = nn.meta.unbox(self.task.init_variables(init_rng))
         params = variables["params"]
         model_state = {c: variables[c] for c in self.task.state_collections}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
@@ -141,8 +145,8 @@ class Trainer:
         consecutive, total = opt_lib.nonfinite_counts(opt_state)
         out = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
             "nonfinite_consecutive": consecutive,
             "nonfinite_total": total,
             **{k: v for k, v in metrics.items() if k != "loss"},
@@ -176,7 +180,7 @@ class Trainer:
 
 
 class _Stack:
-    """Enters several context managers (jax.set_mesh and flax rules) as one."""
+    """Enters several context managers (abstract mesh and flax rules) as one."""
 
     def __init__(self, *cms):
         self.cms = cms
