@@ -250,7 +250,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
 
 def test_remat_with_qkv_bias_and_qk_norm_matches_plain_with_grads():
     """The Qwen2 (qkv bias) and Qwen3 (q/k norm) variants train, and nn.remat changes no number."""
-    cfg = tiny_config(attention_bias=True, qk_norm=True, head_dim=16)
+    cfg = tiny_config(attention_bias=True, qk_norm=True, head_dim=16, num_hidden_layers=1)
     plain, remat = decoder_lib.Decoder(cfg), decoder_lib.Decoder(dataclasses.replace(cfg, remat=True))
     params = random_params(plain)
     assert params["layers_0"]["self_attn"]["q_proj"]["bias"].shape == (4, 16)
@@ -329,17 +329,23 @@ def test_generate_left_padded_prompt_and_eos():
     batch = jnp.concatenate([long, jnp.concatenate([jnp.zeros((1, 2), jnp.int32), short], 1)], 0)
     mask = jnp.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
     gen = lambda p, m=None, eos=None: generate_lib.generate(
-        model, params, p, max_new_tokens=5, rng=jax.random.key(0), prompt_mask=m, eos_id=eos
+        model, params, p, max_new_tokens=6, rng=jax.random.key(0), prompt_mask=m, eos_id=eos
     )
     out = gen(batch, mask)
-    np.testing.assert_array_equal(out[0], _argmax_rollout(model, params, long, 5)[0])
+    # Same shapes as in the greedy test above: both programs come from the jit cache.
+    np.testing.assert_array_equal(out[0], _argmax_rollout(model, params, batch.at[1].set(long[0]), 6)[0])
     np.testing.assert_array_equal(out[1, 5:], gen(short)[0, 3:])
 
-    # With eos = the second generated token of row 0: row 0 is eos from there on.
+    # With eos = the second generated token of row 0: row 0 is eos from there on; row 1 is
+    # unchanged up to its own first eos.
     eos = int(out[0, 6])
     out_eos = gen(batch, mask, eos)
     np.testing.assert_array_equal(out_eos[0, :7], out[0, :7])
     assert (out_eos[0, 7:] == eos).all()
+    row1 = np.asarray(out[1, 5:])
+    stop = 5 + (int(np.argmax(row1 == eos)) + 1 if (row1 == eos).any() else row1.size)
+    np.testing.assert_array_equal(out_eos[1, :stop], out[1, :stop])
+    assert (out_eos[1, stop:] == eos).all()
 
 
 def _nucleus_reference(logits: np.ndarray, p: float) -> set[int]:
@@ -367,6 +373,10 @@ def test_top_p_keeps_smallest_nucleus_and_samples_inside_it():
         nucleus = _nucleus_reference(np.asarray(logits[row]), 0.7)
         drawn = set(np.asarray(samples[:, row]).tolist())
         assert drawn <= nucleus and len(drawn) > 1
+    # top_p = 1 samples from the whole distribution, outside the 0.7 nucleus too.
+    unfiltered = jax.vmap(lambda k: generate_lib.sample_logits(logits, k, 1.0, 1.0))(keys)
+    nucleus = _nucleus_reference(np.asarray(logits[0]), 0.7)
+    assert not set(np.asarray(unfiltered[:, 0]).tolist()) <= nucleus
     # The top token is always kept, even for a tiny p; p = 1 keeps everything.
     top = np.asarray(jnp.isfinite(generate_lib.top_p_filter(logits, 1e-9)))
     np.testing.assert_array_equal(np.flatnonzero(top[0]), [int(jnp.argmax(logits[0]))])

@@ -62,11 +62,8 @@ class Trainer:
             config.optim, abstract_vars["params"], config.total_steps)
         abstract_opt = jax.eval_shape(self.tx.init, abstract_vars["params"])
         repl = shd.replicated(mesh)
-        # Optimizer moments follow their parameter's sharding; counters are replicated.
-        opt_shardings = optax.tree_map_params(
-            self.tx, lambda _, s: s, abstract_opt, var_shardings["params"],
-            transform_non_params=lambda _: repl,
-            is_leaf=lambda x: isinstance(x, NamedSharding))
+        opt_shardings = _opt_state_shardings(abstract_opt, abstract_vars["params"],
+                                             var_shardings["params"], repl)
         self.state_shardings = TrainState(
             step=repl,
             params=var_shardings["params"],
@@ -177,6 +174,32 @@ class Trainer:
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         return self.task.finalize_eval(sums)
+
+
+def _opt_state_shardings(abstract_opt, abstract_params, param_shardings, replicated):
+    """Optimizer moments follow their parameter's sharding; counters and scalars are replicated.
+
+    An optimizer-state leaf belongs to the parameter whose dict path is the longest suffix of the
+    leaf's dict path (optax nests params-shaped trees under chain / multi_transform / masked
+    states) and whose shape matches. Path matching, unlike ``optax.tree_map_params``, copes with
+    the ``MaskedNode`` holes that frozen groups leave in masked states.
+    """
+    def dict_path(path):
+        return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+    flat_p = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    flat_s = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    by_path = {dict_path(k): (v.shape, s) for (k, v), s in zip(flat_p, flat_s)}
+
+    def pick(path, leaf):
+        keys = dict_path(path)
+        for i in range(len(keys)):
+            hit = by_path.get(keys[i:])
+            if hit is not None and hit[0] == leaf.shape:
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
 
 
 class _Stack:
