@@ -98,3 +98,18 @@ def test_nonfinite_updates_are_skipped_then_stop(tmp_path):
         train.run(smoke_config(**{"optim.lr": 1e30, "optim.clip_norm": 0.0, "optim.warmup_steps": 0,
                                   "optim.max_consecutive_nonfinite": 2, "total_steps": 12,
                                   "ckpt_every": 0}), str(tmp_path))
+
+
+def test_wandb_offline_logs_and_disabled_never_imports_it(tmp_path):
+    code = ("import sys; sys.path.insert(0, 'tests'); from conftest import smoke_config; "
+            "from vlmjax import train; train.run(smoke_config(**{'total_steps': 2, 'sample.max_new_tokens': 0}), "
+            f"{str(tmp_path / 'off')!r}); print('WANDB_IMPORTED', 'wandb' in sys.modules)")
+    p = run_module(["-c", code])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "WANDB_IMPORTED False" in p.stdout
+    wd = tmp_path / "on"
+    p = run_module(["-m", "vlmjax.main", "--config=configs/lm.py:smoke", f"--workdir={wd}",
+                    "--config.wandb.mode=offline", "--config.total_steps=2"], env_extra={"WANDB_SILENT": "true"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = glob.glob(str(wd / "wandb" / "offline-run-*"))
+    assert runs and glob.glob(os.path.join(runs[0], "*.wandb"))

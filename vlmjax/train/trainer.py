@@ -9,9 +9,7 @@ orbax checkpoints of state + grain iterator + config with automatic resume (MaxT
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import os
 import signal
 import time
@@ -22,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlmjax import sharding as shd
