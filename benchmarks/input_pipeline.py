@@ -43,11 +43,11 @@ def _write_sources(tmp: str) -> dict[str, dict]:
     docs = corpus.embedded_corpus()
     train, val = corpus.split_by_hash(docs, 0.05)
     os.makedirs(os.path.join(tmp, "text"), exist_ok=True)
-    for i, d in enumerate(train):
+    for i, d in enumerate(docs):
         with open(os.path.join(tmp, "text", f"doc{i:05d}.txt"), "w") as f:
             f.write(d)
     with open(os.path.join(tmp, "docs.jsonl"), "w") as f:
-        for d in train + val:
+        for d in docs:
             f.write(json.dumps({"text": d}) + "\n")
     builder_dir = tfds_text.write_text_dataset(os.path.join(tmp, "tfds"), {"train": train, "validation": val})
     return {

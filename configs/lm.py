@@ -35,7 +35,7 @@ def get_config(arg: str | None = None):
                         rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=2048))
     c.sample = lm.sample_config()
 
-    c.total_steps = 400
+    c.total_steps = 500
     c.batch_size = 32
     c.log_every = 50
     c.eval_every = 200
