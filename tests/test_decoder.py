@@ -15,6 +15,7 @@ import pytest
 from vlmjax.models import decoder as decoder_lib
 from vlmjax.models import generate as generate_lib
 from vlmjax.models import layers
+from vlmjax.sharding import DEFAULT_RULES
 
 PARAM_AXES = {"vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm"}
 ACT_AXES = {
@@ -27,24 +28,8 @@ ACT_AXES = {
     "act_mlp",
     "act_vocab",
 }
-# The trainer's rules (vlmjax/sharding.py), repeated so this test does not depend on the trainer.
-RULES = [
-    ("act_batch", ("data", "fsdp")),
-    ("act_len", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_head_dim", None),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("q_heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("norm", None),
-]
+# The rules the trainer uses, so this test checks the names the real mesh mapping knows.
+RULES = DEFAULT_RULES
 
 
 def tiny_config(**overrides) -> decoder_lib.DecoderConfig:

@@ -26,7 +26,7 @@ from vlmjax.tasks.base import Task
 
 def sample_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        prompt="The ",           # text to continue at the end of training ('' disables)
+        prompt="The",            # text to continue at the end of training ('' disables)
         max_new_tokens=96,
         temperature=0.7,         # 0 = greedy
         top_p=0.9,
