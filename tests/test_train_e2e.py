@@ -113,3 +113,14 @@ def test_wandb_offline_logs_and_disabled_never_imports_it(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     runs = glob.glob(str(wd / "wandb" / "offline-run-*"))
     assert runs and glob.glob(os.path.join(runs[0], "*.wandb"))
+
+
+def test_resume_with_a_different_model_is_a_clear_error_and_keeps_checkpoints(tmp_path):
+    wd = str(tmp_path / "run")
+    train.run(smoke_config(), wd)
+    with pytest.raises(ValueError, match=r"different model or optimizer config.*shape mismatches: \[params/embed_tokens/embedding: "
+                       r"checkpoint \(264, 32\) vs config \(264, 48\)"):
+        train.run(smoke_config(**{"model.hidden_size": 48}), wd)
+    # Nothing was moved aside: the checkpoints are still there and resumable with the right config.
+    assert not os.path.exists(os.path.join(wd, "corrupt_checkpoints"))
+    assert train.run(smoke_config(total_steps=7), wd)["step"] == 7

@@ -20,6 +20,35 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from vlmjax.train.optimizer import path_str
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if hasattr(leaf, "shape"):
+            out[path_str(path)] = tuple(leaf.shape)
+    return out
+
+
+def check_compatible(saved_metadata, abstract_state, step: int, directory: str) -> None:
+    """Raises ValueError listing missing, unexpected and mis-shaped arrays together."""
+    saved, want = _shapes(saved_metadata), _shapes(abstract_state)
+    first_params = lambda k: (not k.startswith("params/"), k)  # the informative ones first
+    missing = sorted(set(want) - set(saved), key=first_params)
+    unexpected = sorted(set(saved) - set(want), key=first_params)
+    shape = [f"{k}: checkpoint {saved[k]} vs config {want[k]}"
+             for k in sorted(set(saved) & set(want), key=first_params) if saved[k] != want[k]]
+    if not (missing or unexpected or shape):
+        return
+    def show(items):
+        return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
+    raise ValueError(
+        f"The checkpoint at step {step} in {directory} was written by a different model or optimizer "
+        f"config than the one given. Missing in checkpoint: [{show(missing)}]; unexpected in "
+        f"checkpoint: [{show(unexpected)}]; shape mismatches: [{show(shape)}]. Use a fresh --workdir, "
+        f"or run with the config saved next to it (config.json).")
+
 
 class Checkpointer:
     """Saves and restores ``{"state", "data", "config"}`` under ``directory``."""
@@ -74,6 +103,14 @@ class Checkpointer:
         """
         for step in reversed(self.all_steps()):
             try:
+                saved = self.manager.item_metadata(step)["state"]
+            except Exception as e:  # noqa: BLE001 - unreadable metadata: the step is unusable.
+                self._report_unreadable(step, e)
+                continue
+            # Readable but written by another model/optimizer config: that is the user's config
+            # error, not corruption, so nothing is moved aside and training does not restart.
+            check_compatible(saved, abstract_state, step, self.directory)
+            try:
                 restored = self.manager.restore(
                     step,
                     args=ocp.args.Composite(
@@ -82,15 +119,19 @@ class Checkpointer:
                     ),
                 )
             except Exception as e:  # noqa: BLE001 - any read failure means "this step is unusable".
-                logging.error("Checkpoint step %d in %s is unreadable (%s: %s); falling back to the "
-                              "previous step.", step, self.directory, type(e).__name__, e)
-                print(f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
-                      f"({type(e).__name__}: {str(e)[:300]}); falling back to the previous checkpoint.",
-                      flush=True)
-                self._quarantine(step)
+                self._report_unreadable(step, e)
                 continue
             return restored["state"], step
         return None
+
+    def _report_unreadable(self, step: int, e: Exception):
+        logging.error("Checkpoint step %d in %s is unreadable (%s: %s); falling back to the "
+                      "previous step.", step, self.directory, type(e).__name__, e)
+        if jax.process_index() == 0:
+            print(f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
+                  f"({type(e).__name__}: {str(e)[:300]}); falling back to the previous checkpoint.",
+                  flush=True)
+        self._quarantine(step)
 
     def _quarantine(self, step: int):
         """Moves an unreadable step aside (kept for inspection) so the step can be saved again."""
