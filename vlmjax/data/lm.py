@@ -74,9 +74,14 @@ def default_config() -> ml_collections.ConfigDict:
     # 'embedded'/'text'/'jsonl': fraction of documents held out for evaluation,
     # chosen by a CRC32 of each document's text (stable under reordering).
     c.val_fraction = 0.05
-    # 'bytes' (UTF-8 bytes, vocab 264) or 'bpe' (byte-level BPE trained on the
-    # training split, cached as <workdir>/tokenizer.json).
+    # 'bytes' (UTF-8 bytes, vocab 264), 'bpe' (byte-level BPE trained on the
+    # training split, cached as <workdir>/tokenizer.json) or 'hf' (a pretrained
+    # checkpoint's tokenizer.json, for fine-tuning a model loaded with
+    # config.model.init_from).
     c.tokenizer = "bytes"
+    # 'hf' only: the local HF checkpoint directory holding tokenizer.json
+    # ('' = config.model.init_from when the task has one).
+    c.tokenizer_path = ""
     # 'bpe' only: vocabulary size including <pad>, <bos>, <eos> (>= 259).
     c.bpe_vocab_size = 4096
     # 'bpe' only: train on the leading training documents up to this many

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 import json
 import os
-from typing import Protocol
+from typing import Any, Protocol
 import uuid
 
 from absl import logging
@@ -42,7 +42,7 @@ SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_META_FILE = "tokenizer_meta.json"
 
-TOKENIZERS = ("bytes", "bpe")
+TOKENIZERS = ("bytes", "bpe", "hf")
 
 
 class Tokenizer(Protocol):
@@ -192,6 +192,55 @@ class BPETokenizer:
                 f"learned={self.learned_vocab_size})")
 
 
+class HFTokenizer:
+    """A pretrained checkpoint's own tokenizer (``tokenizer.json`` in a local HF directory).
+
+    Used to fine-tune a loaded checkpoint (``config.model.init_from``): the ids must be the ones the
+    embedding table was trained with. Special ids come from the directory's ``config.json`` /
+    ``generation_config.json`` (``bos_token_id``, ``eos_token_id``, ``pad_token_id``; pad falls back
+    to eos, which the loss masks anyway).
+    """
+
+    def __init__(self, path: str):
+        file = os.path.join(path, TOKENIZER_FILE)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(
+                f"config.data.tokenizer='hf' needs {file} (the checkpoint's fast tokenizer). Point "
+                "config.data.tokenizer_path (or config.model.init_from) at the HF checkpoint directory.")
+        self.path = path
+        self._tok = hf_tokenizers.Tokenizer.from_file(file)
+        ids: dict[str, Any] = {}
+        for name in ("config.json", "generation_config.json"):
+            f = os.path.join(path, name)
+            if os.path.isfile(f):
+                with open(f) as fh:
+                    d = json.load(fh)
+                for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                    if d.get(k) is not None and k not in ids:
+                        v = d[k]
+                        ids[k] = int(v[0] if isinstance(v, list) else v)
+        if "eos_token_id" not in ids:
+            raise ValueError(f"{path}: no eos_token_id in config.json or generation_config.json; "
+                             "documents are separated by <eos>, so one is required.")
+        self.eos_id = ids["eos_token_id"]
+        self.bos_id = ids.get("bos_token_id", self.eos_id)
+        self.pad_id = ids.get("pad_token_id", self.eos_id)
+        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, np.int32)
+                for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(_as_ids(ids).tolist(), skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
 def _take_bytes(texts: Iterable[str], max_bytes: int) -> list[str]:
     """Leading texts whose UTF-8 size stays within `max_bytes` (0 = all)."""
     taken, total = [], 0
@@ -249,6 +298,11 @@ def build_tokenizer(data_cfg, workdir: str | os.PathLike[str] | None,
     kind = data_cfg.tokenizer
     if kind == "bytes":
         return ByteTokenizer()
+    if kind == "hf":
+        if not data_cfg.tokenizer_path:
+            raise ValueError("config.data.tokenizer='hf' needs config.data.tokenizer_path (a local HF "
+                             "checkpoint directory with tokenizer.json).")
+        return HFTokenizer(data_cfg.tokenizer_path)
     if kind != "bpe":
         raise ValueError(
             f"config.data.tokenizer={kind!r} is not one of "

@@ -57,6 +57,10 @@ def default_config() -> ml_collections.ConfigDict:
             param_dtype="float32",  # Storage dtype of the parameters.
             remat=False,  # Rematerialise each decoder layer in the backward pass (nn.remat).
             initializer_range=0.02,  # Std of the N(0, s^2) init of all matrices (HF convention).
+            # A local HF checkpoint directory (llama / qwen2 / qwen3). When set, the architecture
+            # fields above are taken from its config.json and the weights are loaded from it (the
+            # task reads this field; it is not part of DecoderConfig). dtype still applies.
+            init_from="",
         )
     )
 
@@ -111,6 +115,8 @@ class DecoderConfig:
         """
         values = dict(default_config().to_dict())
         given = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
+        given.pop("init_from", None)  # a loading instruction for the task, not an architecture field
+        values.pop("init_from", None)
         unknown = sorted(set(given) - set(values))
         if unknown:
             hints = []

@@ -57,6 +57,15 @@ class Task(abc.ABC):
     def finalize_eval(self, sums: dict[str, float]) -> dict[str, float]:
         """Turns summed eval statistics into reported metrics (loss, perplexity, ...)."""
 
+    def pretrained_params(self, abstract_params, shardings) -> dict[str, Any] | None:
+        """Weights from checkpoints the config names (``init_from``), placed with ``shardings``.
+
+        A partial tree replaces only the leaves it has (e.g. a pretrained decoder inside a VLM).
+        Called once on a fresh run, never on resume. None: keep the random init.
+        """
+        del abstract_params, shardings
+        return None
+
     def units_per_step(self, global_batch_size: int) -> int:
         return global_batch_size
 

@@ -8,6 +8,7 @@ continuation of ``config.sample.prompt``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
+from vlmjax import convert
 from vlmjax import data as data_lib
 from vlmjax.models import decoder as decoder_lib
 from vlmjax.models import generate as generate_lib
@@ -45,12 +47,36 @@ class LMTask(Task):
 
     def __init__(self, config, workdir):
         super().__init__(config, workdir)
-        self.data = data_lib.build_lm_data(config.data, workdir=workdir)
+        self.init_from = config.model.get("init_from", "")
+        data_cfg = config.data
+        if self.init_from:
+            if data_cfg.tokenizer != "hf":
+                raise ValueError(
+                    f"config.model.init_from={self.init_from!r} loads a pretrained decoder, whose embedding "
+                    f"table needs its own token ids: set config.data.tokenizer='hf' (not "
+                    f"{data_cfg.tokenizer!r}).")
+            if not data_cfg.tokenizer_path:
+                data_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+                data_cfg.tokenizer_path = self.init_from
+        self.data = data_lib.build_lm_data(data_cfg, workdir=workdir)
         self.tokenizer = self.data.tokenizer
         self.seq_len = int(config.data.seq_len)
-        self.model_config = decoder_lib.DecoderConfig.from_config(
-            config.model, vocab_size=self.tokenizer.vocab_size)
+        if self.init_from:
+            # Architecture from the checkpoint's config.json; compute dtype / remat from our config.
+            self.spec = convert.build(self.init_from, dtype=config.model.dtype)
+            self.model_config = dataclasses.replace(self.spec.module.config, remat=bool(config.model.remat))
+            if self.model_config.vocab_size < self.tokenizer.vocab_size:
+                raise ValueError(f"{self.init_from}: vocab_size {self.model_config.vocab_size} < tokenizer's "
+                                 f"{self.tokenizer.vocab_size}.")
+        else:
+            self.model_config = decoder_lib.DecoderConfig.from_config(
+                config.model, vocab_size=self.tokenizer.vocab_size)
         self.model = decoder_lib.Decoder(self.model_config)
+
+    def pretrained_params(self, abstract_params, shardings):
+        if not self.init_from:
+            return None
+        return convert.load_params(self.init_from, self.spec, abstract_params, shardings=shardings)
 
     # ---- data ---------------------------------------------------------------------------
     def train_dataset(self, *, global_batch_size, seed, process_index, process_count):

@@ -220,6 +220,18 @@ class _Stack:
 # The loop
 # ------------------------------------------------------------------------------------------------
 
+def _override(params, loaded):
+    """``params`` with the leaves present in the (possibly partial) nested dict ``loaded`` replaced."""
+    if not isinstance(loaded, dict):
+        return loaded
+    out = dict(params)
+    for k, v in loaded.items():
+        if k not in params:
+            raise ValueError(f"Pretrained param {k!r} does not exist in the model (have {sorted(params)}).")
+        out[k] = _override(params[k], v)
+    return out
+
+
 def _config_dict(config) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort())
 
@@ -277,6 +289,13 @@ def run(config, workdir: str) -> dict[str, Any]:
             print(f"Resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
     else:
         state, start = trainer.init(), 0
+        loaded = task.pretrained_params(trainer.abstract_state.params, trainer.state_shardings.params)
+        if loaded is not None:
+            state = state.replace(params=_override(state.params, loaded))
+            if is_main:
+                n = len(jax.tree.leaves(loaded))
+                print(f"Initialised {n} of {len(jax.tree.leaves(state.params))} param arrays from "
+                      "pretrained checkpoints", flush=True)
     if is_main:
         print(f"params: {n_params:,} ({n_params / 1e6:.2f}M)", flush=True)
 

@@ -1,0 +1,118 @@
+"""Hugging Face checkpoint directories (config.json + *.safetensors) <-> vlmjax Linen modules.
+
+  model, params = vlmjax.convert.load_hf("/ckpt/SmolLM2-135M", dtype=jnp.bfloat16, mesh=mesh)
+  vlmjax.convert.save_hf(model, params, "/tmp/export")   # transformers loads it back
+
+One mapping table per family (``llama.py``: llama/qwen2/qwen3; ``vit.py``: clip/siglip/dinov2 vision;
+``text.py``: clip/siglip text and two-tower models) serves both directions. See ``core.py`` for the
+safetensors reading, the all-at-once key/shape check and sharded placement.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from safetensors.numpy import save_file
+
+from vlmjax import sharding as shd
+from vlmjax.convert import core
+from vlmjax.convert.core import Spec
+
+# model_type (config.json) -> module in vlmjax.convert implementing ``spec(hf, dtype) -> Spec``.
+# Families register here; the import is lazy so a missing optional family never breaks the others.
+FAMILIES: dict[str, str] = {
+    "llama": "llama", "qwen2": "llama", "qwen3": "llama",
+}
+
+
+def register(model_type: str, module_name: str) -> None:
+    FAMILIES[model_type] = module_name
+
+
+def _family(model_type: str | None, path: str):
+    if model_type not in FAMILIES:
+        hint = difflib.get_close_matches(str(model_type), FAMILIES, n=1)
+        raise ValueError(
+            f"{path}/config.json has model_type={model_type!r}, which vlmjax cannot load; supported: "
+            f"{sorted(FAMILIES)}" + (f" (did you mean {hint[0]!r}?)" if hint else "."))
+    return importlib.import_module(f"vlmjax.convert.{FAMILIES[model_type]}")
+
+
+def build(path: str, *, dtype: Any = jnp.float32) -> Spec:
+    """The module (with config from ``path/config.json``) and its mapping, without reading weights."""
+    hf = core.read_config(path)
+    return _family(hf.get("model_type"), path).spec(hf, dtype)
+
+
+def load_hf(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, mesh=None,
+            rules=None) -> tuple[nn.Module, dict[str, Any]]:
+    """Loads an HF checkpoint directory into ``(module, params)``.
+
+    dtype: compute dtype of the returned module; param_dtype: storage dtype of ``params``.
+    mesh: place each tensor with its logical sharding (``rules``: default ``sharding.DEFAULT_RULES``)
+      directly on the devices; None puts params on the default device.
+    Errors: unknown model_type, pickle-only directories, and every missing / unexpected / mis-shaped
+    tensor listed together.
+    """
+    path = os.fspath(path)
+    core.safetensors_files(path)  # refuse pickle-only directories before anything else
+    spec = build(path, dtype=dtype)
+    boxed = jax.eval_shape(lambda: spec.module.init(jax.random.PRNGKey(0), *spec.init_args))
+    abstract = nn.meta.unbox(boxed)["params"]
+    shardings = None
+    if mesh is not None:
+        shardings = shd.logical_to_shardings(boxed, mesh, rules or shd.DEFAULT_RULES)["params"]
+    return spec.module, load_params(path, spec, abstract, shardings=shardings, param_dtype=param_dtype)
+
+
+def load_params(path: str, spec: Spec, abstract_params, *, shardings=None,
+                param_dtype: Any = jnp.float32) -> dict[str, Any]:
+    """Reads ``path``'s weights into a tree shaped like ``abstract_params`` (e.g. the trainer's
+    already-sharded state: ``shardings`` places each tensor directly)."""
+    index = core.TensorIndex(path)
+    prefix = core.strip_prefix(index, spec.rules, spec.prefixes)
+    return core.load_params(index, spec.rules, abstract_params, dtype=param_dtype, shardings=shardings,
+                            ignore=spec.ignore, prefix=prefix, source=path)
+
+
+def save_hf(model: nn.Module, params, path: str) -> None:
+    """Writes ``path/config.json`` + ``path/model.safetensors`` that transformers loads."""
+    exporters = _exporters()
+    for cls, fn in exporters.items():
+        if isinstance(model, cls):
+            hf_config, rules, prefix = fn(model)
+            break
+    else:
+        raise ValueError(f"save_hf does not know {type(model).__name__}; known: "
+                         f"{sorted(c.__name__ for c in exporters)}.")
+    tensors = core.hf_tensors(params, rules, prefix=prefix)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def _exporters():
+    """Module class -> ``export(module) -> (hf_config dict, rules, name prefix)``."""
+    out = {}
+    for name in sorted(set(FAMILIES.values())):
+        mod = importlib.import_module(f"vlmjax.convert.{name}")
+        out.update(getattr(mod, "EXPORTERS", {}))
+    return out
+
+
+def load_tokenizer(path: str):
+    """The checkpoint's tokenizer from the same local directory (never the hub, never remote code)."""
+    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+
+
+__all__ = ["FAMILIES", "Spec", "build", "load_hf", "load_params", "load_tokenizer", "register", "save_hf"]

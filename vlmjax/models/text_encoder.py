@@ -1,0 +1,352 @@
+"""Text towers of two-tower contrastive models: CLIP (causal, EOS pooling) and SigLIP (bidirectional).
+
+Both are pre-norm transformer encoders with learned absolute position embeddings, biased q/k/v/out
+projections, a two-layer MLP and a final LayerNorm (HF ``CLIPTextModel`` / ``SiglipTextModel``):
+
+    x = token_embedding[ids] + position_embedding[:T]
+    x = x + attn(layer_norm1(x));  x = x + fc2(act(fc1(layer_norm2(x))))      (num_hidden_layers x)
+    h = final_layer_norm(x)
+
+They differ in the attention mask and the pooled output:
+
+- ``variant="clip"``: causal self-attention (the original CLIP text transformer is a causal LM
+  body); ``pooler_output`` is ``h`` at the end-of-text token, found exactly as HF 5.x does: with
+  the legacy ``eos_token_id == 2`` of pre-#24773 configs, at ``argmax(input_ids)`` (the EOT token
+  had the largest id); otherwise at the FIRST position where ``input_ids == eos_token_id`` (padding
+  may reuse the EOS id). A row without that token pools position 0, as HF.
+- ``variant="siglip"``: bidirectional attention; ``pooler_output = head(h[:, -1])``, the LAST
+  position whether or not it is padding (SigLIP is trained on max-length padded text).
+
+Parameter tree (HF ``CLIPTextModel`` / ``SiglipTextModel`` names in brackets; ``D`` hidden, ``H``
+heads, ``Dh = D / H``, ``F`` intermediate, ``P`` max positions, ``V`` vocab, ``E`` SigLIP
+projection size; HF ``nn.Linear`` weights are ``[out, in]``):
+
+    token_embedding/embedding          [V, D]      [embeddings.token_embedding.weight]
+    position_embedding                 [P, D]      [embeddings.position_embedding.weight]
+    layers_{i}/layer_norm1/{scale,bias}  [D]       [encoder.layers.{i}.layer_norm1.{weight,bias}]
+    layers_{i}/self_attn/q_proj/kernel [D, H, Dh]  [encoder.layers.{i}.self_attn.q_proj.weight.T]
+    layers_{i}/self_attn/q_proj/bias   [H, Dh]     [encoder.layers.{i}.self_attn.q_proj.bias]
+        (k_proj, v_proj alike)
+    layers_{i}/self_attn/out_proj/kernel [H, Dh, D] [encoder.layers.{i}.self_attn.out_proj.weight.T]
+    layers_{i}/self_attn/out_proj/bias [D]         [encoder.layers.{i}.self_attn.out_proj.bias]
+    layers_{i}/layer_norm2/{scale,bias}  [D]       [encoder.layers.{i}.layer_norm2.{weight,bias}]
+    layers_{i}/mlp/fc1/{kernel [D, F], bias [F]}   [encoder.layers.{i}.mlp.fc1.{weight.T,bias}]
+    layers_{i}/mlp/fc2/{kernel [F, D], bias [D]}   [encoder.layers.{i}.mlp.fc2.{weight.T,bias}]
+    final_layer_norm/{scale,bias}      [D]         [final_layer_norm.{weight,bias}]
+    head/{kernel [D, E], bias [E]}                 [head.{weight.T,bias}]        (SigLIP only)
+
+Parameters are ``param_dtype`` (fp32); activations ``dtype``; LayerNorm and the attention softmax
+run in fp32. Config field names are the HF ``config.json`` names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlmjax.models import layers
+from vlmjax.models.layers import ACT_BATCH, ACT_EMBED, ACT_HEAD_DIM, ACT_HEADS, ACT_LEN, ACT_MLP
+
+Array = jax.Array
+Dtype = Any
+
+VARIANTS = ("clip", "siglip")
+# HF legacy CLIP configs (before transformers PR #24773) carry eos_token_id=2 and pool at argmax(ids).
+LEGACY_CLIP_EOS_TOKEN_ID = 2
+
+
+def quick_gelu(x: Array) -> Array:
+    """OpenAI CLIP's ``x * sigmoid(1.702 x)`` (HF ``quick_gelu``)."""
+    return x * jax.nn.sigmoid(jnp.asarray(1.702, x.dtype) * x)
+
+
+# HF ``hidden_act`` -> function. ``gelu`` is the exact erf GELU (torch default), the others the tanh one.
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "quick_gelu": quick_gelu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderConfig:
+    """Static text-tower hyper-parameters (hashable: a Linen attribute). Defaults: CLIP ViT-B/32 text."""
+
+    variant: str = "clip"  # "clip": causal + EOS pooling | "siglip": bidirectional + last token + head
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    # CLIP pooling token (2 = legacy: pool at argmax(input_ids)); unused by SigLIP.
+    eos_token_id: int = 49407
+    # SigLIP ``head`` output size (HF ``projection_size``); 0 = hidden_size. Unused by CLIP.
+    projection_size: int = 0
+    initializer_range: float = 0.02
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False  # Rematerialise each encoder layer in the backward pass (nn.remat).
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+        if self.variant == "siglip" and self.projection_size == 0:
+            object.__setattr__(self, "projection_size", self.hidden_size)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def causal(self) -> bool:
+        return self.variant == "clip"
+
+    def validate(self) -> None:
+        """Raises ValueError naming the offending field and what it accepts."""
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant={self.variant!r} is not a text tower; use one of {VARIANTS}.")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                             f"({self.num_attention_heads}).")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of "
+                             f"{sorted(ACTIVATIONS)}.")
+        if self.variant == "clip" and (not isinstance(self.eos_token_id, int)
+                                       or isinstance(self.eos_token_id, bool)):
+            raise ValueError(f"eos_token_id must be one integer for CLIP EOS pooling, got "
+                             f"{self.eos_token_id!r}.")
+        if self.variant == "siglip" and self.projection_size <= 0:
+            raise ValueError(f"projection_size must be > 0, got {self.projection_size!r}.")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}.")
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm (Ba et al. 2016) as torch ``nn.LayerNorm``: biased variance, fp32 math.
+
+    HF ``*.weight`` -> ``scale`` (ones init), ``*.bias`` -> ``bias`` (zeros init), both ``("norm",)``.
+    """
+
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [..., D] -> [..., D] in ``dtype``."""
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                           (d,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+                          (d,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class EncoderAttention(nn.Module):
+    """Multi-head self-attention with biased q/k/v/out projections (HF ``CLIPAttention``).
+
+    No RoPE (positions are added at the input); the mask decides causal vs bidirectional.
+    """
+
+    num_heads: int
+    head_dim: int
+    initializer_range: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array) -> Array:
+        """x: [B, T, D]; mask: [B, T, T] bool (True = attend) -> [B, T, D]."""
+        features = x.shape[-1]
+
+        def proj(name: str) -> layers.DenseGeneral:
+            return layers.DenseGeneral(
+                features=(self.num_heads, self.head_dim),
+                kernel_axes=("embed", "q_heads", "head_dim"),
+                use_bias=True,
+                initializer_range=self.initializer_range,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=name,
+            )
+
+        # HF {q,k,v}_proj: weight [H*Dh, D] -> kernel [D, H, Dh]; bias [H*Dh] -> [H, Dh].
+        q = proj("q_proj")(x)
+        k = proj("k_proj")(x)
+        v = proj("v_proj")(x)
+        axes = (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM)
+        q = nn.with_logical_constraint(q, axes)
+        k = nn.with_logical_constraint(k, axes)
+        v = nn.with_logical_constraint(v, axes)
+        # K = H: plain multi-head attention through the shared GQA kernel (scale Dh^-0.5, fp32 softmax).
+        out = layers.dot_product_attention(q, k, v, mask, self.dtype)  # [B, T, H, Dh]
+        out = nn.with_logical_constraint(out, axes)
+        # HF out_proj: weight [D, H*Dh] -> kernel [H, Dh, D]; bias [D].
+        return layers.DenseGeneral(
+            features=features,
+            kernel_axes=("q_heads", "head_dim", "embed"),
+            axis=(-2, -1),
+            use_bias=True,
+            initializer_range=self.initializer_range,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="out_proj",
+        )(out)
+
+
+class EncoderMLP(nn.Module):
+    """``fc2(act(fc1(x)))`` with biases (HF ``CLIPMLP`` / ``SiglipMLP``)."""
+
+    intermediate_size: int
+    hidden_act: str
+    initializer_range: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [B, T, D] -> [B, T, D]."""
+        def dense(name: str, features: int, axes: tuple[str, str]) -> layers.DenseGeneral:
+            return layers.DenseGeneral(features, kernel_axes=axes, use_bias=True,
+                                       initializer_range=self.initializer_range, dtype=self.dtype,
+                                       param_dtype=self.param_dtype, name=name)
+
+        # HF fc1.weight [F, D] -> kernel [D, F]; fc2.weight [D, F] -> kernel [F, D].
+        h = dense("fc1", self.intermediate_size, ("embed", "mlp"))(x)
+        h = ACTIVATIONS[self.hidden_act](h)
+        h = nn.with_logical_constraint(h, (ACT_BATCH, ACT_LEN, ACT_MLP))
+        return dense("fc2", x.shape[-1], ("mlp", "embed"))(h)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm encoder layer (HF ``CLIPEncoderLayer``): ``x + attn(ln1(x))``, ``x + mlp(ln2(x))``."""
+
+    config: TextEncoderConfig
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array) -> tuple[Array, dict[str, Array]]:
+        """x: [B, T, D]; mask: [B, T, T] bool -> ([B, T, D], aux={})."""
+        c = self.config
+        norm = lambda name: LayerNorm(eps=c.layer_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
+                                      name=name)
+        x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
+        h = EncoderAttention(num_heads=c.num_attention_heads, head_dim=c.head_dim,
+                             initializer_range=c.initializer_range, dtype=c.dtype,
+                             param_dtype=c.param_dtype, name="self_attn")(norm("layer_norm1")(x), mask)
+        x = x + h
+        h = EncoderMLP(c.intermediate_size, c.hidden_act, initializer_range=c.initializer_range,
+                       dtype=c.dtype, param_dtype=c.param_dtype, name="mlp")(norm("layer_norm2")(x))
+        x = x + h
+        return nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED)), {}
+
+
+def clip_eos_positions(input_ids: Array, eos_token_id: int) -> Array:
+    """input_ids: [B, T] -> [B] int32 pooling position of each row, exactly as HF ``CLIPTextModel``.
+
+    ``eos_token_id == 2`` (legacy configs): ``argmax(input_ids)``, the first largest id (CLIP's EOT
+    49407 is the largest id of its vocabulary). Otherwise the first position holding
+    ``eos_token_id`` (0 when a row has none). ``jnp.argmax`` returns the first maximum, as torch.
+    """
+    if eos_token_id == LEGACY_CLIP_EOS_TOKEN_ID:
+        return jnp.argmax(input_ids.astype(jnp.int32), axis=-1).astype(jnp.int32)
+    return jnp.argmax((input_ids == eos_token_id).astype(jnp.int32), axis=-1).astype(jnp.int32)
+
+
+class TextEncoder(nn.Module):
+    """CLIP / SigLIP text transformer; see the module docstring for the math and the param tree."""
+
+    config: TextEncoderConfig
+
+    def setup(self):
+        c = self.config
+        c.validate()
+        self.token_embedding = layers.Embed(num_embeddings=c.vocab_size, features=c.hidden_size,
+                                            initializer_range=c.initializer_range, dtype=c.dtype,
+                                            param_dtype=c.param_dtype)
+        # Learned absolute positions; the position axis is never sharded (max 77 / 64 rows).
+        self.position_embedding = self.param(
+            "position_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range), (None, "embed")),
+            (c.max_position_embeddings, c.hidden_size),
+            c.param_dtype,
+        )
+        # static_argnums counts `self` as 0; the layer takes (x, mask), nothing static.
+        block = nn.remat(EncoderLayer) if c.remat else EncoderLayer
+        self.layers = [block(c) for _ in range(c.num_hidden_layers)]
+        self.final_layer_norm = LayerNorm(eps=c.layer_norm_eps, dtype=jnp.float32,
+                                          param_dtype=c.param_dtype)
+        if c.variant == "siglip":
+            # HF head.weight [E, D] -> kernel [D, E]; fp32 accumulation and output (a pooled embedding).
+            self.head = layers.DenseGeneral(c.projection_size, kernel_axes=("embed", None),
+                                            use_bias=True, initializer_range=c.initializer_range,
+                                            dtype=c.dtype, param_dtype=c.param_dtype,
+                                            preferred_element_type=jnp.float32)
+
+    def attention_mask(self, batch: int, length: int, attention_mask: Array | None) -> Array:
+        """[B, T, T] bool: causal (CLIP) or full (SigLIP), and never onto padding keys.
+
+        A query row with no visible key (only with left padding under the causal mask) attends
+        uniformly instead of producing NaN; HF's output differs there, at padding positions only.
+        """
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], (batch, length))
+        valid = None if attention_mask is None else attention_mask.astype(jnp.bool_)
+        if self.config.causal:
+            return layers.attention_mask_from_positions(positions, positions, valid)
+        mask = jnp.ones((batch, length, length), jnp.bool_)
+        return mask if valid is None else mask & valid[:, None, :]
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None
+                 ) -> tuple[dict[str, Array], dict[str, Array]]:
+        """Encodes token ids.
+
+        Args:
+            input_ids: [B, T] int token ids, T <= max_position_embeddings.
+            attention_mask: [B, T], 1 = real token, 0 = padding (padding keys are never attended);
+                None = no padding.
+
+        Returns:
+            ({"last_hidden_state": [B, T, D] in ``dtype`` (after final_layer_norm),
+              "pooler_output": [B, D] (CLIP: EOS token) or [B, E] (SigLIP: head of last token),
+              float32}, aux flat dict with keys ``layers_{i}/<name>``; empty for these dense towers).
+        """
+        c = self.config
+        if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(f"input_ids must be integers, got dtype {input_ids.dtype}.")
+        b, t = input_ids.shape
+        if t > c.max_position_embeddings:
+            raise ValueError(f"Sequence length {t} exceeds max_position_embeddings="
+                             f"{c.max_position_embeddings}; truncate the text to at most that.")
+        # HF CLIPTextEmbeddings: token_embedding(ids) + position_embedding(arange(T)).
+        x = self.token_embedding(input_ids)
+        x = x + self.position_embedding[:t].astype(c.dtype)[None]
+        x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
+        mask = self.attention_mask(b, t, attention_mask)
+        aux: dict[str, Array] = {}
+        for i, layer in enumerate(self.layers):
+            x, layer_aux = layer(x, mask)
+            aux.update({f"layers_{i}/{k}": v for k, v in layer_aux.items()})
+        h = self.final_layer_norm(x)  # [B, T, D] float32
+        if c.variant == "clip":
+            idx = clip_eos_positions(input_ids, c.eos_token_id)
+            pooled = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
+        else:
+            pooled = self.head(h[:, -1])
+        last = nn.with_logical_constraint(h.astype(c.dtype), (ACT_BATCH, ACT_LEN, ACT_EMBED))
+        return {"last_hidden_state": last, "pooler_output": pooled.astype(jnp.float32)}, aux
