@@ -33,3 +33,8 @@ def test_mesh_step_matches_single_device_and_params_are_sharded():
     assert res["restore_max_diff"] == 0.0
     assert res["restore_mesh"] == "(('data', 4), ('fsdp', 1), ('tensor', 2))"
     assert np.isfinite(res["restore_next_loss"])
+
+    # convert.load_hf(mesh=...) places each HF tensor sharded, and the sharded model matches torch.
+    assert res["hf_mesh_q_spec"][:2] == ["fsdp", "tensor"]
+    assert res["hf_mesh_q_shard"] == [16, 2, 8]
+    assert res["hf_mesh_max_err"] < 1e-4

@@ -29,6 +29,7 @@ from vlmjax.convert.core import Spec
 # Families register here; the import is lazy so a missing optional family never breaks the others.
 FAMILIES: dict[str, str] = {
     "llama": "llama", "qwen2": "llama", "qwen3": "llama",
+    "clip_text_model": "text", "siglip_text_model": "text", "clip": "text", "siglip": "text",
 }
 
 
