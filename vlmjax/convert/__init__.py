@@ -29,6 +29,7 @@ from vlmjax.convert.core import Spec
 # Families register here; the import is lazy so a missing optional family never breaks the others.
 FAMILIES: dict[str, str] = {
     "llama": "llama", "qwen2": "llama", "qwen3": "llama",
+    "clip_vision_model": "vit", "siglip_vision_model": "vit", "dinov2": "vit", "dinov2_with_registers": "vit",
     "clip_text_model": "text", "siglip_text_model": "text", "clip": "text", "siglip": "text",
 }
 
@@ -48,8 +49,13 @@ def _family(model_type: str | None, path: str):
 
 def build(path: str, *, dtype: Any = jnp.float32) -> Spec:
     """The module (with config from ``path/config.json``) and its mapping, without reading weights."""
-    hf = core.read_config(path)
-    return _family(hf.get("model_type"), path).spec(hf, dtype)
+    return from_config(core.read_config(path), dtype=dtype, source=path)
+
+
+def from_config(hf: dict[str, Any], *, dtype: Any = jnp.float32, source: str = "<dict>") -> Spec:
+    """Same as ``build`` from an HF config dict (e.g. ``transformers.CLIPVisionConfig().to_dict()``),
+    for random-init models of a checkpoint's shape (benchmarks, tests)."""
+    return _family(hf.get("model_type"), source).spec(hf, dtype)
 
 
 def load_hf(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, mesh=None,
@@ -116,4 +122,4 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
 
 
-__all__ = ["FAMILIES", "Spec", "build", "load_hf", "load_params", "load_tokenizer", "register", "save_hf"]
+__all__ = ["FAMILIES", "Spec", "build", "from_config", "load_hf", "load_params", "load_tokenizer", "register", "save_hf"]

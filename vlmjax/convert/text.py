@@ -49,7 +49,7 @@ CLIP_LOGIT_SCALE_INIT = 2.6592  # HF CLIPConfig.logit_scale_init_value default
 
 @dataclasses.dataclass(frozen=True)
 class Scalar(Transform):
-    """A Flax scalar param ``[]`` <-> an HF tensor of ``hf_shape`` holding one value.
+    """A Flax scalar param ``[]`` <-> an HF tensor of ``shape`` holding its one value.
 
     CLIP's ``logit_scale`` is ``[]``, SigLIP's ``logit_scale`` / ``logit_bias`` are ``[1]``.
     """
@@ -80,9 +80,11 @@ def text_config_from_hf(d: dict[str, Any], variant: str, dtype: Any = jnp.float3
         raise ValueError(f"variant={variant!r}; text towers are {sorted(TEXT_DEFAULTS)}.")
     v = {**TEXT_DEFAULTS[variant], **{k: d[k] for k in TEXT_DEFAULTS[variant] if d.get(k) is not None}}
     eos = v["eos_token_id"]
-    if isinstance(eos, (list, tuple)):
+    if variant == "siglip":
+        eos = TEXT_DEFAULTS["siglip"]["eos_token_id"]  # SigLIP pools the last position, not EOS
+    elif isinstance(eos, (list, tuple)):
         if len(eos) != 1:
-            raise ValueError(f"text config eos_token_id={eos!r}: CLIP pooling needs one EOS id.")
+            raise ValueError(f"text config eos_token_id={eos!r}: CLIP pools at one EOS id; give one.")
         eos = eos[0]
     cfg = text_lib.TextEncoderConfig(
         variant=variant,
@@ -191,6 +193,7 @@ def _sub_config(hf: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def head_rules(config: two_tower_lib.TwoTowerConfig) -> list[Rule]:
+    """The contrastive head: CLIP projections + temperature, SigLIP temperature + bias."""
     if config.variant == "clip":
         return [Rule("visual_projection.weight", "visual_projection/kernel", Linear(1)),
                 Rule("text_projection.weight", "text_projection/kernel", Linear(1)),
@@ -212,17 +215,11 @@ def _two_tower_spec(hf: dict[str, Any], variant: str, dtype: Any) -> Spec:
         head = two_tower_lib.siglip_config()
     module = two_tower_lib.TwoTower(vision_model=vision, text_model=text_lib.TextEncoder(text_cfg),
                                     config=head)
-    image = _example_image(vision)
+    image, = _vit_convert().init_args(vision.config)
     rules = (_nest(vision_rules, "vision_model.", "vision_model/")
              + _nest(text_rules(text_cfg), "text_model.", "text_model/") + head_rules(head))
     return Spec(module=module, init_args=(image,) + _init_args_text(text_cfg), rules=rules,
                 prefixes=("",), ignore=IGNORE)
-
-
-def _example_image(vision) -> jnp.ndarray:
-    """A [1, S, S, C] zero image at the vision tower's configured resolution."""
-    c = vision.config
-    return jnp.zeros((1, c.image_size, c.image_size, getattr(c, "num_channels", 3)), jnp.float32)
 
 
 def spec(hf: dict[str, Any], dtype: Any = jnp.float32) -> Spec:
@@ -256,6 +253,10 @@ def export_two_tower(module: two_tower_lib.TwoTower):
     if vision_exporter is None:
         raise ValueError(f"save_hf cannot export a {type(module.vision_model).__name__} vision tower; "
                          f"known: {sorted(cls.__name__ for cls in vision_exporters)}.")
+    vision_variant = getattr(getattr(module.vision_model, "config", None), "variant", None)
+    if vision_variant != c.variant:
+        raise ValueError(f"A {ARCHITECTURES[c.variant]} needs a {c.variant} vision tower, got "
+                         f"variant={vision_variant!r}; HF has no such two-tower class.")
     vision_hf, vision_rules, _ = vision_exporter(module.vision_model)
     vision_hf = {k: v for k, v in vision_hf.items() if k not in ("architectures", "torch_dtype", "dtype")}
     text_hf = text_hf_config(text_cfg)

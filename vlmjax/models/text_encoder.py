@@ -287,7 +287,7 @@ class TextEncoder(nn.Module):
             (c.max_position_embeddings, c.hidden_size),
             c.param_dtype,
         )
-        # static_argnums counts `self` as 0; the layer takes (x, mask), nothing static.
+        # Both layer inputs (x, mask) are arrays, so remat needs no static_argnums.
         block = nn.remat(EncoderLayer) if c.remat else EncoderLayer
         self.layers = [block(c) for _ in range(c.num_hidden_layers)]
         self.final_layer_norm = LayerNorm(eps=c.layer_norm_eps, dtype=jnp.float32,
@@ -299,7 +299,7 @@ class TextEncoder(nn.Module):
                                             dtype=c.dtype, param_dtype=c.param_dtype,
                                             preferred_element_type=jnp.float32)
 
-    def attention_mask(self, batch: int, length: int, attention_mask: Array | None) -> Array:
+    def self_attention_mask(self, batch: int, length: int, attention_mask: Array | None) -> Array:
         """[B, T, T] bool: causal (CLIP) or full (SigLIP), and never onto padding keys.
 
         A query row with no visible key (only with left padding under the causal mask) attends
@@ -337,7 +337,7 @@ class TextEncoder(nn.Module):
         x = self.token_embedding(input_ids)
         x = x + self.position_embedding[:t].astype(c.dtype)[None]
         x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
-        mask = self.attention_mask(b, t, attention_mask)
+        mask = self.self_attention_mask(b, t, attention_mask)
         aux: dict[str, Array] = {}
         for i, layer in enumerate(self.layers):
             x, layer_aux = layer(x, mask)

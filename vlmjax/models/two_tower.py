@@ -19,7 +19,7 @@ Parameter tree (HF ``CLIPModel`` / ``SiglipModel`` names in brackets):
 
 The towers are passed in as modules (``TwoTower(vision_model=VisionTransformer(...),
 text_model=TextEncoder(...), config=...)``), so any vision tower returning
-``({"pooler_output": [B, Dv], ...}, aux)`` fits. Embeddings, norms and logits are float32 whatever
+``({"pooler_output": [B, Dv], ...}, aux)`` and taking ``deterministic=`` fits. Embeddings, norms and logits are float32 whatever
 the towers' compute dtype.
 """
 
@@ -111,13 +111,17 @@ class TwoTower(nn.Module):
             self.logit_bias = self.param("logit_bias", scalar(c.logit_bias_init_value), (),
                                          jnp.float32)
 
-    def encode_image(self, pixel_values: Array, *, normalize: bool = False
-                     ) -> tuple[Array, dict[str, Array]]:
+    def encode_image(self, pixel_values: Array, *, normalize: bool = False,
+                     deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
         """pixel_values: [B, H, W, 3] NHWC float -> (image embedding [B, P] float32, aux).
 
         Unnormalized unless ``normalize`` (HF ``get_image_features``); aux keys ``vision_model/...``.
+        ``deterministic=False`` enables the vision tower's dropout / stochastic depth ("dropout" rng).
         """
-        out, aux = self.vision_model(pixel_values)
+        out, aux = self.vision_model(pixel_values, deterministic=deterministic)
+        if "pooler_output" not in out:
+            raise ValueError("The vision tower returns no pooler_output (a SigLIP tower with pool='none', "
+                             "HF vision_use_head=False); a two-tower model needs a pooled image embedding.")
         x = out["pooler_output"].astype(jnp.float32)
         if self.config.variant == "clip":
             x = self.visual_projection(x)
@@ -137,14 +141,15 @@ class TwoTower(nn.Module):
         x = l2_normalize(x) if normalize else x
         return x, {f"text_model/{k}": v for k, v in aux.items()}
 
-    def __call__(self, pixel_values: Array, input_ids: Array, attention_mask: Array | None = None
-                 ) -> tuple[dict[str, Array], dict[str, Array]]:
+    def __call__(self, pixel_values: Array, input_ids: Array, attention_mask: Array | None = None, *,
+                 deterministic: bool = True) -> tuple[dict[str, Array], dict[str, Array]]:
         """Embeds both modalities and scores every image against every text.
 
         Args:
             pixel_values: [Bi, H, W, 3] NHWC float images (already normalised for the tower).
             input_ids: [Bt, T] int token ids.
             attention_mask: [Bt, T], 1 = real token, 0 = padding; None = no padding.
+            deterministic: False enables the vision tower's dropout (needs a "dropout" rng).
 
         Returns:
             ({"image_embeds": [Bi, P] unit-norm, "text_embeds": [Bt, P] unit-norm,
@@ -152,8 +157,12 @@ class TwoTower(nn.Module):
               "logit_scale": [] the multiplier exp(logit_scale), "logit_bias": [] (0 for CLIP)},
              aux with ``vision_model/...`` and ``text_model/...`` keys); all float32.
         """
-        img, img_aux = self.encode_image(pixel_values, normalize=True)
+        img, img_aux = self.encode_image(pixel_values, normalize=True, deterministic=deterministic)
         txt, txt_aux = self.encode_text(input_ids, attention_mask, normalize=True)
+        if txt.shape[-1] != img.shape[-1]:
+            raise ValueError(
+                f"Text embeddings have size {txt.shape[-1]} but image embeddings {img.shape[-1]}: a "
+                "SigLIP text tower's projection_size must equal the vision tower's hidden_size.")
         scale = jnp.exp(self.logit_scale)
         bias = self.logit_bias if self.config.variant == "siglip" else jnp.zeros((), jnp.float32)
         # Full fp32 precision: on TPU a default-precision fp32 matmul rounds operands to bf16.

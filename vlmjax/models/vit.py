@@ -1,0 +1,643 @@
+"""Vision Transformer backbones: CLIP, SigLIP and DINOv2 (with registers, SwiGLU) image towers.
+
+One Linen module, ``VisionTransformer``, covers HF ``CLIPVisionModel`` (``variant='clip'``),
+``SiglipVisionModel`` (``'siglip'``) and ``Dinov2Model`` / ``Dinov2WithRegistersModel``
+(``'dinov2'``). The families share the pre-norm encoder layer and differ in the embeddings, the
+norms around the encoder and the pooling:
+
+    variant  tokens                     around the encoder                  pooler_output
+    clip     [CLS, patches] + pos       pre_layrnorm before                 post_layernorm(CLS)
+    siglip   [patches] + pos            post_layernorm on all tokens        MAP head (or none)
+    dinov2   [CLS, regs, patches] + pos post_layernorm on all ("layernorm") CLS after the norm
+
+Input images are NHWC (``[B, H, W, C]``, already normalised). Any H, W >= patch_size works: the
+position table is resized to the ``(H // p, W // p)`` patch grid with the same bicubic kernel as HF
+(``interpolate_pos_encoding``, see ``interpolate_position_embedding``), exactly as HF with
+``interpolate_pos_encoding=True`` (CLIP, SigLIP) or always (DINOv2).
+
+Parameter tree (``D`` hidden, ``H`` heads, ``Dh`` head dim, ``F`` intermediate, ``p`` patch size,
+``C`` channels, ``P`` positions = (image_size // p)^2 (+1 with a CLS token), ``R`` registers; HF
+names relative to the vision model in brackets, CLIP/SigLIP first, DINOv2 second where they differ):
+
+    embeddings/patch_embedding/kernel [p, p, C, D]  [embeddings.patch_embedding.weight [D, C, p, p]
+                                                     | embeddings.patch_embeddings.projection.weight]
+    embeddings/patch_embedding/bias   [D]           (SigLIP, DINOv2)
+    embeddings/class_embedding        [D]           [embeddings.class_embedding | embeddings.cls_token]
+    embeddings/position_embedding     [P, D]        [embeddings.position_embedding.weight
+                                                     | embeddings.position_embeddings [1, P, D]]
+    embeddings/mask_token             [D]           [embeddings.mask_token [1, D]]  (DINOv2)
+    embeddings/register_tokens        [R, D]        [embeddings.register_tokens [1, R, D]]
+    pre_layrnorm/{scale,bias}         [D]           (CLIP)
+    layers_{i}/layer_norm1/{scale,bias}             [encoder.layers.{i}.layer_norm1 | encoder.layer.{i}.norm1]
+    layers_{i}/self_attn/q_proj/kernel [D, H, Dh]   [...self_attn.q_proj.weight | ...attention.attention.query]
+    layers_{i}/self_attn/out_proj/kernel [H, Dh, D] [...self_attn.out_proj.weight | ...attention.output.dense]
+    layers_{i}/layer_scale1           [D]           [encoder.layer.{i}.layer_scale1.lambda1]  (DINOv2)
+    layers_{i}/mlp/fc1/kernel         [D, F]        [...mlp.fc1.weight]  (fc2 alike, [F, D])
+    layers_{i}/mlp/weights_in/kernel  [D, 2, F]     [...mlp.weights_in.weight [2F, D]]  (SwiGLU)
+    post_layernorm/{scale,bias}       [D]           [post_layernorm | layernorm]
+    head/probe                        [D]           [head.probe [1, 1, D]]  (SigLIP MAP head)
+    head/attention/in_proj_kernel     [D, 3, H, Dh] [head.attention.in_proj_weight [3D, D]]
+    head/attention/out_proj/kernel    [H, Dh, D]    [head.attention.out_proj.weight]
+    head/layernorm, head/mlp/fc1, head/mlp/fc2      [head.layernorm, head.mlp.fc1, head.mlp.fc2]
+
+The conventions of ``layers.py`` hold: fp32 parameters, compute in ``dtype``, layer norms and the
+attention softmax in fp32, logical axis names on every parameter and main activation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlmjax.models import layers
+from vlmjax.models.layers import ACT_BATCH, ACT_EMBED, ACT_HEAD_DIM, ACT_HEADS, ACT_LEN, ACT_MLP
+
+Array = jax.Array
+Dtype = Any
+
+VARIANTS = ("clip", "siglip", "dinov2")
+# Pooling per variant: the first is the default. 'none' = SigLIP without head (vision_use_head=False).
+POOLS = {"clip": ("cls",), "siglip": ("map", "none"), "dinov2": ("cls",)}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def quick_gelu(x: Array) -> Array:
+    """CLIP's ``x * sigmoid(1.702 x)`` (HF ``quick_gelu``)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# HF ``hidden_act`` names -> functions (HF ``ACT2FN``).
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # erf GELU (DINOv2)
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),  # SigLIP
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def _parse_dtype(field: str, value: Any) -> Any:
+    if isinstance(value, str):
+        if value not in _DTYPES:
+            raise ValueError(f"{field}={value!r} is not supported; use one of {sorted(_DTYPES)}.")
+        return jnp.dtype(_DTYPES[value])
+    return jnp.dtype(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Static ViT hyper-parameters (hashable: a Linen attribute / jit static argument).
+
+    Field names follow HF ``config.json`` where HF has them. The structure that a variant fixes
+    (CLS token, patch bias, pre-layernorm, layer scale) is derived from ``variant``; the knobs the
+    HF families expose are fields.
+    """
+
+    variant: str  # 'clip' | 'siglip' | 'dinov2'
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    patch_size: int
+    image_size: int  # Side of the square image the position table was trained for.
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"  # quick_gelu (CLIP) | gelu_pytorch_tanh (SigLIP) | gelu (DINOv2)
+    qkv_bias: bool = True  # Bias on q/k/v (always for CLIP/SigLIP; DINOv2 ``qkv_bias``).
+    pool: str = ""  # '' = the variant's default: 'cls' (CLIP, DINOv2) | 'map' | 'none' (SigLIP).
+    layerscale_value: float = 1.0  # DINOv2: initial value of the per-channel layer scale.
+    use_mask_token: bool = True  # DINOv2: a learned [MASK] embedding (``mask=`` in __call__).
+    num_register_tokens: int = 0  # DINOv2 with registers (Darcet et al. 2023).
+    use_swiglu_ffn: bool = False  # DINOv2 giant: fused SwiGLU FFN instead of fc1/act/fc2.
+    # Resize positions with torch's antialiased bicubic (a=-0.5), as Dinov2WithRegistersModel does;
+    # False: plain bicubic (a=-0.75), as CLIP, SigLIP and Dinov2Model.
+    pos_antialias: bool = False
+    # Training-only regularisers (no effect with deterministic=True). dropout_rate: on the embeddings
+    # and each residual branch (big_vision style; not an HF config field). drop_path_rate: stochastic
+    # depth per sample on each residual branch, the same in every layer (HF DINOv2 drop_path_rate).
+    dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    initializer_range: float = 0.02
+    remat: bool = False  # Rematerialise each encoder layer in the backward pass.
+    dtype: Any = jnp.dtype(jnp.float32)
+    param_dtype: Any = jnp.dtype(jnp.float32)
+
+    def __post_init__(self):
+        if self.variant in POOLS and not self.pool:
+            object.__setattr__(self, "pool", POOLS[self.variant][0])
+        object.__setattr__(self, "dtype", _parse_dtype("dtype", self.dtype))
+        object.__setattr__(self, "param_dtype", _parse_dtype("param_dtype", self.param_dtype))
+
+    # Structure fixed by the family.
+    @property
+    def class_token(self) -> bool:
+        return self.variant in ("clip", "dinov2")
+
+    @property
+    def patch_bias(self) -> bool:
+        return self.variant != "clip"
+
+    @property
+    def pre_layernorm(self) -> bool:
+        return self.variant == "clip"
+
+    @property
+    def layer_scale(self) -> bool:
+        return self.variant == "dinov2"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side of the trained position table."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_positions(self) -> int:
+        return self.grid_size**2 + int(self.class_token)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches in ``last_hidden_state`` (CLS and registers)."""
+        return int(self.class_token) + self.num_register_tokens
+
+    def validate(self) -> None:
+        """Raises ValueError naming the offending field and what it accepts."""
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant={self.variant!r}; use one of {VARIANTS}.")
+        positive = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "patch_size", "image_size", "num_channels")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by "
+                             f"num_attention_heads ({self.num_attention_heads}).")
+        if self.image_size < self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be >= patch_size ({self.patch_size}).")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r}; use one of {sorted(ACTIVATIONS)}.")
+        if self.pool not in POOLS[self.variant]:
+            raise ValueError(f"pool={self.pool!r} does not exist for variant={self.variant!r}; "
+                             f"use one of {POOLS[self.variant]}.")
+        if self.variant != "dinov2":
+            dinov2_only = dict(num_register_tokens=0, use_swiglu_ffn=False, pos_antialias=False,
+                               qkv_bias=True)
+            for name, default in dinov2_only.items():
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name}={getattr(self, name)!r} exists only for variant='dinov2' "
+                                     f"(got variant={self.variant!r}); leave it at {default!r}.")
+        if not isinstance(self.num_register_tokens, int) or self.num_register_tokens < 0:
+            raise ValueError(f"num_register_tokens must be an integer >= 0, got {self.num_register_tokens!r}.")
+        for name in ("dropout_rate", "drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}.")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}.")
+        allowed = {jnp.dtype(d) for d in _DTYPES.values()}
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)} is not supported; use one of {sorted(_DTYPES)}.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Position-table interpolation (torch ``F.interpolate(mode='bicubic', align_corners=False)``)
+# ------------------------------------------------------------------------------------------------
+
+def _keys_cubic(x: np.ndarray, a: float) -> np.ndarray:
+    """Keys (1981) cubic convolution kernel at distances ``x`` (torch ``cubic_convolution1/2``)."""
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+    return np.where(x <= 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+@functools.lru_cache(maxsize=64)
+def bicubic_resize_matrix(in_size: int, out_size: int, antialias: bool = False) -> np.ndarray:
+    """The ``[out, in]`` matrix of torch's 1-D bicubic resize with ``align_corners=False``.
+
+    antialias=False (``upsample_bicubic2d``): source coordinate ``(o + 0.5) * in/out - 0.5`` (not
+    clamped), 4 taps with Keys ``a = -0.75`` at the neighbours ``floor - 1 .. floor + 2``, indices
+    clamped to the border (so border taps accumulate onto the edge sample).
+    antialias=True (``_upsample_bicubic2d_aa``, PIL-compatible): Keys ``a = -0.5``, the kernel is
+    stretched by ``in/out`` when shrinking, taps outside the input are dropped and the remaining
+    weights renormalised to sum to 1.
+    2-D resizing is separable: ``out = Mh @ x @ Mw^T``.
+    """
+    scale = in_size / out_size
+    m = np.zeros((out_size, in_size), np.float64)
+    for o in range(out_size):
+        if antialias:
+            support = 2.0 * scale if scale >= 1.0 else 2.0
+            inv = 1.0 / scale if scale >= 1.0 else 1.0
+            center = scale * (o + 0.5)
+            lo = max(int(center - support + 0.5), 0)  # C++ truncation, as torch
+            hi = min(int(center + support + 0.5), in_size)
+            taps = np.arange(lo, hi)
+            w = _keys_cubic((taps - center + 0.5) * inv, -0.5)
+            total = w.sum()
+            if total != 0.0:
+                w = w / total
+            m[o, taps] += w
+        else:
+            src = scale * (o + 0.5) - 0.5
+            base = int(np.floor(src))
+            t = src - base
+            w = _keys_cubic(np.array([t + 1.0, t, 1.0 - t, 2.0 - t]), -0.75)
+            for k in range(4):
+                m[o, min(max(base - 1 + k, 0), in_size - 1)] += w[k]
+    return m
+
+
+def interpolate_position_embedding(
+    table: Array, grid: int, out_hw: tuple[int, int], antialias: bool = False
+) -> Array:
+    """Resizes a square patch-position table to another patch grid, as HF ``interpolate_pos_encoding``.
+
+    Args:
+        table: [grid * grid, D] patch position embeddings (row-major over the grid).
+        grid: patches per side of ``table``.
+        out_hw: (gh, gw) target patch grid.
+        antialias: torch's antialiased bicubic (Dinov2WithRegisters) instead of plain bicubic.
+
+    Returns:
+        [gh * gw, D] float32. Runs in fp32 at full matmul precision (HF interpolates in fp32 too).
+    """
+    gh, gw = out_hw
+    d = table.shape[-1]
+    if (gh, gw) == (grid, grid):
+        return table.astype(jnp.float32)
+    mh = jnp.asarray(bicubic_resize_matrix(grid, gh, antialias), jnp.float32)
+    mw = jnp.asarray(bicubic_resize_matrix(grid, gw, antialias), jnp.float32)
+    x = table.astype(jnp.float32).reshape(grid, grid, d)
+    x = jnp.einsum("oh,pw,hwd->opd", mh, mw, x, precision=jax.lax.Precision.HIGHEST)
+    return x.reshape(gh * gw, d)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------
+
+class LayerNorm(nn.Module):
+    """LayerNorm (Ba et al. 2016) as torch ``nn.LayerNorm``: biased variance, learned scale and bias.
+
+    Computed in fp32 and cast to ``dtype``. HF ``*.weight`` -> ``scale``, ``*.bias`` -> ``bias``.
+    """
+
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [..., D] -> [..., D] in ``dtype``."""
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                           (d,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+                          (d,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def _bidirectional(q: Array, k: Array, v: Array, dtype: Dtype) -> Array:
+    """Full (non-causal) attention: q [B, T, H, Dh], k/v [B, S, H, Dh] -> [B, T, H, Dh]."""
+    mask = jnp.ones((q.shape[0], q.shape[1], k.shape[1]), jnp.bool_)  # constant: XLA drops the select
+    return layers.dot_product_attention(q, k, v, mask, dtype)
+
+
+class VisionAttention(nn.Module):
+    """Bidirectional multi-head self-attention with biased projections.
+
+    HF ``CLIPAttention`` / ``SiglipAttention`` (q_proj/k_proj/v_proj/out_proj) and
+    ``Dinov2Attention`` (legacy names attention.query/key/value, output.dense): weight [H*Dh, D] ->
+    kernel [D, H, Dh], bias [H*Dh] -> [H, Dh]; out weight [D, H*Dh] -> kernel [H, Dh, D].
+    """
+
+    num_heads: int
+    head_dim: int
+    qkv_bias: bool = True
+    initializer_range: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [B, N, D] -> [B, N, D]."""
+        dense = functools.partial(layers.DenseGeneral, initializer_range=self.initializer_range,
+                                  dtype=self.dtype, param_dtype=self.param_dtype)
+        qkv = lambda name: dense(features=(self.num_heads, self.head_dim),
+                                 kernel_axes=("embed", "q_heads", "head_dim"),
+                                 use_bias=self.qkv_bias, name=name)(x)
+        q, k, v = qkv("q_proj"), qkv("k_proj"), qkv("v_proj")  # [B, N, H, Dh]
+        q, k, v = (nn.with_logical_constraint(t, (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM))
+                   for t in (q, k, v))
+        out = _bidirectional(q, k, v, self.dtype)
+        out = nn.with_logical_constraint(out, (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM))
+        return dense(features=x.shape[-1], kernel_axes=("q_heads", "head_dim", "embed"), axis=(-2, -1),
+                     use_bias=True, name="out_proj")(out)
+
+
+class MLP(nn.Module):
+    """``fc2(act(fc1(x)))`` with biases (HF ``CLIPMLP`` / ``SiglipMLP`` / ``Dinov2MLP``).
+
+    fc1 weight [F, D] -> kernel [D, F]; fc2 weight [D, F] -> kernel [F, D].
+    """
+
+    intermediate_size: int
+    hidden_act: str
+    initializer_range: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [B, N, D] -> [B, N, D]."""
+        dense = functools.partial(layers.DenseGeneral, use_bias=True, initializer_range=self.initializer_range,
+                                  dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense(self.intermediate_size, kernel_axes=("embed", "mlp"), name="fc1")(x)
+        h = ACTIVATIONS[self.hidden_act](h)
+        h = nn.with_logical_constraint(h, (ACT_BATCH, ACT_LEN, ACT_MLP))
+        return dense(x.shape[-1], kernel_axes=("mlp", "embed"), name="fc2")(h)
+
+
+class SwiGLUFFN(nn.Module):
+    """DINOv2's fused SwiGLU: ``weights_out(silu(x W_gate) * x W_up)`` with biases.
+
+    HF checkpoints keep gate and up stacked: ``mlp.weights_in.weight [2F, D]`` (gate rows first) ->
+    kernel [D, 2, F]; ``mlp.weights_out.weight [D, F]`` -> kernel [F, D].
+    """
+
+    intermediate_size: int
+    initializer_range: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [B, N, D] -> [B, N, D]."""
+        dense = functools.partial(layers.DenseGeneral, use_bias=True, initializer_range=self.initializer_range,
+                                  dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense((2, self.intermediate_size), kernel_axes=("embed", None, "mlp"), name="weights_in")(x)
+        h = jax.nn.silu(h[..., 0, :]) * h[..., 1, :]  # [B, N, F]
+        h = nn.with_logical_constraint(h, (ACT_BATCH, ACT_LEN, ACT_MLP))
+        return dense(x.shape[-1], kernel_axes=("mlp", "embed"), name="weights_out")(h)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm ViT layer: ``x + ls1 * attn(ln1(x))``, ``x + ls2 * mlp(ln2(x))``.
+
+    HF ``CLIPEncoderLayer`` / ``SiglipEncoderLayer`` (no layer scale) and ``Dinov2Layer`` (layer
+    scale ``layer_scale{1,2}.lambda1`` [D], SwiGLU FFN when ``use_swiglu_ffn``).
+    """
+
+    config: ViTConfig
+    drop_path_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
+        """x: [B, N, D] -> ([B, N, D], aux={})."""
+        c = self.config
+        norm = lambda name: LayerNorm(eps=c.layer_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, name=name)
+
+        def residual(h: Array, name: str) -> Array:
+            if c.layer_scale:
+                gamma = self.param(name, nn.with_logical_partitioning(
+                    nn.initializers.constant(c.layerscale_value), ("norm",)), (x.shape[-1],), c.param_dtype)
+                h = h * gamma.astype(h.dtype)
+            h = nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+            return x + _drop_path(self, h, self.drop_path_rate, deterministic)
+
+        x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
+        h = VisionAttention(num_heads=c.num_attention_heads, head_dim=c.head_dim, qkv_bias=c.qkv_bias,
+                            initializer_range=c.initializer_range, dtype=c.dtype, param_dtype=c.param_dtype,
+                            name="self_attn")(norm("layer_norm1")(x))
+        x = residual(h, "layer_scale1")
+        if c.use_swiglu_ffn:
+            mlp = SwiGLUFFN(c.intermediate_size, initializer_range=c.initializer_range, dtype=c.dtype,
+                            param_dtype=c.param_dtype, name="mlp")
+        else:
+            mlp = MLP(c.intermediate_size, c.hidden_act, initializer_range=c.initializer_range, dtype=c.dtype,
+                      param_dtype=c.param_dtype, name="mlp")
+        x = residual(mlp(norm("layer_norm2")(x)), "layer_scale2")
+        x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
+        return x, {}
+
+
+def _drop_path(module: nn.Module, h: Array, rate: float, deterministic: bool) -> Array:
+    """Stochastic depth (Huang et al. 2016): zero a sample's branch with prob ``rate``, rescale the rest."""
+    if deterministic or rate == 0.0:
+        return h
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, (h.shape[0],) + (1,) * (h.ndim - 1))
+    return jnp.where(keep, h / (1.0 - rate), 0).astype(h.dtype)
+
+
+class MAPHead(nn.Module):
+    """SigLIP multihead attention pooling (big_vision ``MAPHead``; HF ``SiglipMultiheadAttentionPoolingHead``).
+
+    A learned probe attends over the tokens with a torch ``nn.MultiheadAttention`` (packed
+    ``in_proj_weight [3D, D]`` -> ``in_proj_kernel [D, 3, H, Dh]``, q/k/v in that order), then
+    ``y + mlp(layernorm(y))``.
+    """
+
+    config: ViTConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [B, N, D] -> [B, D]."""
+        c = self.config
+        # HF head.probe [1, 1, D].
+        probe = self.param("probe", nn.with_logical_partitioning(
+            nn.initializers.normal(c.initializer_range), ("embed",)), (c.hidden_size,), c.param_dtype)
+        y = _PoolingAttention(c, name="attention")(probe, x)  # [B, 1, D]
+        ln = LayerNorm(eps=c.layer_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, name="layernorm")
+        y = y + MLP(c.intermediate_size, c.hidden_act, initializer_range=c.initializer_range, dtype=c.dtype,
+                    param_dtype=c.param_dtype, name="mlp")(ln(y))
+        return y[:, 0]
+
+
+class _PoolingAttention(nn.Module):
+    """torch ``nn.MultiheadAttention(D, H)`` with one query (the probe): HF ``head.attention``."""
+
+    config: ViTConfig
+
+    @nn.compact
+    def __call__(self, probe: Array, x: Array) -> Array:
+        """probe: [D]; x: [B, N, D] -> [B, 1, D]."""
+        c = self.config
+        d, h, dh = c.hidden_size, c.num_attention_heads, c.head_dim
+        kernel = self.param("in_proj_kernel", nn.with_logical_partitioning(
+            nn.initializers.normal(c.initializer_range), ("embed", None, "q_heads", "head_dim")),
+            (d, 3, h, dh), c.param_dtype).astype(c.dtype)
+        bias = self.param("in_proj_bias", nn.with_logical_partitioning(
+            nn.initializers.zeros_init(), (None, "q_heads", "head_dim")), (3, h, dh), c.param_dtype).astype(c.dtype)
+        # Only the probe is projected to a query and only the tokens to keys/values.
+        q = jnp.einsum("d,dhk->hk", probe.astype(c.dtype), kernel[:, 0]) + bias[0]  # [H, Dh]
+        q = jnp.broadcast_to(q, (x.shape[0], 1, h, dh))
+        kv = jnp.einsum("bnd,dshk->bnshk", x.astype(c.dtype), kernel[:, 1:]) + bias[1:]  # [B, N, 2, H, Dh]
+        k, v = kv[:, :, 0], kv[:, :, 1]
+        k = nn.with_logical_constraint(k, (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM))
+        v = nn.with_logical_constraint(v, (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM))
+        out = _bidirectional(q, k, v, c.dtype)  # [B, 1, H, Dh]
+        return layers.DenseGeneral(d, kernel_axes=("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=True,
+                                   initializer_range=c.initializer_range, dtype=c.dtype,
+                                   param_dtype=c.param_dtype, name="out_proj")(out)
+
+
+class VisionEmbeddings(nn.Module):
+    """Patchify + project, prepend CLS, add (interpolated) positions, insert registers.
+
+    HF ``CLIPVisionEmbeddings`` / ``SiglipVisionEmbeddings`` / ``Dinov2(WithRegisters)Embeddings``.
+    The patch projection is the stride-p conv of HF written as a matmul over ``[p, p, C]`` patches
+    (conv weight [D, C, p, p] -> kernel [p, p, C, D]); rows/columns past the last whole patch are
+    dropped, as by the strided conv.
+    """
+
+    config: ViTConfig
+
+    @nn.compact
+    def __call__(self, pixel_values: Array, mask: Array | None = None) -> Array:
+        """pixel_values: [B, H, W, C]; mask: optional [B, Np] bool (DINOv2 [MASK]) -> [B, N, D]."""
+        c = self.config
+        b, height, width, channels = pixel_values.shape
+        p, d = c.patch_size, c.hidden_size
+        if channels != c.num_channels:
+            raise ValueError(f"pixel_values must be NHWC with {c.num_channels} channels (num_channels), "
+                             f"got shape {pixel_values.shape}.")
+        gh, gw = height // p, width // p
+        if gh == 0 or gw == 0:
+            raise ValueError(f"Images of {height}x{width} are smaller than one {p}x{p} patch.")
+        x = pixel_values[:, : gh * p, : gw * p].reshape(b, gh, p, gw, p, channels)
+        x = x.transpose(0, 1, 3, 2, 4, 5)  # [B, gh, gw, p, p, C]
+        x = layers.DenseGeneral(d, kernel_axes=(None, None, None, "embed"), axis=(-3, -2, -1),
+                                use_bias=c.patch_bias, initializer_range=c.initializer_range, dtype=c.dtype,
+                                param_dtype=c.param_dtype, name="patch_embedding")(x)
+        x = x.reshape(b, gh * gw, d)
+
+        vector = lambda name, shape, axes: self.param(
+            name, nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range), axes), shape,
+            c.param_dtype)
+        if mask is not None:
+            if not (c.variant == "dinov2" and c.use_mask_token):
+                raise ValueError("mask= needs a [MASK] embedding: variant='dinov2' with use_mask_token=True.")
+            if mask.shape != (b, gh * gw):
+                raise ValueError(f"mask must be [B, Np] = {(b, gh * gw)}, got {mask.shape}.")
+        if c.variant == "dinov2" and c.use_mask_token:
+            mask_token = vector("mask_token", (d,), ("embed",))
+            if mask is not None:
+                x = jnp.where(mask[..., None], mask_token.astype(x.dtype), x)
+
+        table = vector("position_embedding", (c.num_positions, d), (None, "embed"))
+        pos = interpolate_position_embedding(table[int(c.class_token):], c.grid_size, (gh, gw), c.pos_antialias)
+        if c.class_token:
+            cls = vector("class_embedding", (d,), ("embed",))
+            x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)), x], axis=1)
+            pos = jnp.concatenate([table[:1].astype(jnp.float32), pos], axis=0)
+        x = x + pos.astype(x.dtype)
+        if c.num_register_tokens:
+            # Registers carry no position and sit between CLS and the patches (HF order).
+            regs = vector("register_tokens", (c.num_register_tokens, d), (None, "embed"))
+            regs = jnp.broadcast_to(regs.astype(x.dtype), (b, c.num_register_tokens, d))
+            x = jnp.concatenate([x[:, :1], regs, x[:, 1:]], axis=1)
+        return nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
+
+
+class VisionTransformer(nn.Module):
+    """CLIP / SigLIP / DINOv2 image encoder.
+
+    Outputs (``__call__``):
+        last_hidden_state [B, N, D]: CLIP: encoder output (before post_layernorm, as HF);
+            SigLIP / DINOv2: after the final layer norm. N = prefix tokens + gh * gw.
+        pooler_output [B, D]: CLIP post_layernorm(CLS), SigLIP MAP head (absent when pool='none'),
+            DINOv2 normed CLS.
+        DINOv2 also: cls_token [B, D], register_tokens [B, R, D], patch_tokens [B, gh*gw, D] (normed).
+    """
+
+    config: ViTConfig
+
+    def setup(self):
+        c = self.config
+        c.validate()
+        self.embeddings = VisionEmbeddings(c)
+        norm = lambda: LayerNorm(eps=c.layer_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
+        if c.pre_layernorm:
+            self.pre_layrnorm = norm()  # HF spelling
+        # static_argnums counts `self` as 0: (x=1, deterministic=2).
+        block = nn.remat(EncoderLayer, static_argnums=(2,)) if c.remat else EncoderLayer
+        # The same stochastic-depth rate in every layer, as HF Dinov2Layer(config.drop_path_rate).
+        self.layers = [block(c, drop_path_rate=c.drop_path_rate) for _ in range(c.num_hidden_layers)]
+        self.post_layernorm = norm()
+        if c.pool == "map":
+            self.head = MAPHead(c)
+        self.embed_dropout = nn.Dropout(c.dropout_rate)
+
+    def __call__(
+        self, pixel_values: Array, *, mask: Array | None = None, deterministic: bool = True
+    ) -> tuple[dict[str, Array], dict[str, Array]]:
+        """Encodes images.
+
+        Args:
+            pixel_values: [B, H, W, C] float, normalised (see ``vlmjax.data.image_processing``);
+                H and W need not be ``image_size`` (positions are interpolated).
+            mask: optional [B, Np] bool, True = replace that patch embedding by the [MASK] token
+                (DINOv2 ``bool_masked_pos``; Np = (H // p) * (W // p)).
+            deterministic: False enables dropout / stochastic depth (needs a "dropout" rng).
+
+        Returns:
+            (outputs dict as in the class docstring, aux flat dict with keys ``layers_{i}/<name>``).
+        """
+        c = self.config
+        x = self.embeddings(pixel_values, mask)
+        x = self.embed_dropout(x, deterministic=deterministic)
+        if c.pre_layernorm:
+            x = self.pre_layrnorm(x)
+        aux: dict[str, Array] = {}
+        for i, layer in enumerate(self.layers):
+            x, layer_aux = layer(x, deterministic)
+            aux.update({f"layers_{i}/{k}": v for k, v in layer_aux.items()})
+
+        out: dict[str, Array] = {}
+        if c.variant == "clip":
+            out["last_hidden_state"] = x
+            out["pooler_output"] = self.post_layernorm(x[:, 0])
+        else:
+            x = self.post_layernorm(x)
+            out["last_hidden_state"] = x
+            if c.pool == "map":
+                out["pooler_output"] = self.head(x)
+            elif c.pool == "cls":
+                out["pooler_output"] = x[:, 0]
+        if c.variant == "dinov2":
+            out["cls_token"] = x[:, 0]
+            out["register_tokens"] = x[:, 1 : c.num_prefix_tokens]
+            out["patch_tokens"] = x[:, c.num_prefix_tokens :]
+        return out, aux
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "EncoderLayer",
+    "LayerNorm",
+    "MAPHead",
+    "MLP",
+    "SwiGLUFFN",
+    "ViTConfig",
+    "VisionAttention",
+    "VisionEmbeddings",
+    "VisionTransformer",
+    "bicubic_resize_matrix",
+    "interpolate_position_embedding",
+]
