@@ -312,7 +312,9 @@ def hf_tensors(params, rules: Sequence[Rule], *, prefix: str = "") -> dict[str, 
     out = {}
     for r in rules:
         if r.flax in flat:
-            out[prefix + r.hf] = np.ascontiguousarray(r.transform.to_hf(np.asarray(flat[r.flax], np.float32)))
+            hf = r.transform.to_hf(np.asarray(flat[r.flax], np.float32))
+            # ascontiguousarray makes 0-d arrays 1-d; HF scalars (CLIP logit_scale) must stay 0-d.
+            out[prefix + r.hf] = np.ascontiguousarray(hf).reshape(np.shape(hf))
     missing = sorted(set(flat) - {r.flax for r in rules})
     if missing:
         raise ValueError(f"Params with no HF mapping (the table is incomplete): {missing[:12]}")
