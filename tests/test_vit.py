@@ -347,3 +347,29 @@ def test_image_processor_errors(tmp_path):
         proc(_images()[:2])
     with pytest.raises(ValueError, match="must be uint8"):
         proc([np.zeros((8, 8, 3), np.float32)])
+
+
+def test_load_pretrained_into_a_subtree_of_a_bigger_model(tmp_path):
+    """tasks.load_pretrained puts a vision checkpoint at params['vision'] of a composite model."""
+    import transformers
+    from vlmjax import convert, tasks
+
+    torch.manual_seed(0)
+    hf = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=4,
+        image_size=16)).eval()
+    hf.save_pretrained(tmp_path / "siglip")
+    spec = convert.build(str(tmp_path / "siglip"))
+    abstract = {"vision": jax.eval_shape(lambda: spec.module.init(jax.random.PRNGKey(0), *spec.init_args))["params"],
+                "projector": {"kernel": jax.ShapeDtypeStruct((32, 8), jnp.float32)}}
+    abstract = nn.meta.unbox(abstract)
+    shardings = jax.tree.map(lambda _: None, abstract)
+    loaded = tasks.load_pretrained([("vision", str(tmp_path / "siglip"))], abstract, shardings)
+    assert set(loaded) == {"vision"}
+    x = np.random.default_rng(0).normal(size=(1, 16, 16, 3)).astype(np.float32)
+    out, _ = spec.module.apply({"params": loaded["vision"]}, jnp.asarray(x))
+    with torch.no_grad():
+        ref = hf(pixel_values=torch.tensor(x).permute(0, 3, 1, 2)).pooler_output.numpy()
+    assert float(np.max(np.abs(np.asarray(out["pooler_output"]) - ref))) < 1e-4
+    with pytest.raises(ValueError, match="init_from path 'vison'"):
+        tasks.load_pretrained([("vison", str(tmp_path / "siglip"))], abstract, shardings)

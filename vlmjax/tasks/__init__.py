@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 
-from vlmjax.tasks.base import Task
+from vlmjax.tasks.base import Task, load_pretrained
 
 
 _EXTRA: dict[str, type] = {}
@@ -31,4 +31,4 @@ def build(config, workdir: str | None) -> Task:
     return reg[config.task](config, workdir)
 
 
-__all__ = ["Task", "build", "register"]
+__all__ = ["Task", "build", "load_pretrained", "register"]

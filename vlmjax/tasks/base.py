@@ -13,6 +13,39 @@ import jax
 import numpy as np
 
 
+def load_pretrained(entries, abstract_params, shardings) -> dict[str, Any]:
+    """Loads HF checkpoint directories into subtrees of the param tree (any backbone family).
+
+    entries: ``[(subtree_path, hf_dir), ...]``; ``subtree_path`` is 'a/b' inside params ('' = the
+      whole tree), e.g. ``[("vision", "/ckpt/siglip-so400m"), ("decoder", "/ckpt/Qwen2.5-0.5B")]``.
+      The module at that path must be the one ``vlmjax.convert.build(hf_dir)`` builds (same config).
+    Returns a partial params tree with each tensor placed with its sharding; the trainer overrides
+    the random init with it. Shape or name mismatches raise the converter's one clear error.
+    """
+    from vlmjax import convert  # pylint: disable=g-import-not-at-top  (transformers-free until used)
+
+    def sub(tree, path):
+        for k in [p for p in path.split("/") if p]:
+            if k not in tree:
+                raise ValueError(f"init_from path {path!r}: no {k!r} in params (have {sorted(tree)}).")
+            tree = tree[k]
+        return tree
+
+    out: dict[str, Any] = {}
+    for path, hf_dir in entries:
+        loaded = convert.load_params(hf_dir, convert.build(hf_dir), sub(abstract_params, path),
+                                     shardings=sub(shardings, path))
+        keys = [p for p in path.split("/") if p]
+        if not keys:
+            out.update(loaded)
+            continue
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = loaded
+    return out
+
+
 class Task(abc.ABC):
     """Base class of the per-family task objects (``vlmjax/tasks/<family>.py``).
 

@@ -23,7 +23,7 @@ from vlmjax import convert
 from vlmjax import data as data_lib
 from vlmjax.models import decoder as decoder_lib
 from vlmjax.models import generate as generate_lib
-from vlmjax.tasks.base import Task
+from vlmjax.tasks.base import Task, load_pretrained
 
 
 def sample_config() -> ml_collections.ConfigDict:
@@ -76,7 +76,7 @@ class LMTask(Task):
     def pretrained_params(self, abstract_params, shardings):
         if not self.init_from:
             return None
-        return convert.load_params(self.init_from, self.spec, abstract_params, shardings=shardings)
+        return load_pretrained([("", self.init_from)], abstract_params, shardings)
 
     # ---- data ---------------------------------------------------------------------------
     def train_dataset(self, *, global_batch_size, seed, process_index, process_count):
