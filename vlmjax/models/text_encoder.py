@@ -134,29 +134,7 @@ class TextEncoderConfig:
             raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}.")
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm (Ba et al. 2016) as torch ``nn.LayerNorm``: biased variance, fp32 math.
-
-    HF ``*.weight`` -> ``scale`` (ones init), ``*.bias`` -> ``bias`` (zeros init), both ``("norm",)``.
-    """
-
-    eps: float = 1e-5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """x: [..., D] -> [..., D] in ``dtype``."""
-        d = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                           (d,), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-                          (d,), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+LayerNorm = layers.LayerNorm
 
 
 class EncoderAttention(nn.Module):

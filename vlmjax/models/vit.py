@@ -288,29 +288,8 @@ def interpolate_position_embedding(
 # Building blocks
 # ------------------------------------------------------------------------------------------------
 
-class LayerNorm(nn.Module):
-    """LayerNorm (Ba et al. 2016) as torch ``nn.LayerNorm``: biased variance, learned scale and bias.
-
-    Computed in fp32 and cast to ``dtype``. HF ``*.weight`` -> ``scale``, ``*.bias`` -> ``bias``.
-    """
-
-    eps: float = 1e-5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """x: [..., D] -> [..., D] in ``dtype``."""
-        d = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                           (d,), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-                          (d,), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+# One LayerNorm for every encoder (fp32 statistics; HF weight -> scale, bias -> bias).
+LayerNorm = layers.LayerNorm
 
 
 def _bidirectional(q: Array, k: Array, v: Array, dtype: Dtype) -> Array:
