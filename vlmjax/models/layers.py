@@ -33,6 +33,7 @@ Conventions (followed by every module here):
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -112,6 +113,45 @@ class DenseGeneral(nn.Module):
             )
             y = y + bias.astype(y.dtype)
         return y
+
+
+def quick_gelu(x: Array) -> Array:
+    """CLIP's ``x * sigmoid(1.702 x)`` (HF ``quick_gelu``)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# HF ``hidden_act`` names -> functions (HF ``ACT2FN``).
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # erf GELU (DINOv2)
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),  # SigLIP
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+class EncoderMLP(nn.Module):
+    """``fc2(act(fc1(x)))`` with biases (HF ``CLIPMLP`` / ``SiglipMLP`` / ``Dinov2MLP``).
+
+    fc1 weight [F, D] -> kernel [D, F]; fc2 weight [D, F] -> kernel [F, D].
+    """
+
+    intermediate_size: int
+    hidden_act: str
+    initializer_range: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [B, N, D] -> [B, N, D]."""
+        dense = functools.partial(DenseGeneral, use_bias=True, initializer_range=self.initializer_range,
+                                  dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense(self.intermediate_size, kernel_axes=("embed", "mlp"), name="fc1")(x)
+        h = ACTIVATIONS[self.hidden_act](h)
+        h = nn.with_logical_constraint(h, (ACT_BATCH, ACT_LEN, ACT_MLP))
+        return dense(x.shape[-1], kernel_axes=("mlp", "embed"), name="fc2")(h)
 
 
 class LayerNorm(nn.Module):

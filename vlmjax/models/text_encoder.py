@@ -42,14 +42,14 @@ run in fp32. Config field names are the HF ``config.json`` names.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vlmjax.models import layers
-from vlmjax.models.layers import ACT_BATCH, ACT_EMBED, ACT_HEAD_DIM, ACT_HEADS, ACT_LEN, ACT_MLP
+from vlmjax.models.layers import ACT_BATCH, ACT_EMBED, ACT_HEAD_DIM, ACT_HEADS, ACT_LEN
 
 Array = jax.Array
 Dtype = Any
@@ -59,18 +59,8 @@ VARIANTS = ("clip", "siglip")
 LEGACY_CLIP_EOS_TOKEN_ID = 2
 
 
-def quick_gelu(x: Array) -> Array:
-    """OpenAI CLIP's ``x * sigmoid(1.702 x)`` (HF ``quick_gelu``)."""
-    return x * jax.nn.sigmoid(jnp.asarray(1.702, x.dtype) * x)
-
-
-# HF ``hidden_act`` -> function. ``gelu`` is the exact erf GELU (torch default), the others the tanh one.
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "quick_gelu": quick_gelu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-}
+quick_gelu = layers.quick_gelu
+ACTIVATIONS = layers.ACTIVATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,28 +179,7 @@ class EncoderAttention(nn.Module):
         )(out)
 
 
-class EncoderMLP(nn.Module):
-    """``fc2(act(fc1(x)))`` with biases (HF ``CLIPMLP`` / ``SiglipMLP``)."""
-
-    intermediate_size: int
-    hidden_act: str
-    initializer_range: float = 0.02
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """x: [B, T, D] -> [B, T, D]."""
-        def dense(name: str, features: int, axes: tuple[str, str]) -> layers.DenseGeneral:
-            return layers.DenseGeneral(features, kernel_axes=axes, use_bias=True,
-                                       initializer_range=self.initializer_range, dtype=self.dtype,
-                                       param_dtype=self.param_dtype, name=name)
-
-        # HF fc1.weight [F, D] -> kernel [D, F]; fc2.weight [D, F] -> kernel [F, D].
-        h = dense("fc1", self.intermediate_size, ("embed", "mlp"))(x)
-        h = ACTIVATIONS[self.hidden_act](h)
-        h = nn.with_logical_constraint(h, (ACT_BATCH, ACT_LEN, ACT_MLP))
-        return dense("fc2", x.shape[-1], ("mlp", "embed"))(h)
+EncoderMLP = layers.EncoderMLP
 
 
 class EncoderLayer(nn.Module):
