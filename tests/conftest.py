@@ -37,6 +37,13 @@ def run_module(args, env_extra=None, timeout=600):
                           timeout=timeout)
 
 
+def rel_err(a, b) -> float:
+    """max|a - b| / max|b| in float64: the parity measure every HF comparison reports."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    b = np.asarray(b, np.float64)
+    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
+
+
 @pytest.fixture
 def root():
     return ROOT

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-from conftest import smoke_config
+from conftest import smoke_config, rel_err
 from vlmjax import convert, train
 
 SMALL = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
@@ -38,10 +38,6 @@ def _hf_model(name, tmp_path, **extra):
     return model, path
 
 
-def _rel(a, b):
-    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_logits_match_transformers_and_round_trip(name, tmp_path):
     hf, path = _hf_model(name, tmp_path)
@@ -51,12 +47,12 @@ def test_logits_match_transformers_and_round_trip(name, tmp_path):
 
     model, params = convert.load_hf(path)
     logits, _ = model.apply({"params": params}, jnp.asarray(tokens))
-    err = _rel(logits, ref)
+    err = rel_err(logits, ref)
     print(f"{name}: fp32 max rel err {err:.2e}")
     assert err < 1e-4
 
     model16, params16 = convert.load_hf(path, dtype=jnp.bfloat16)
-    err16 = _rel(model16.apply({"params": params16}, jnp.asarray(tokens))[0], ref)
+    err16 = rel_err(model16.apply({"params": params16}, jnp.asarray(tokens))[0], ref)
     print(f"{name}: bf16 max rel err {err16:.2e}")
     assert err16 < 5e-2
 

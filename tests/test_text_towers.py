@@ -22,6 +22,7 @@ from vlmjax import convert
 from vlmjax import sharding as shd
 from vlmjax.models import text_encoder as text_lib
 from vlmjax.models import two_tower as two_tower_lib
+from conftest import rel_err
 
 VOCAB, MAX_POS = 100, 16
 TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -39,12 +40,6 @@ HF_TEXT = {"clip": (transformers.CLIPTextConfig, transformers.CLIPTextModel),
            "siglip": (transformers.SiglipTextConfig, transformers.SiglipTextModel)}
 PARAM_AXES = {"vocab", "embed", "q_heads", "head_dim", "mlp", "norm", None}
 ACT_AXES = {"act_batch", "act_len", "act_embed", "act_heads", "act_head_dim", "act_mlp"}
-
-
-def _rel(a, b):
-    """max|a - b| / max|b| in float64."""
-    b = np.asarray(b, np.float64)
-    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
 
 
 def _randomize(model, seed=0):
@@ -120,16 +115,16 @@ def test_text_tower_matches_transformers_and_round_trips(case, tmp_path):
         out, aux = _apply(model, params, ids, *([m] if with_mask else []))
         assert out["last_hidden_state"].shape == ref_h.shape and out["pooler_output"].shape == ref_p.shape
         assert out["pooler_output"].dtype == jnp.float32 and aux == {}
-        errs[f"hidden{'_pad' if with_mask else ''}"] = _rel(out["last_hidden_state"], ref_h)
-        errs[f"pooled{'_pad' if with_mask else ''}"] = _rel(out["pooler_output"], ref_p)
+        errs[f"hidden{'_pad' if with_mask else ''}"] = rel_err(out["last_hidden_state"], ref_h)
+        errs[f"pooled{'_pad' if with_mask else ''}"] = rel_err(out["pooler_output"], ref_p)
 
     ref_h, ref_p = _hf_text_out(hf, ids, mask)
     model16, params16 = convert.load_hf(path, dtype=jnp.bfloat16)
     out16, _ = _apply(model16, params16, ids, mask)
     assert out16["last_hidden_state"].dtype == jnp.bfloat16
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params16))
-    errs["bf16_hidden"] = _rel(out16["last_hidden_state"], ref_h)
-    errs["bf16_pooled"] = _rel(out16["pooler_output"], ref_p)
+    errs["bf16_hidden"] = rel_err(out16["last_hidden_state"], ref_h)
+    errs["bf16_pooled"] = rel_err(out16["pooler_output"], ref_p)
     print(f"{case}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     assert max(v for k, v in errs.items() if not k.startswith("bf16")) < 1e-4, errs
     assert max(v for k, v in errs.items() if k.startswith("bf16")) < 5e-2, errs
@@ -167,7 +162,7 @@ def test_transformers4_text_model_prefix_loads(tmp_path):
     model, params = convert.load_hf(path)
     out, _ = _apply(model, params, ids, mask)
     ref_h, ref_p = _hf_text_out(hf, ids, mask)
-    assert _rel(out["pooler_output"], ref_p) < 1e-4
+    assert rel_err(out["pooler_output"], ref_p) < 1e-4
 
 
 def test_missing_and_misshaped_tensors_are_one_clear_error(tmp_path):
@@ -343,9 +338,9 @@ def test_tokenizer_loads_from_the_checkpoint_dir_and_feeds_the_model(kind, tmp_p
     model, params = convert.load_hf(path)
     out, _ = _apply(model, params, ids, mask)
     ref_h, ref_p = _hf_text_out(hf, ids, mask)
-    err = _rel(out["pooler_output"], ref_p)
+    err = rel_err(out["pooler_output"], ref_p)
     print(f"tokenized {kind}: pooled rel err {err:.1e}")
-    assert err < 1e-4 and _rel(out["last_hidden_state"], ref_h) < 1e-4
+    assert err < 1e-4 and rel_err(out["last_hidden_state"], ref_h) < 1e-4
 
 
 # ----------------------------------------------------------------------------- two-tower models
@@ -405,19 +400,19 @@ def test_two_tower_matches_transformers_and_round_trips(kind, tmp_path):
     model, params = convert.load_hf(path)
     assert isinstance(model, two_tower_lib.TwoTower) and model.config.variant == kind
     out, aux = _apply(model, params, pixels, ids, mask)
-    errs = {k: _rel(out[k], ref[k]) for k in ref}
+    errs = {k: rel_err(out[k], ref[k]) for k in ref}
     np.testing.assert_allclose(out["logits_per_image"], np.asarray(out["logits_per_text"]).T)
     np.testing.assert_allclose(out["logit_scale"], np.exp(1.3), rtol=1e-6)
     assert all(k.startswith(("vision_model/", "text_model/")) for k in aux)
     img, _ = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))(params, pixels)
     txt, _ = jax.jit(lambda p, t, m: model.apply({"params": p}, t, m, method="encode_text"))(
         params, ids, mask)
-    errs["image_features"], errs["text_features"] = _rel(img, ref_img), _rel(txt, ref_txt)
+    errs["image_features"], errs["text_features"] = rel_err(img, ref_img), rel_err(txt, ref_txt)
 
     model16, params16 = convert.load_hf(path, dtype=jnp.bfloat16)
     out16, _ = _apply(model16, params16, pixels, ids, mask)
     assert out16["logits_per_image"].dtype == jnp.float32
-    errs["bf16_logits"] = _rel(out16["logits_per_image"], ref["logits_per_image"])
+    errs["bf16_logits"] = rel_err(out16["logits_per_image"], ref["logits_per_image"])
     print(f"two-tower {kind}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     assert max(v for k, v in errs.items() if not k.startswith("bf16")) < 1e-4, errs
     assert errs["bf16_logits"] < 5e-2, errs

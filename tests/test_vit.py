@@ -22,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 from vlmjax import convert
 from vlmjax import sharding as shd
 from vlmjax.models import vit as vit_lib
+from conftest import rel_err
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=4, image_size=16)
 ODD_HEADS = dict(hidden_size=48, num_attention_heads=3)  # head_dim 16, 3 heads
@@ -44,12 +45,6 @@ CASES = {
                          dict(TINY, num_register_tokens=3), (24, 20)),
 }
 PARAM_AXES = {"embed", "q_heads", "head_dim", "mlp", "norm", None}
-
-
-def _rel(a, b):
-    """max|a - b| / max|b| in float64."""
-    b = np.asarray(b, np.float64)
-    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
 
 
 def _randomize(model, seed=0):
@@ -126,7 +121,7 @@ def test_matches_transformers_at_trained_and_other_sizes(name, hf_root):
         assert set(ref) <= set(out)
         assert ("pooler_output" in out) == (cfg.pool != "none")
         for key in ref:
-            err = _rel(out[key], ref[key])
+            err = rel_err(out[key], ref[key])
             print(f"{name} {hw[0]}x{hw[1]} {key}: fp32 max rel err {err:.2e}")
             assert err < 1e-4, (key, err)
         if cfg.variant == "dinov2":
@@ -144,7 +139,7 @@ def test_matches_transformers_at_trained_and_other_sizes(name, hf_root):
     out16, _ = _jitted(model16)(params16, jnp.asarray(x))
     assert out16["last_hidden_state"].dtype == jnp.bfloat16
     for key in ref:
-        err = _rel(out16[key], ref[key])
+        err = rel_err(out16[key], ref[key])
         print(f"{name} {key}: bf16 max rel err {err:.2e}")
         assert err < 3e-2, (key, err)
 
@@ -217,7 +212,7 @@ def test_bicubic_position_resize_matches_torch(antialias):
             align_corners=False, antialias=antialias)
         ref = ref.permute(0, 2, 3, 1).reshape(-1, d).numpy()
         got = vit_lib.interpolate_position_embedding(jnp.asarray(table), grid, out_hw, antialias)
-        assert _rel(got, ref) < 1e-5, (out_hw, _rel(got, ref))
+        assert rel_err(got, ref) < 1e-5, (out_hw, rel_err(got, ref))
     # The two kernels really differ, so each model family is tested against its own.
     a = vit_lib.bicubic_resize_matrix(6, 9, False)
     b = vit_lib.bicubic_resize_matrix(6, 9, True)

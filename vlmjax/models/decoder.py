@@ -30,7 +30,6 @@ from vlmjax.models import layers
 
 Array = jax.Array
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -65,12 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
     )
 
 
-def _parse_dtype(field: str, value: Any) -> Any:
-    if isinstance(value, str):
-        if value not in _DTYPES:
-            raise ValueError(f"{field}={value!r} is not supported; use one of {sorted(_DTYPES)}.")
-        return jnp.dtype(_DTYPES[value])
-    return jnp.dtype(value)
+_parse_dtype = layers.parse_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,11 +168,11 @@ class DecoderConfig:
         for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}.")
-        allowed = {jnp.dtype(d) for d in _DTYPES.values()}
+        allowed = {jnp.dtype(d) for d in layers.DTYPES.values()}
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in allowed:
                 raise ValueError(
-                    f"{name}={getattr(self, name)} is not supported; use one of {sorted(_DTYPES)}."
+                    f"{name}={getattr(self, name)} is not supported; use one of {sorted(layers.DTYPES)}."
                 )
 
 

@@ -43,6 +43,19 @@ import jax.numpy as jnp
 Array = jax.Array
 Dtype = Any
 
+# Config dtype names (what configs and HF config.json files use) -> jnp dtypes.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def parse_dtype(field: str, value: Any) -> Any:
+    """'bfloat16' (or a dtype) -> jnp.dtype; an unknown name is an error naming ``field``."""
+    if isinstance(value, str):
+        if value not in DTYPES:
+            raise ValueError(f"{field}={value!r} is not supported; use one of {sorted(DTYPES)}.")
+        return jnp.dtype(DTYPES[value])
+    return jnp.dtype(value)
+
+
 # Activation logical axis names, in one place so model code never misspells them.
 ACT_BATCH = "act_batch"
 ACT_LEN = "act_len"

@@ -86,8 +86,8 @@ class TextEncoderConfig:
     remat: bool = False  # Rematerialise each encoder layer in the backward pass (nn.remat).
 
     def __post_init__(self):
-        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
-        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+        object.__setattr__(self, "dtype", layers.parse_dtype("dtype", self.dtype))
+        object.__setattr__(self, "param_dtype", layers.parse_dtype("param_dtype", self.param_dtype))
         if self.variant == "siglip" and self.projection_size == 0:
             object.__setattr__(self, "projection_size", self.hidden_size)
 

@@ -64,19 +64,13 @@ Dtype = Any
 VARIANTS = ("clip", "siglip", "dinov2")
 # Pooling per variant: the first is the default. 'none' = SigLIP without head (vision_use_head=False).
 POOLS = {"clip": ("cls",), "siglip": ("map", "none"), "dinov2": ("cls",)}
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 quick_gelu = layers.quick_gelu
 ACTIVATIONS = layers.ACTIVATIONS
 
 
-def _parse_dtype(field: str, value: Any) -> Any:
-    if isinstance(value, str):
-        if value not in _DTYPES:
-            raise ValueError(f"{field}={value!r} is not supported; use one of {sorted(_DTYPES)}.")
-        return jnp.dtype(_DTYPES[value])
-    return jnp.dtype(value)
+_parse_dtype = layers.parse_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,10 +186,10 @@ class ViTConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}.")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}.")
-        allowed = {jnp.dtype(d) for d in _DTYPES.values()}
+        allowed = {jnp.dtype(d) for d in layers.DTYPES.values()}
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)} is not supported; use one of {sorted(_DTYPES)}.")
+                raise ValueError(f"{name}={getattr(self, name)} is not supported; use one of {sorted(layers.DTYPES)}.")
 
 
 # ------------------------------------------------------------------------------------------------
