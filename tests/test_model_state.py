@@ -58,7 +58,7 @@ class RegressionTask(Task):
     def init_variables(self, rng):
         return self.model.init(rng, jnp.zeros((1, 4)))
 
-    def loss_fn(self, params, model_state, batch, rng):
+    def loss_fn(self, params, model_state, batch, rng, step):
         pred, new_state = self.model.apply({"params": params, **model_state}, batch["x"], mutable=["stats"])
         loss = jnp.mean((pred - batch["y"]) ** 2)
         return loss, {"metrics": {"loss": loss}, "model_state": new_state}

@@ -70,7 +70,7 @@ def sample_logits(
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
-def _generate(model, params, prompt, prompt_mask, rng, temperature, top_p, eos_id, *, max_new_tokens):
+def _generate(model, variables, prompt, prompt_mask, rng, temperature, top_p, eos_id, *, max_new_tokens):
     # eos_id is traced (-1 = none) so changing it does not recompile.
     b, p = prompt.shape
     total = p + max_new_tokens
@@ -90,9 +90,7 @@ def _generate(model, params, prompt, prompt_mask, rng, temperature, top_p, eos_i
         return module.unembed(hidden[:, -1:])
 
     cache = init_cache(model, b, total)
-    logits, state = model.apply(
-        {"params": params, "cache": cache}, method=prefill, mutable=["cache"]
-    )
+    logits, state = model.apply({**variables, "cache": cache}, method=prefill, mutable=["cache"])
     last_logits = logits[:, -1]
 
     def pick(step, last_logits, done):
@@ -111,7 +109,7 @@ def _generate(model, params, prompt, prompt_mask, rng, temperature, top_p, eos_i
     def body(carry):
         step, tokens, token, cache, done = carry
         (logits, _), state = model.apply(
-            {"params": params, "cache": cache},
+            {**variables, "cache": cache},
             token[:, None],
             positions=(next_position + step - 1)[:, None],
             decode=True,
@@ -137,6 +135,7 @@ def generate(
     top_p: float = 1.0,
     eos_id: int | None = None,
     prompt_mask: Array | None = None,
+    model_state: dict | None = None,
 ) -> Array:
     """Generates ``max_new_tokens`` tokens after ``prompt`` (jitted; recompiles per shape/model).
 
@@ -151,6 +150,8 @@ def generate(
         eos_id: once a row emits it, the rest of the row is ``eos_id``; the loop stops when all rows
             have. None: always generate ``max_new_tokens``.
         prompt_mask: [B, P], 1 = real token, 0 = left padding. Default: all real.
+        model_state: other read-only variable collections, e.g. ``{"router_state": ...}`` of a
+            routed decoder (``TrainState.model_state``).
 
     Returns:
         [B, P + max_new_tokens] int32: the prompt followed by the generated tokens.
@@ -168,7 +169,7 @@ def generate(
         prompt_mask = jnp.ones(prompt.shape, jnp.int32)
     return _generate(
         model,
-        params,
+        {"params": params, **(model_state or {})},
         prompt,
         jnp.asarray(prompt_mask, jnp.int32),
         rng,

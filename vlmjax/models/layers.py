@@ -459,7 +459,9 @@ class DecoderBlock(nn.Module):
     """Pre-norm decoder layer (HF ``LlamaDecoderLayer``): ``x + attn(norm(x))``, ``x + mlp(norm(x))``.
 
     The block only needs positions and a key-validity mask, so a routing wrapper can call it on a
-    gathered subset ``[B, k, D]`` with the subset's original positions.
+    gathered subset ``[B, k, D]`` with the subset's original positions. With ``return_update=True``
+    it returns the residual update ``Block(x) = attn + mlp`` instead of ``x + Block(x)`` (routed
+    layers scale it by a gate; subtracting ``x`` afterwards would lose precision in bf16).
     """
 
     hidden_size: int
@@ -474,6 +476,7 @@ class DecoderBlock(nn.Module):
     initializer_range: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    return_update: bool = False
 
     @nn.compact
     def __call__(
@@ -483,7 +486,10 @@ class DecoderBlock(nn.Module):
         attention_mask: Array | None = None,
         decode: bool = False,
     ) -> tuple[Array, dict[str, Array]]:
-        """x: [B, T, D]; positions: [B, T]; attention_mask: [B, T] or None -> ([B, T, D], aux={})."""
+        """x: [B, T, D]; positions: [B, T]; attention_mask: [B, T] or None -> ([B, T, D], aux={}).
+
+        The output is ``x + Block(x)``, or ``Block(x)`` alone when ``return_update``.
+        """
         norm = lambda name: RMSNorm(
             eps=self.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
@@ -501,7 +507,7 @@ class DecoderBlock(nn.Module):
             param_dtype=self.param_dtype,
             name="self_attn",
         )(norm("input_layernorm")(x), positions, attention_mask, decode)
-        x = x + h
+        h_attn, x = h, x + h
         h = MLP(
             self.intermediate_size,
             initializer_range=self.initializer_range,
@@ -509,7 +515,7 @@ class DecoderBlock(nn.Module):
             param_dtype=self.param_dtype,
             name="mlp",
         )(norm("post_attention_layernorm")(x))
-        x = x + h
+        x = h_attn + h if self.return_update else x + h
         x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
         return x, {}
 

@@ -1,7 +1,7 @@
 """What an experiment family hands the one trainer core.
 
 A task never copies the trainer (DESIGN.md). It supplies data, a model's variables, a
-``loss_fn(params, model_state, batch, rng) -> (loss, aux)``, evaluators and an end-of-run hook.
+``loss_fn(params, model_state, batch, rng, step) -> (loss, aux)``, evaluators and an end-of-run hook.
 """
 
 from __future__ import annotations
@@ -79,8 +79,12 @@ class Task(abc.ABC):
         """Linen variables (``params`` plus ``state_collections``), boxed with logical axes."""
 
     @abc.abstractmethod
-    def loss_fn(self, params, model_state, batch, rng) -> tuple[jax.Array, dict[str, Any]]:
-        """Returns ``(loss, {"metrics": {name: scalar}, "model_state": new_model_state})``."""
+    def loss_fn(self, params, model_state, batch, rng, step) -> tuple[jax.Array, dict[str, Any]]:
+        """Returns ``(loss, {"metrics": {name: scalar}, "model_state": new_model_state})``.
+
+        ``step`` is the optimizer step being computed (a traced int32 scalar), for schedules inside
+        the loss (e.g. DTF's scheduled router temperatures).
+        """
 
     @abc.abstractmethod
     def eval_fn(self, params, model_state, batch) -> dict[str, jax.Array]:

@@ -101,8 +101,8 @@ class LMTask(Task):
         nll, correct = token_nll(logits, batch["targets"], mask)
         return nll, correct, mask, aux
 
-    def loss_fn(self, params, model_state, batch, rng):
-        del rng  # the dense LM has no dropout or stochastic routing
+    def loss_fn(self, params, model_state, batch, rng, step):
+        del rng, step  # the dense LM has no dropout, stochastic routing or schedules
         nll, correct, mask, aux = self._forward(params, model_state, batch)
         count = jnp.maximum(mask.sum(), 1.0)
         loss = nll.sum() / count

@@ -108,7 +108,7 @@ class Trainer:
 
         with self._ctx():
             if self.accum == 1:
-                (loss, aux), grads = grad_fn(state.params, state.model_state, batch, rng)
+                (loss, aux), grads = grad_fn(state.params, state.model_state, batch, rng, state.step)
                 metrics, model_state = aux["metrics"], aux["model_state"]
             else:
                 # Micro-batch i takes rows i, i+A, i+2A, ...: every device keeps an equal share of
@@ -122,7 +122,7 @@ class Trainer:
                 def body(carry, xs):
                     g_acc, ms, i = carry
                     mb = xs
-                    (l, a), g = grad_fn(state.params, ms, mb, jax.random.fold_in(rng, i))
+                    (l, a), g = grad_fn(state.params, ms, mb, jax.random.fold_in(rng, i), state.step)
                     g_acc = jax.tree.map(lambda acc, gi: acc + gi.astype(jnp.float32), g_acc, g)
                     return (g_acc, a["model_state"], i + 1), (l, a["metrics"])
 
