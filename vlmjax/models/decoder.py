@@ -211,23 +211,7 @@ class Decoder(nn.Module):
         # static_argnums counts `self` as 0: (x=1, positions=2, attention_mask=3, decode=4).
         block = nn.remat(layers.DecoderBlock, static_argnums=(4,)) if c.remat else layers.DecoderBlock
         # A list attribute in setup names its modules layers_0, layers_1, ... (HF model.layers.{i}).
-        self.layers = [
-            block(
-                hidden_size=c.hidden_size,
-                intermediate_size=c.intermediate_size,
-                num_heads=c.num_attention_heads,
-                num_kv_heads=c.num_key_value_heads,
-                head_dim=c.head_dim,
-                rope_theta=c.rope_theta,
-                rms_norm_eps=c.rms_norm_eps,
-                attention_bias=c.attention_bias,
-                qk_norm=c.qk_norm,
-                initializer_range=c.initializer_range,
-                dtype=c.dtype,
-                param_dtype=c.param_dtype,
-            )
-            for _ in range(c.num_hidden_layers)
-        ]
+        self.layers = [block(**self.block_kwargs(i)) for i in range(c.num_hidden_layers)]
         self.norm = layers.RMSNorm(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         if not c.tie_word_embeddings:
             # HF lm_head.weight [V, D] -> kernel [D, V]; fp32 accumulation gives fp32 logits in bf16.
@@ -240,6 +224,26 @@ class Decoder(nn.Module):
                 preferred_element_type=jnp.float32,
             )
         self.decode_position = _DecodePosition()
+
+    def block_kwargs(self, index: int) -> dict[str, Any]:
+        """Constructor arguments of ``layers.DecoderBlock`` for layer ``index`` (routed decoders
+        subclass ``Decoder`` and build their blocks from the same arguments)."""
+        del index  # every layer has the same shape
+        c = self.config
+        return dict(
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_heads=c.num_attention_heads,
+            num_kv_heads=c.num_key_value_heads,
+            head_dim=c.head_dim,
+            rope_theta=c.rope_theta,
+            rms_norm_eps=c.rms_norm_eps,
+            attention_bias=c.attention_bias,
+            qk_norm=c.qk_norm,
+            initializer_range=c.initializer_range,
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+        )
 
     def embed(self, tokens: Array) -> Array:
         """tokens: [B, T] int -> embeddings [B, T, D] in the compute dtype."""
