@@ -9,14 +9,15 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def smoke_config(**overrides):
-    """configs/lm.py:smoke, unlocked overrides applied with dotted keys ("optim.lr": 1e-3)."""
+def load_config(name: str, variant: str | None = None, **overrides):
+    """configs/<name>.py:<variant>, with dotted overrides ("optim.lr": 1e-3) applied, then locked."""
+    import importlib  # pylint: disable=g-import-not-at-top
     sys.path.insert(0, ROOT)
     try:
-        from configs import lm as lm_config  # pylint: disable=g-import-not-at-top
+        module = importlib.import_module(f"configs.{name}")
     finally:
         sys.path.pop(0)
-    c = lm_config.get_config("smoke")
+    c = module.get_config(variant)
     for k, v in overrides.items():
         node = c
         *parents, leaf = k.split(".")
@@ -25,6 +26,11 @@ def smoke_config(**overrides):
         node[leaf] = v
     c.lock()
     return c
+
+
+def smoke_config(**overrides):
+    """configs/lm.py:smoke with dotted overrides."""
+    return load_config("lm", "smoke", **overrides)
 
 
 def run_module(args, env_extra=None, timeout=600):

@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 from vlmjax import sharding as shd
 from vlmjax.convert import core
 from vlmjax.convert.core import Spec
+from vlmjax.models import lora
 
 # model_type (config.json) -> module in vlmjax.convert implementing ``spec(hf, dtype) -> Spec``.
 # Families register here; the import is lazy so a missing optional family never breaks the others.
@@ -90,7 +91,20 @@ def load_params(path: str, spec: Spec, abstract_params, *, shardings=None,
 
 
 def save_hf(model: nn.Module, params, path: str) -> None:
-    """Writes ``path/config.json`` + ``path/model.safetensors`` that transformers loads."""
+    """Writes ``path/config.json`` + ``path/model.safetensors`` that transformers loads.
+
+    LoRA adapters (``lora_a`` / ``lora_b`` params) are merged into their kernels first
+    (``W + (lora_alpha / r) A B`` in fp32, ``lora_alpha`` from ``model.config``), so the checkpoint is
+    the fine-tuned model as a plain HF model.
+    """
+    params = nn.meta.unbox(params)
+    if lora.has_lora(params):
+        alpha = getattr(getattr(model, "config", None), "lora_alpha", None)
+        if alpha is None:
+            raise ValueError(f"params hold LoRA adapters but {type(model).__name__} has no "
+                             "config.lora_alpha to merge them with; merge first with "
+                             "vlmjax.models.lora.merge_lora(params, lora_alpha).")
+        params = lora.merge_lora(params, alpha)
     exporters = _exporters()
     for cls, fn in exporters.items():
         if isinstance(model, cls):

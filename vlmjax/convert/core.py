@@ -288,7 +288,9 @@ def load_params(
             f"  wrong shape ({len(mis_shaped)}): [{show(mis_shaped)}]\n"
             f"  unexpected in checkpoint ({len(unexpected)}): [{show(unexpected)}]\n"
             f"  model params with no tensor ({len(unmapped)}): [{show(unmapped)}]"
-            + (f"\n  mapping rules naming no model param: [{show(no_param)}]" if no_param else ""))
+            + (f"\n  mapping rules naming no model param: [{show(no_param)}]" if no_param else "")
+            + ("\n  (params the checkpoint cannot have, such as LoRA adapters or routers, keep their init "
+               "when skipped: vlmjax.tasks.base.load_pretrained(..., skip=(regex, ...)))" if unmapped else ""))
 
     out = {}
     for r in rules:

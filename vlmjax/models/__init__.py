@@ -16,6 +16,7 @@ from vlmjax.models.layers import (
     attention_mask_from_positions,
     dot_product_attention,
 )
+from vlmjax.models.lora import merge_lora
 
 __all__ = [
     "MLP",
@@ -30,4 +31,5 @@ __all__ = [
     "default_config",
     "dot_product_attention",
     "init_cache",
+    "merge_lora",
 ]

@@ -11,6 +11,10 @@ Parameter tree (HF name in brackets; see ``layers.py`` for the per-layer layouts
         norm/scale               [D]     [model.norm.weight]
         lm_head/kernel           [D, V]  [lm_head.weight.T]  (absent when tie_word_embeddings)
 
+With ``lora_rank = r > 0`` each projection named in ``lora_targets`` (e.g.
+``layers_{i}/self_attn/q_proj``) also holds ``lora_a [*in, r]`` and ``lora_b [r, *out]`` (no HF
+tensor: ``vlmjax.models.lora.merge_lora`` folds them into ``kernel``; ``convert.save_hf`` does so).
+
 Layers are a python loop of separately named modules (no ``nn.scan``) so routing variants can
 replace individual layers.
 """
@@ -56,6 +60,14 @@ def default_config() -> ml_collections.ConfigDict:
             param_dtype="float32",  # Storage dtype of the parameters.
             remat=False,  # Rematerialise each decoder layer in the backward pass (nn.remat).
             initializer_range=0.02,  # Std of the N(0, s^2) init of all matrices (HF convention).
+            # LoRA (Hu et al. 2021, arXiv 2106.09685) adapters on the projections named in
+            # lora_targets: W x + (lora_alpha / lora_rank) * B A dropout(x), B initialised to zero.
+            # lora_rank=0: none. Train only the adapters with config.optim.trainable=("lora_",); a
+            # pretrained checkpoint loads with the adapters skipped (tasks.base.load_pretrained).
+            lora_rank=0,
+            lora_alpha=0.0,  # Required > 0 when lora_rank > 0 (peft's default is 8; 2 * rank is common).
+            lora_dropout=0.0,  # Dropout on the adapter input, active when a "dropout" rng is passed.
+            lora_targets=layers.LORA_TARGETS,  # any of q/k/v/o_proj, gate/up/down_proj
             # A local HF checkpoint directory (llama / qwen2 / qwen3). When set, the architecture
             # fields above are taken from its config.json and the weights are loaded from it (the
             # task reads this field; it is not part of DecoderConfig). dtype still applies.
@@ -88,6 +100,10 @@ class DecoderConfig:
     param_dtype: Any = jnp.dtype(jnp.float32)
     remat: bool = False
     initializer_range: float = 0.02
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = layers.LORA_TARGETS
 
     def __post_init__(self):
         # Resolve head_dim=0 (HF default: hidden_size // num_attention_heads) once, here.
@@ -96,6 +112,9 @@ class DecoderConfig:
                 object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         object.__setattr__(self, "dtype", _parse_dtype("dtype", self.dtype))
         object.__setattr__(self, "param_dtype", _parse_dtype("param_dtype", self.param_dtype))
+        # Lists (JSON, command-line overrides) -> tuple, so the config stays hashable.
+        targets = self.lora_targets
+        object.__setattr__(self, "lora_targets", (targets,) if isinstance(targets, str) else tuple(targets))
 
     @classmethod
     def from_config(
@@ -168,6 +187,23 @@ class DecoderConfig:
         for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}.")
+        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be a non-negative integer (0 = no LoRA), got {self.lora_rank!r}.")
+        unknown = [t for t in self.lora_targets if t not in layers.LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"lora_targets has unknown projection(s) {unknown}; valid names: "
+                             f"{list(layers.LORA_TARGETS)}.")
+        if self.lora_rank > 0:
+            if not self.lora_alpha > 0:
+                raise ValueError(
+                    f"lora_rank={self.lora_rank} needs lora_alpha > 0 (adapters are scaled by "
+                    f"lora_alpha / lora_rank), got lora_alpha={self.lora_alpha!r}; e.g. set "
+                    f"lora_alpha={2 * self.lora_rank}.")
+            if not self.lora_targets:
+                raise ValueError(f"lora_rank={self.lora_rank} with empty lora_targets adds no adapter; "
+                                 f"name projections from {list(layers.LORA_TARGETS)} or set lora_rank=0.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         allowed = {jnp.dtype(d) for d in layers.DTYPES.values()}
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in allowed:
@@ -243,6 +279,10 @@ class Decoder(nn.Module):
             initializer_range=c.initializer_range,
             dtype=c.dtype,
             param_dtype=c.param_dtype,
+            lora_rank=c.lora_rank,
+            lora_alpha=c.lora_alpha,
+            lora_dropout=c.lora_dropout,
+            lora_targets=c.lora_targets,
         )
 
     def embed(self, tokens: Array) -> Array:
@@ -308,6 +348,8 @@ class Decoder(nn.Module):
             inputs_embeds: [B, T, D] embeddings (e.g. visual prefix + ``embed(text)`` concatenated).
             attention_mask: [B, T], 1 = real token, 0 = padding.
             decode: KV-cache mode: T > 1 prefills, T = 1 appends one token.
+
+        LoRA dropout (``lora_dropout > 0``) is applied only when ``apply`` gets a "dropout" rng.
 
         Returns:
             (logits [B, T, V] float32, aux flat dict of named intermediates; empty for the dense model).

@@ -26,6 +26,10 @@ Conventions (followed by every module here):
 - Sharding follows the flax logical-rules model: meshes with ``AxisType.Auto`` axes (jit
     in/out shardings + ``with_sharding_constraint``). ``AxisType.Explicit`` meshes are not supported:
     flax's ``with_logical_constraint`` asserts instead of resharding there.
+- LoRA (Hu et al. 2021, arXiv 2106.09685): with ``lora_rank > 0`` a ``DenseGeneral`` keeps its
+    ``kernel`` (so HF weights still load into it) and adds ``lora_a [*in_dims, r]`` and
+    ``lora_b [r, *features]`` (HF peft ``lora_A.weight.T`` / ``lora_B.weight.T``); the decoder picks
+    which projections get adapters by name (``LORA_TARGETS``). ``vlmjax/models/lora.py`` merges them.
 - Attention masks are built from *position ids*, not from array indices: a query at position p sees
     the keys at positions <= p. A block can therefore run on a gathered subset of tokens
     (Mixture-of-Depths: ``[B, k, D]`` with their original positions) and stay causal.
@@ -72,6 +76,31 @@ def _normal(stddev: float) -> nn.initializers.Initializer:
     return nn.initializers.normal(stddev=stddev)
 
 
+# Projections of a decoder layer that can carry LoRA adapters (HF peft ``target_modules`` names).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_a_init(key: Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> Array:
+    """HF peft's default ``lora_A`` init (``init_lora_weights=True``): ``kaiming_uniform_(a=sqrt(5))``.
+
+    For a torch weight ``[r, fan_in]`` that is U(-1/sqrt(fan_in), 1/sqrt(fan_in)); here ``shape`` is
+    ``[*in_dims, r]`` and ``fan_in = prod(in_dims)``.
+    """
+    fan_in = 1
+    for d in shape[:-1]:
+        fan_in *= d
+    bound = 1.0 / fan_in**0.5
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _lora_kwargs(module: nn.Module, name: str) -> dict[str, Any]:
+    """The ``DenseGeneral`` LoRA arguments for projection ``name`` of ``module`` (which has the
+    ``lora_*`` fields): its rank/alpha/dropout if ``name`` is in ``lora_targets``, else none."""
+    if not module.lora_rank or name not in module.lora_targets:
+        return {}
+    return {"lora_rank": module.lora_rank, "lora_alpha": module.lora_alpha, "lora_dropout": module.lora_dropout}
+
+
 class DenseGeneral(nn.Module):
     """Linear map contracting the input ``axis`` dims with a kernel ``[*in_dims, *features]``.
 
@@ -79,6 +108,15 @@ class DenseGeneral(nn.Module):
     the initializer sees the full kernel shape, so ``nn.with_logical_partitioning`` metadata with one
     name per kernel axis stays valid while a mesh and logical rules are active (as MaxText's
     ``DenseGeneral``). Bias, if any, has shape ``features``.
+
+    LoRA (Hu et al. 2021), when ``lora_rank = r > 0``: two more params, ``lora_a [*in_dims, r]``
+    (logical axes: the kernel's input axes + None; HF peft's kaiming-uniform init, ``lora_a_init``)
+    and ``lora_b [r, *features]`` (None + the kernel's output axes; zeros, so a fresh adapter is an
+    exact no-op), and the output becomes
+    ``x W (+ bias) + (alpha / r) * dropout(x) A B``, the low-rank term computed in ``dtype``.
+    The dropout (rate ``lora_dropout``, on the adapter input only, as peft) is active only when the
+    caller passes a "dropout" rng (``apply(..., rngs={"dropout": key})``); without one the layer is
+    deterministic. ``kernel`` keeps its name and shape, so HF checkpoints load unchanged.
     """
 
     features: int | tuple[int, ...]
@@ -90,6 +128,9 @@ class DenseGeneral(nn.Module):
     param_dtype: Dtype = jnp.float32
     # fp32 for the output logits: bf16 inputs, fp32 accumulation and result.
     preferred_element_type: Dtype | None = None
+    lora_rank: int = 0  # r; 0 = no adapter
+    lora_alpha: float = 0.0  # the adapter's output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapter's input (needs a "dropout" rng)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -125,7 +166,52 @@ class DenseGeneral(nn.Module):
                 self.param_dtype,
             )
             y = y + bias.astype(y.dtype)
+        if self.lora_rank:
+            y = y + self._lora(x, axis, features, y.dtype)
         return y
+
+    def _lora(self, x: Array, axis: tuple[int, ...], features: tuple[int, ...], out_dtype: Dtype) -> Array:
+        """The LoRA term ``(alpha / r) * dropout(x) A B``: [..., *features] in ``out_dtype``."""
+        r = self.lora_rank
+        if not isinstance(r, int) or r < 0:
+            raise ValueError(f"lora_rank must be a non-negative integer, got {r!r}.")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_rank={r} needs lora_alpha > 0 (the adapter is scaled by alpha / r), "
+                             f"got {self.lora_alpha!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        n_in = len(axis)
+        in_dims = tuple(x.shape[a] for a in axis)
+        # HF peft lora_A.weight [r, in] -> lora_a [*in_dims, r]; lora_B.weight [out, r] -> lora_b [r, *out].
+        lora_a = self.param(
+            "lora_a",
+            nn.with_logical_partitioning(lora_a_init, tuple(self.kernel_axes[:n_in]) + (None,)),
+            in_dims + (r,),
+            self.param_dtype,
+        )
+        lora_b = self.param(
+            "lora_b",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,) + tuple(self.kernel_axes[n_in:])),
+            (r,) + features,
+            self.param_dtype,
+        )
+        if self.lora_dropout > 0:
+            x = nn.Dropout(rate=self.lora_dropout, name="lora_dropout")(
+                x, deterministic=not self.has_rng("dropout")
+            )
+        h = jax.lax.dot_general(  # [..., r]
+            x.astype(self.dtype),
+            lora_a.astype(self.dtype),
+            ((axis, tuple(range(n_in))), ((), ())),
+        )
+        h = h * jnp.asarray(self.lora_alpha / r, h.dtype)  # scale the rank-r side: cheapest place
+        out = jax.lax.dot_general(  # [..., *features]
+            h,
+            lora_b.astype(self.dtype),
+            (((h.ndim - 1,), (0,)), ((), ())),
+            preferred_element_type=self.preferred_element_type,
+        )
+        return out.astype(out_dtype)
 
 
 def quick_gelu(x: Array) -> Array:
@@ -325,6 +411,11 @@ class Attention(nn.Module):
     initializer_range: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    # LoRA adapters on the projections named in lora_targets (see DenseGeneral); rank 0 = none.
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     @nn.compact
     def __call__(
@@ -346,6 +437,7 @@ class Attention(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=name,
+                **_lora_kwargs(self, name),
             )
 
         # HF q_proj/k_proj/v_proj: weight [heads*Dh, D] -> kernel [D, heads, Dh]; bias [heads, Dh].
@@ -384,6 +476,7 @@ class Attention(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="o_proj",
+            **_lora_kwargs(self, "o_proj"),
         )(out)
 
     def _update_cache(
@@ -434,6 +527,11 @@ class MLP(nn.Module):
     initializer_range: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    # LoRA adapters on the projections named in lora_targets (see DenseGeneral); rank 0 = none.
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -446,6 +544,7 @@ class MLP(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=name,
+                **_lora_kwargs(self, name),
             )
 
         gate = dense("gate_proj", self.intermediate_size, ("embed", "mlp"))(x)
@@ -477,6 +576,11 @@ class DecoderBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     return_update: bool = False
+    # LoRA adapters on the projections named in lora_targets (see DenseGeneral); rank 0 = none.
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     @nn.compact
     def __call__(
@@ -494,6 +598,8 @@ class DecoderBlock(nn.Module):
             eps=self.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
         x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
+        lora = {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
+                "lora_targets": tuple(self.lora_targets)}
         h = Attention(
             num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads,
@@ -506,6 +612,7 @@ class DecoderBlock(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="self_attn",
+            **lora,
         )(norm("input_layernorm")(x), positions, attention_mask, decode)
         h_attn, x = h, x + h
         h = MLP(
@@ -514,6 +621,7 @@ class DecoderBlock(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="mlp",
+            **lora,
         )(norm("post_attention_layernorm")(x))
         x = h_attn + h if self.return_update else x + h
         x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))

@@ -17,9 +17,9 @@ def register(name: str, cls: type) -> None:
 
 def _registry():
     # Imported lazily so that `import vlmjax.tasks` stays light.
-    from vlmjax.tasks import lm  # pylint: disable=g-import-not-at-top
+    from vlmjax.tasks import lm, routed_lm  # pylint: disable=g-import-not-at-top
 
-    return {"lm": lm.LMTask, **_EXTRA}
+    return {"lm": lm.LMTask, "routed_lm": routed_lm.RoutedLMTask, **_EXTRA}
 
 
 def build(config, workdir: str | None) -> Task:

@@ -7,22 +7,38 @@ A task never copies the trainer (DESIGN.md). It supplies data, a model's variabl
 from __future__ import annotations
 
 import abc
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
 
-def load_pretrained(entries, abstract_params, shardings) -> dict[str, Any]:
+def load_pretrained(entries, abstract_params, shardings, skip=()) -> dict[str, Any]:
     """Loads HF checkpoint directories into subtrees of the param tree (any backbone family).
 
     entries: ``[(subtree_path, hf_dir), ...]``; ``subtree_path`` is 'a/b' inside params ('' = the
       whole tree), e.g. ``[("vision", "/ckpt/siglip-so400m"), ("decoder", "/ckpt/Qwen2.5-0.5B")]``.
-      The module at that path must be the one ``vlmjax.convert.build(hf_dir)`` builds (same config).
+      The module at that path must be the one ``vlmjax.convert.build(hf_dir)`` builds (same config),
+      apart from the params ``skip`` removes.
+    skip: regexes (``re.search``) on full param paths 'decoder/layers_0/self_attn/q_proj/lora_a' (the
+      ``config.optim.frozen`` style). Matching params are not looked for in the checkpoint and keep their
+      init: params the pretrained model does not have, e.g. LoRA adapters (``("lora_",)``) or routers.
+      Any other param without a checkpoint tensor is still the converter's error.
     Returns a partial params tree with each tensor placed with its sharding; the trainer overrides
     the random init with it. Shape or name mismatches raise the converter's one clear error.
     """
     from vlmjax import convert  # pylint: disable=g-import-not-at-top  (transformers-free until used)
+
+    if isinstance(skip, str):
+        raise TypeError(f"load_pretrained(skip={skip!r}): skip is a tuple of regexes, e.g. ({skip!r},).")
+    patterns = []
+    for p in skip:
+        try:
+            patterns.append(re.compile(p))
+        except re.error as e:
+            raise ValueError(f"load_pretrained(skip=...): {p!r} is not a valid regular expression ({e}).") from e
 
     def sub(tree, path):
         for k in [p for p in path.split("/") if p]:
@@ -31,10 +47,27 @@ def load_pretrained(entries, abstract_params, shardings) -> dict[str, Any]:
             tree = tree[k]
         return tree
 
+    def drop_skipped(tree, prefix):
+        """``tree`` without the leaves whose full path matches ``skip`` (emptied dicts removed too)."""
+        if tree is None or not patterns:
+            return tree
+        out = {}
+        for k, v in tree.items():
+            name = f"{prefix}/{k}" if prefix else str(k)
+            if isinstance(v, Mapping):
+                kept = drop_skipped(v, name)
+                if kept:
+                    out[k] = kept
+            elif not any(r.search(name) for r in patterns):
+                out[k] = v
+        return out
+
     out: dict[str, Any] = {}
     for path, hf_dir in entries:
-        loaded = convert.load_params(hf_dir, convert.build(hf_dir), sub(abstract_params, path),
-                                     shardings=sub(shardings, path))
+        prefix = "/".join(p for p in path.split("/") if p)
+        abstract = drop_skipped(sub(abstract_params, path), prefix)
+        sharding = drop_skipped(sub(shardings, path) if shardings is not None else None, prefix)
+        loaded = convert.load_params(hf_dir, convert.build(hf_dir), abstract, shardings=sharding)
         keys = [p for p in path.split("/") if p]
         if not keys:
             out.update(loaded)
@@ -102,6 +135,11 @@ class Task(abc.ABC):
         """
         del abstract_params, shardings
         return None
+
+    def log_summary(self, metrics: dict[str, float]) -> str:
+        """Extra text for the training log line from this interval's metrics (e.g. router stats)."""
+        del metrics
+        return ""
 
     def units_per_step(self, global_batch_size: int) -> int:
         return global_batch_size

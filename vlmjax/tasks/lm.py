@@ -23,7 +23,11 @@ from vlmjax import convert
 from vlmjax import data as data_lib
 from vlmjax.models import decoder as decoder_lib
 from vlmjax.models import generate as generate_lib
+from vlmjax.models import lora as lora_lib
 from vlmjax.tasks.base import Task, load_pretrained
+from vlmjax.train.config import base_config
+
+LM_VARIANTS = ("default", "smoke", "smollm2_135m")
 
 
 def sample_config() -> ml_collections.ConfigDict:
@@ -33,6 +37,77 @@ def sample_config() -> ml_collections.ConfigDict:
         temperature=0.7,         # 0 = greedy
         top_p=0.9,
     ))
+
+
+def lm_config(variant: str = "default") -> ml_collections.ConfigDict:
+    """The ``configs/lm.py`` experiment (routed configs start from the same sizes)."""
+    if variant not in LM_VARIANTS:
+        raise ValueError(f"configs/lm.py:{variant} is not a variant; choose one of {LM_VARIANTS}.")
+    c = base_config()
+    c.task = "lm"
+    c.data = data_lib.default_config()
+    c.data.source = "embedded"
+    c.data.tokenizer = "bpe"
+    c.data.bpe_vocab_size = 2048
+    c.data.seq_len = 128
+
+    c.model = decoder_lib.default_config()
+    c.model.update(dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                        rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=2048))
+    c.sample = sample_config()
+
+    c.total_steps = 500
+    c.batch_size = 32
+    c.log_every = 50
+    c.eval_every = 200
+    c.ckpt_every = 200
+    c.eval.max_batches = 16
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 50
+    c.optim.weight_decay = 0.1
+
+    if variant == "smoke":
+        c.data.tokenizer = "bytes"
+        c.data.seq_len = 32
+        c.model.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+        c.total_steps = 6
+        c.batch_size = 8
+        c.log_every = 1
+        c.eval_every = 3
+        c.ckpt_every = 3
+        c.eval.max_batches = 2
+        c.optim.warmup_steps = 2
+        c.sample.max_new_tokens = 8
+    elif variant == "smollm2_135m":
+        c.model = decoder_lib.default_config()  # SmolLM2-135M shape
+        c.model.dtype = "bfloat16"
+        c.data.tokenizer = "bpe"
+        c.data.bpe_vocab_size = 49152
+        c.data.seq_len = 2048
+        c.total_steps = 20000
+        c.batch_size = 256
+        c.optim.lr = 3e-3
+        c.optim.warmup_steps = 1000
+        c.eval_every = 1000
+        c.ckpt_every = 1000
+        c.log_every = 100
+    return c
+
+
+# Decoder config fields that describe how to train, not the architecture: they apply on top of a
+# pretrained checkpoint's config.json.
+_TRAINING_FIELDS = ("remat", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def init_from(config) -> str:
+    """The HF checkpoint directory to start from: ``config.init_from`` (or ``config.model.init_from``)."""
+    top = config.get("init_from", "") or ""
+    model = config.model.get("init_from", "") or ""
+    if top and model and top != model:
+        raise ValueError(f"config.init_from={top!r} and config.model.init_from={model!r} disagree; set one.")
+    return top or model
 
 
 def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array):
@@ -47,12 +122,12 @@ class LMTask(Task):
 
     def __init__(self, config, workdir):
         super().__init__(config, workdir)
-        self.init_from = config.model.get("init_from", "")
+        self.init_from = init_from(config)
         data_cfg = config.data
         if self.init_from:
             if data_cfg.tokenizer != "hf":
                 raise ValueError(
-                    f"config.model.init_from={self.init_from!r} loads a pretrained decoder, whose embedding "
+                    f"init_from={self.init_from!r} loads a pretrained decoder, whose embedding "
                     f"table needs its own token ids: set config.data.tokenizer='hf' (not "
                     f"{data_cfg.tokenizer!r}).")
             if not data_cfg.tokenizer_path:
@@ -62,21 +137,29 @@ class LMTask(Task):
         self.tokenizer = self.data.tokenizer
         self.seq_len = int(config.data.seq_len)
         if self.init_from:
-            # Architecture from the checkpoint's config.json; compute dtype / remat from our config.
+            # Architecture from the checkpoint's config.json; compute dtype, remat and adapters (LoRA)
+            # from our config.
             self.spec = convert.build(self.init_from, dtype=config.model.dtype)
-            self.model_config = dataclasses.replace(self.spec.module.config, remat=bool(config.model.remat))
+            keep = {k: config.model[k] for k in _TRAINING_FIELDS if k in config.model}
+            self.model_config = dataclasses.replace(self.spec.module.config, **keep)
+            self.model_config.validate()
             if self.model_config.vocab_size < self.tokenizer.vocab_size:
                 raise ValueError(f"{self.init_from}: vocab_size {self.model_config.vocab_size} < tokenizer's "
                                  f"{self.tokenizer.vocab_size}.")
         else:
             self.model_config = decoder_lib.DecoderConfig.from_config(
                 config.model, vocab_size=self.tokenizer.vocab_size)
-        self.model = decoder_lib.Decoder(self.model_config)
+        self.model = self.build_model(self.model_config)
+
+    def build_model(self, model_config):
+        """The Linen module trained by this task (subclasses: routed decoders)."""
+        return decoder_lib.Decoder(model_config)
 
     def pretrained_params(self, abstract_params, shardings):
         if not self.init_from:
             return None
-        return load_pretrained([("", self.init_from)], abstract_params, shardings)
+        return load_pretrained([("", self.init_from)], abstract_params, shardings,
+                               skip=(lora_lib.LORA_REGEX,) if self.model_config.lora_rank else ())
 
     # ---- data ---------------------------------------------------------------------------
     def train_dataset(self, *, global_batch_size, seed, process_index, process_count):
@@ -95,15 +178,17 @@ class LMTask(Task):
     def init_variables(self, rng):
         return self.model.init(rng, jnp.zeros((1, self.seq_len), jnp.int32))
 
-    def _forward(self, params, model_state, batch):
-        logits, aux = self.model.apply({"params": params, **model_state}, batch["inputs"])
+    def _forward(self, params, model_state, batch, rng=None):
+        # rng: the "dropout" stream (LoRA dropout); None = deterministic (evaluation).
+        rngs = {"dropout": rng} if rng is not None else {}
+        logits, aux = self.model.apply({"params": params, **model_state}, batch["inputs"], rngs=rngs)
         mask = batch["loss_mask"].astype(jnp.float32)
         nll, correct = token_nll(logits, batch["targets"], mask)
         return nll, correct, mask, aux
 
     def loss_fn(self, params, model_state, batch, rng, step):
-        del rng, step  # the dense LM has no dropout, stochastic routing or schedules
-        nll, correct, mask, aux = self._forward(params, model_state, batch)
+        del step  # the dense LM has no schedules; rng only drives LoRA dropout (if lora_dropout > 0)
+        nll, correct, mask, aux = self._forward(params, model_state, batch, rng)
         count = jnp.maximum(mask.sum(), 1.0)
         loss = nll.sum() / count
         metrics = {"loss": loss, "accuracy": correct.sum() / count,
@@ -127,14 +212,18 @@ class LMTask(Task):
 
     # ---- end of run ---------------------------------------------------------------------
     def on_end(self, state, mesh) -> dict[str, Any]:
+        return self.sample(state.params)
+
+    def sample(self, params, model_state=None) -> dict[str, Any]:
+        """Continues ``config.sample.prompt`` with the KV-cache generator; prints and returns it."""
         cfg = self.config.sample
         if not cfg.prompt or cfg.max_new_tokens <= 0:
             return {}
         prompt = np.asarray(self.tokenizer.encode(cfg.prompt), np.int32)[None, :]
         out = generate_lib.generate(
-            self.model, state.params, jnp.asarray(prompt), max_new_tokens=int(cfg.max_new_tokens),
+            self.model, params, jnp.asarray(prompt), max_new_tokens=int(cfg.max_new_tokens),
             rng=jax.random.PRNGKey(self.config.seed), temperature=float(cfg.temperature),
-            top_p=float(cfg.top_p))
+            top_p=float(cfg.top_p), model_state=model_state)
         if jax.process_count() > 1:
             out = multihost_utils.process_allgather(out, tiled=True)
         text = self.tokenizer.decode(np.asarray(jax.device_get(out))[0].tolist())

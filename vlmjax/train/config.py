@@ -16,6 +16,9 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "lm"                 # which vlmjax.tasks family builds model, loss and evaluators
     c.seed = 0
+    # A pretrained checkpoint to start from (a local HF directory of config.json + safetensors); the
+    # task decides which part of the model it initialises. '' = random init.
+    c.init_from = ""
     c.total_steps = 1000          # optimizer updates; the lr schedule spans exactly these
     c.batch_size = 32             # GLOBAL batch (all processes and devices)
     c.log_every = 50

@@ -4,6 +4,9 @@ Groups are chosen by regular expressions on the parameter path ``"layers_0/attn/
 (big_vision ``optax.py``; deepmind/gemma ``peft``), so freezing a backbone or giving the projector a
 10x learning rate is a config line, never a code edit. Non-finite updates are skipped with
 ``optax.apply_if_finite``, whose state keeps the counters the trainer logs.
+
+``frozen`` freezes the params its regexes match; ``trainable`` (if set) freezes all the others, so
+"train only the LoRA adapters" is ``trainable=("lora_",)``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ def default_config() -> ml_collections.ConfigDict:
         grad_accum_steps=1,      # micro-batches per optimizer step (scanned inside the step)
         # Tuples of regexes (re.search on "a/b/kernel" paths). Frozen params get no update and no state.
         frozen=(),
+        # The complement: if non-empty, every param matching none of these is frozen, e.g.
+        # ("lora_",) trains only LoRA adapters (parameter-efficient fine-tuning, deepmind/gemma peft);
+        # ("lora_", "router") adds routers. frozen still applies on top. () = everything trains.
+        trainable=(),
         # Tuples of (regex, lr multiplier); the first match wins; unmatched params use multiplier 1.
         lr_groups=(),
         # Non-finite grads: the update is skipped and counted; after this many consecutive skips the
@@ -54,6 +61,8 @@ def path_str(path) -> str:
 
 
 def _compile(patterns, field):
+    if isinstance(patterns, str):
+        raise TypeError(f"config.optim.{field}={patterns!r} must be a tuple of regexes, e.g. ({patterns!r},).")
     out = []
     for p in patterns:
         try:
@@ -66,6 +75,7 @@ def _compile(patterns, field):
 def param_labels(params, optim_cfg) -> Any:
     """Tree of group labels ('frozen', 'default', 'group_i') with the structure of ``params``."""
     frozen = _compile(optim_cfg.frozen, "frozen")
+    trainable = _compile(optim_cfg.get("trainable", ()) or (), "trainable")
     groups = []
     for i, item in enumerate(optim_cfg.lr_groups):
         if len(item) != 2:
@@ -76,6 +86,8 @@ def param_labels(params, optim_cfg) -> Any:
         name = path_str(path)
         if any(r.search(name) for r in frozen):
             return FROZEN
+        if trainable and not any(r.search(name) for r in trainable):
+            return FROZEN
         for i, (r, _) in enumerate(groups):
             if r.search(name):
                 return f"group_{i}"
@@ -84,10 +96,12 @@ def param_labels(params, optim_cfg) -> Any:
     labels = jax.tree_util.tree_map_with_path(label, params)
     # A frozen pattern that matches nothing is almost always a typo; say so instead of training all.
     paths = [path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    for r in frozen:
-        if not any(r.search(n) for n in paths):
-            raise ValueError(f"config.optim.frozen: {r.pattern!r} matches no parameter. Paths look like "
-                             f"{paths[0]!r}.")
+    for field, patterns in (("frozen", frozen), ("trainable", trainable)):
+        for r in patterns:
+            if not any(r.search(n) for n in paths):
+                raise ValueError(f"config.optim.{field}: {r.pattern!r} matches no parameter. Paths look like "
+                                 f"{paths[0]!r}" + (" (LoRA adapters exist only with config.model.lora_rank > 0)"
+                                                    if "lora" in r.pattern else "") + ".")
     return labels
 
 

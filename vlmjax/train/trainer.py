@@ -352,6 +352,8 @@ def run(config, workdir: str) -> dict[str, Any]:
                         f"gnorm {rec['grad_norm']:.3f} {units_per_step / dt:,.0f} {task.units}/s "
                         f"step {dt * 1e3:.1f}ms data-wait {100 * rec['data_wait_frac']:.1f}% "
                         f"ETA {metrics_lib.format_eta(eta)}")
+                extra = task.log_summary(rec)
+                line += f" | {extra}" if extra else ""
                 writer.write(step, rec, line=line)
                 last_train = rec
                 t_last, wait_s, steps_since = time.perf_counter(), 0.0, 0

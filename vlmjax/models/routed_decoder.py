@@ -1,0 +1,360 @@
+"""Decoder with routed layers: Mixture-of-Depths, DTF (surprise-routed) and TDTF (temporal).
+
+``RoutedDecoder`` is the dense ``Decoder`` (same parameter names, so HF Llama/Qwen checkpoints load
+into ``embed_tokens``, ``layers_{i}``, ``norm``, ``lm_head``) plus per-routed-layer routers
+``routers_{i}`` and, in decode mode, per-layer stream state in the "cache" collection. Spec:
+``shared/specs/routing.md``; the primitives are in ``routing.py``.
+
+Selection modes (``mode=``):
+  - ``"topk"``: the k = floor(capacity T) best tokens of the whole sequence (training; it looks at
+    future tokens, so its perplexity is not a valid autoregressive score);
+  - ``"causal"``: each token decided by its causal router (sigmoid(logit) > 0.5), at most the first
+    floor(causal_capacity T) per sequence. Decoding (``decode=True``) always uses it.
+
+Layer roles for ``every=2, offset=1`` on 4 layers:
+  mod:  dense, mod, dense, mod      (x_i + r_i Block(X_sel)_i on the chosen tokens)
+  dtf:  decision, dtf, decision, dtf (decision = dense block + PriorFFN; dtf = G-gated routed block)
+  tdtf: dense, tdtf, dense, tdtf    (teacher dense block + transition net in training)
+
+Non-trainable state: ``router_state`` (checkpointed with the train state): ``progress`` (fraction of
+training done, for scheduled betas) and per surprise router the long-run mean of D_st, used as the
+moving average of a stream's first token (no history yet). Decode-mode "cache" per routed layer: the
+MA window (last ``ma_window`` D_st values), the previous token's state for the causal router and, in
+TDTF, the previous token's final state for the transition network; a sequence fed in chunks or token
+by token therefore sees the same MA and decisions as in one piece.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlmjax.models import decoder as decoder_lib
+from vlmjax.models import layers
+from vlmjax.models import routing as R
+
+Array = jax.Array
+sg = jax.lax.stop_gradient
+
+
+class PreviousToken(nn.Module):
+    """x [B, T, D] -> x shifted one token right (row t holds x_{t-1}; x_{-1} = 0, padding -> 0).
+
+    In decode mode the last token of each call is kept in the "cache" collection ("last"), so the
+    next call's first token sees it.
+    """
+
+    @nn.compact
+    def __call__(self, x: Array, valid: Array, decode: bool) -> Array:
+        b, _, d = x.shape
+        first = jnp.zeros((b, 1, d), x.dtype)
+        first_valid = jnp.zeros((b, 1), jnp.bool_)
+        if decode:
+            initialized = self.has_variable("cache", "last")
+            last = self.variable("cache", "last", jnp.zeros, (b, 1, d), x.dtype)
+            last_valid = self.variable("cache", "last_valid", jnp.zeros, (b, 1), jnp.bool_)
+            first, first_valid = last.value, last_valid.value
+            if initialized:
+                last.value, last_valid.value = x[:, -1:], valid[:, -1:]
+        prev = jnp.concatenate([first, x[:, :-1]], axis=1)
+        prev_valid = jnp.concatenate([first_valid, valid[:, :-1]], axis=1)
+        return jnp.where(prev_valid[..., None], prev, 0).astype(x.dtype)
+
+
+class MovingAverageState(nn.Module):
+    """Causal moving average of D_st over the previous ``window`` slots (``routing.causal_moving_average``);
+    in decode mode the last ``window`` slots are carried in the "cache" collection."""
+
+    window: int
+
+    @nn.compact
+    def __call__(self, values: Array, valid: Array, decode: bool) -> tuple[Array, Array]:
+        """values, valid: [B, T] -> (ma [B, T], count [B, T])."""
+        b = values.shape[0]
+        shape = (b, self.window)
+        if decode:
+            initialized = self.has_variable("cache", "values")
+            hist_v = self.variable("cache", "values", jnp.zeros, shape, jnp.float32)
+            hist_m = self.variable("cache", "valid", jnp.zeros, shape, jnp.bool_)
+            ma, count, new_v, new_m = R.causal_moving_average(values, valid, self.window, hist_v.value,
+                                                              hist_m.value)
+            if initialized:
+                hist_v.value, hist_m.value = new_v, new_m
+            return ma, count
+        ma, count, _, _ = R.causal_moving_average(values, valid, self.window, jnp.zeros(shape, jnp.float32),
+                                                  jnp.zeros(shape, jnp.bool_))
+        return ma, count
+
+
+class RoutedDecoder(decoder_lib.Decoder):
+    """Decoder-only LM with MoD / DTF / TDTF routed layers (see the module docstring)."""
+
+    routing: R.RoutingConfig = R.RoutingConfig()
+
+    def setup(self):
+        super().setup()
+        c, rc = self.config, self.routing
+        rc.validate(c.num_hidden_layers)
+        roles = rc.roles(c.num_hidden_layers)
+        routers, ma, prev, prev_final = {}, {}, {}, {}
+        for i, role in enumerate(roles):
+            key = str(i)
+            if role == "mod":
+                hidden = rc.predictor_hidden or max(8, c.hidden_size // 8)
+                routers[key] = R.MoDRouter(predictor=rc.mod_causal == "predictor", predictor_hidden=hidden,
+                                           initializer_range=c.initializer_range, param_dtype=c.param_dtype)
+            elif role in ("dtf", "tdtf"):
+                routers[key] = R.SurpriseRouter(rc, eps=c.rms_norm_eps, initializer_range=c.initializer_range,
+                                                dtype=c.dtype, param_dtype=c.param_dtype)
+                ma[key] = MovingAverageState(rc.ma_window)
+                prev[key] = PreviousToken()
+                if role == "tdtf":
+                    prev_final[key] = PreviousToken()
+        self.roles = roles
+        self.routers = routers
+        self.moving_average = ma
+        self.previous = prev
+        self.previous_final = prev_final
+        self.progress = self.variable(R.ROUTER_STATE, "progress", lambda: jnp.zeros((), jnp.float32))
+
+    def block_kwargs(self, index: int) -> dict[str, Any]:
+        # Every block returns its residual update; the routing code adds it (gated where routed).
+        return {**super().block_kwargs(index), "return_update": True}
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _progress(self, progress: Array | float | None) -> Array:
+        if progress is None:
+            return self.progress.value
+        progress = jnp.asarray(progress, jnp.float32)
+        if self.is_mutable_collection(R.ROUTER_STATE) and not self.is_initializing():
+            self.progress.value = progress
+        return progress
+
+    def _d_ch(self, a: Array, b: Array) -> Array:
+        """D_ch: (1/d)||a - b||^2 (mse) or (1/d) KL(N(a, s^2 I) || N(b, s^2 I)) = that / (2 s^2) (kl)."""
+        d = R.mean_sq(a, b)
+        return d if self.routing.d_ch == "mse" else d / (2.0 * self.routing.kl_variance)
+
+    def _ma(self, key: str, router: R.SurpriseRouter, d_st: Array, has_value: Array, decode: bool) -> Array:
+        """MA of stop-gradient D_st; a token with no earlier value in its window uses the long-run
+        mean (router_state), or before any training its own D_st (CU = (1 - m_cu) D_st)."""
+        ma, count = self.moving_average[key](sg(d_st), has_value, decode)
+        fallback = jnp.where(router.has_history(), router.ma_fallback(), sg(d_st))
+        return jnp.where(count > 0, ma, fallback)
+
+    def _sow(self, key: str, values: dict[str, Array]) -> None:
+        """Per-token router intermediates ([B, T]) into "intermediates" when that collection is
+        mutable (tests, analysis notebooks); free otherwise."""
+        self.sow("intermediates", f"router_{key}", {k: v for k, v in values.items() if v.ndim == 2})
+
+    # -- forward -----------------------------------------------------------------------------------
+    def backbone(
+        self,
+        inputs_embeds: Array,
+        *,
+        positions: Array | None = None,
+        attention_mask: Array | None = None,
+        decode: bool = False,
+        mode: str = "topk",
+        progress: Array | float | None = None,
+    ) -> tuple[Array, dict[str, Array]]:
+        """Runs the (routed) layers and the final norm.
+
+        Args:
+            inputs_embeds: [B, T, D]; positions, attention_mask, decode: as ``Decoder.backbone``.
+            mode: "topk" | "causal" selection (decode forces "causal").
+            progress: fraction of training done in [0, 1] (scheduled betas); stored in
+                ``router_state`` when that collection is mutable, read from it when None.
+
+        Returns:
+            (hidden [B, T, D], aux): per routed layer i ``router/{i}/<stat>`` telemetry scalars and
+            the loss terms ``loss/prior``, ``loss/causal``, ``loss/tpn`` and their weighted sum
+            ``router_loss`` (add it to the LM loss).
+        """
+        if mode not in ("topk", "causal"):
+            raise ValueError(f"mode={mode!r}: use 'topk' (training) or 'causal' (autoregressive).")
+        if decode:
+            mode = "causal"
+        c, rc = self.config, self.routing
+        b, t = inputs_embeds.shape[:2]
+        x = inputs_embeds.astype(c.dtype)
+        start = self.decode_position(t) if decode else 0
+        if positions is None:
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
+        positions = nn.with_logical_constraint(positions, (layers.ACT_BATCH, layers.ACT_LEN))
+        valid = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
+        prog = self._progress(progress)
+
+        aux: dict[str, Array] = {}
+        losses: dict[str, list[Array]] = collections.defaultdict(list)
+        pending = None  # (D_st, D_ch) of the decision layer before a DTF dynamic layer
+        for i, (layer, role) in enumerate(zip(self.layers, self.roles)):
+            key = str(i)
+            if role == "dense":
+                update, _ = layer(x, positions, attention_mask, decode)
+                x = x + update
+            elif role == "decision":
+                router = self.routers[str(i + 1)]
+                update, _ = layer(x, positions, attention_mask, decode)
+                h_orig, h_post = x, x + update
+                h_prior = router.predict(h_orig)                       # H + PriorFFN(RMSNorm(H))
+                losses["prior"].append(R.masked_mean(R.mean_sq(h_prior, sg(h_post)), valid))
+                pending = (R.mean_sq(update), self._d_ch(h_post, h_prior))  # D_st, D_ch: [B, T]
+                x = h_post
+            elif role == "mod":
+                x, stats = self._mod_layer(key, layer, x, positions, attention_mask, valid, decode, mode, losses)
+                aux.update({f"router/{i}/{k}": v for k, v in stats.items()})
+            elif role == "dtf":
+                x, stats = self._dtf_layer(key, layer, x, positions, attention_mask, valid, decode, mode, prog,
+                                           pending, losses)
+                aux.update({f"router/{i}/{k}": v for k, v in stats.items()})
+            else:  # tdtf
+                x, stats = self._tdtf_layer(key, layer, x, positions, attention_mask, valid, decode, mode, prog,
+                                            losses)
+                aux.update({f"router/{i}/{k}": v for k, v in stats.items()})
+
+        zero = jnp.zeros((), jnp.float32)
+        mean = lambda name: jnp.mean(jnp.stack(losses[name])) if losses[name] else zero
+        aux["loss/prior"], aux["loss/causal"], aux["loss/tpn"] = mean("prior"), mean("causal"), mean("tpn")
+        aux["router_loss"] = (rc.lambda_prior * aux["loss/prior"] + rc.lambda_causal * aux["loss/causal"]
+                              + rc.lambda_tpn * aux["loss/tpn"])
+        return self.norm(x), aux
+
+    def __call__(
+        self,
+        tokens: Array | None = None,
+        *,
+        positions: Array | None = None,
+        inputs_embeds: Array | None = None,
+        attention_mask: Array | None = None,
+        decode: bool = False,
+        mode: str = "topk",
+        progress: Array | float | None = None,
+    ) -> tuple[Array, dict[str, Array]]:
+        """Causal LM forward: (logits [B, T, V] float32, aux); arguments as ``backbone``/``Decoder``."""
+        if (tokens is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of tokens [B, T] or inputs_embeds [B, T, D].")
+        x = self.embed(tokens) if inputs_embeds is None else inputs_embeds
+        hidden, aux = self.backbone(x, positions=positions, attention_mask=attention_mask, decode=decode,
+                                    mode=mode, progress=progress)
+        return self.unembed(hidden), aux
+
+    # -- routed layers -----------------------------------------------------------------------------
+    def _select_causal(self, logits: Array, valid: Array, t: int):
+        selected = (logits > 0) & valid  # sigmoid(logit) > 0.5
+        idx, picked = R.first_k_indices(selected, R.capacity_tokens(self.routing.causal_capacity, t))
+        return selected, idx, picked
+
+    def _mod_layer(self, key, layer, x, positions, attention_mask, valid, decode, mode, losses):
+        """MoD (Raposo et al. 2024): x_i + r_i Block(X_sel)_i on the chosen tokens, x_i elsewhere."""
+        rc, t = self.routing, x.shape[1]
+        r, pred = self.routers[key](x)
+        causal_logits = r if pred is None else pred
+        stats = {"router_logit": R.masked_mean(r, valid)}
+        if mode == "topk":
+            idx, picked = R.topk_indices(r, R.capacity_tokens(rc.capacity, t), valid)
+            target = R.indices_to_mask(idx, picked, t)
+            x, _ = R.route_compute_unroute(layer, x, positions, attention_mask, idx, picked,
+                                           R.gather_tokens(r, idx))
+            # aux: BCE on the router logits themselves; predictor: BCE on the MLP (sg inputs).
+            losses["causal"].append(R.bce_with_logits(causal_logits, sg(target.astype(jnp.float32)), valid))
+            stats.update(R.decision_stats(causal_logits > 0, target, valid))
+        elif decode:
+            target = (causal_logits > 0) & valid
+            x, _ = R.masked_compute(layer, x, positions, attention_mask, target, r, decode)
+        else:
+            _, idx, picked = self._select_causal(causal_logits, valid, t)
+            target = R.indices_to_mask(idx, picked, t)
+            x, _ = R.route_compute_unroute(layer, x, positions, attention_mask, idx, picked,
+                                           R.gather_tokens(r, idx))
+        self._sow(key, {"router_logit": r, "causal_logit": causal_logits, "selected": target})
+        stats["selected_frac"] = R.masked_mean(target, valid)
+        return x, stats
+
+    def _dtf_layer(self, key, layer, x, positions, attention_mask, valid, decode, mode, prog, pending, losses):
+        """DTF dynamic layer: H_next = H_post + G_cont * Block(H_post) on the chosen tokens."""
+        rc, t = self.routing, x.shape[1]
+        router = self.routers[key]
+        d_st, d_ch = pending
+        params = router.parameters(prog)
+        ma = self._ma(key, router, d_st, valid, decode)
+        crit = R.surprise_gate(d_st, d_ch, ma, gate=rc.gate, **params)
+        g = crit["g_cont"]
+        logits = router.route_logits(x, self.previous[key](x, valid, decode))
+        stats = {}
+        if mode == "topk":
+            router.update_ema(d_st, valid)
+            idx, picked = R.topk_indices(g, R.capacity_tokens(rc.capacity, t), valid)
+            target = R.indices_to_mask(idx, picked, t)
+            x, _ = R.route_compute_unroute(layer, x, positions, attention_mask, idx, picked,
+                                           R.gather_tokens(g, idx))
+            losses["causal"].append(R.bce_with_logits(logits, sg(target.astype(jnp.float32)), valid))
+            stats.update(R.decision_stats(logits > 0, target, valid))
+        elif decode:
+            target = (logits > 0) & valid
+            x, _ = R.masked_compute(layer, x, positions, attention_mask, target, g, decode)
+        else:
+            _, idx, picked = self._select_causal(logits, valid, t)
+            target = R.indices_to_mask(idx, picked, t)
+            x, _ = R.route_compute_unroute(layer, x, positions, attention_mask, idx, picked,
+                                           R.gather_tokens(g, idx))
+        stats.update({"d_st": d_st, "d_ch": d_ch, "ma": ma, **crit, **params, "causal_logit": logits,
+                      "selected_frac": target})
+        self._sow(key, stats)
+        return x, {k: R.masked_mean(v, valid) if v.ndim else v for k, v in stats.items()}
+
+    def _tdtf_layer(self, key, layer, x, positions, attention_mask, valid, decode, mode, prog, losses):
+        """TDTF layer. Training ("topk"): the teacher runs the dense block on every token, dx = Block(x);
+        the transition network predicts dx_t from the previous token's final state x_{t-1} + dx_{t-1};
+        top-k of G picks the tokens whose stream is updated, x + G dx. Inference ("causal"): the
+        student causal router picks the tokens, only they run the block (and write K/V)."""
+        rc, t = self.routing, x.shape[1]
+        router = self.routers[key]
+        params = router.parameters(prog)
+        logits = router.route_logits(x, self.previous[key](x, valid, decode))
+        if mode == "topk":
+            dx, _ = layer(x, positions, attention_mask, decode)  # teacher: dense block, all tokens
+            has_dx = valid
+        elif decode:
+            has_dx = (logits > 0) & valid
+            _, dx = R.masked_compute(layer, x, positions, attention_mask, has_dx, jnp.ones_like(logits), decode)
+            dx = dx * has_dx[..., None].astype(dx.dtype)
+        else:
+            _, idx, picked = self._select_causal(logits, valid, t)
+            _, upd = R.route_compute_unroute(layer, x, positions, attention_mask, idx, picked,
+                                             jnp.ones(idx.shape, jnp.float32))
+            dx = R.scatter_add_tokens(jnp.zeros_like(x), idx, upd * picked[..., None].astype(upd.dtype))
+            has_dx = R.indices_to_mask(idx, picked, t)
+        prev_final = self.previous_final[key](sg(x + dx), valid, decode)
+        dx_hat = router.predict(prev_final)
+        d_st, d_ch = R.mean_sq(dx), self._d_ch(dx, dx_hat)
+        losses["tpn"].append(R.masked_mean(R.mean_sq(dx_hat, sg(dx)), has_dx))
+        ma = self._ma(key, router, d_st, has_dx, decode)
+        crit = R.surprise_gate(d_st, d_ch, ma, gate=rc.gate, **params)
+        g = crit["g_cont"]
+        stats = {}
+        if mode == "topk":
+            router.update_ema(d_st, valid)
+            idx, picked = R.topk_indices(g, R.capacity_tokens(rc.capacity, t), valid)
+            target = R.indices_to_mask(idx, picked, t)
+            losses["causal"].append(R.bce_with_logits(logits, sg(target.astype(jnp.float32)), valid))
+            stats.update(R.decision_stats(logits > 0, target, valid))
+        else:
+            target = has_dx
+        x = x + (jnp.where(target, g, 0.0)[..., None] * dx).astype(x.dtype)
+        stats.update({"d_st": d_st, "d_ch": d_ch, "ma": ma, **crit, **params, "causal_logit": logits,
+                      "selected_frac": target})
+        self._sow(key, stats)
+        return x, {k: R.masked_mean(v, valid) if v.ndim else v for k, v in stats.items()}
+
+
+def build(decoder_config: decoder_lib.DecoderConfig, routing_config) -> RoutedDecoder:
+    """A ``RoutedDecoder`` from a DecoderConfig and ``config.routing`` (ConfigDict or RoutingConfig)."""
+    rc = routing_config if isinstance(routing_config, R.RoutingConfig) else R.RoutingConfig.from_config(
+        routing_config)
+    rc.validate(decoder_config.num_hidden_layers)
+    return RoutedDecoder(decoder_config, routing=rc)
