@@ -14,7 +14,7 @@ def test_dtf_smoke_trains_logs_telemetry_resumes_and_generates(tmp_path, capsys)
     assert s1["step"] == 3
     s2 = train.run(load_config("dtf", "smoke"), wd)
     out = capsys.readouterr().out
-    assert "Resumed from checkpoint step 3" in out and "| sel 0.500 G " in out
+    assert "Resumed from checkpoint step 3" in out and "| lm " in out and " sel 0.500 G " in out
     assert s2["step"] == 6 and s2["sample"]
     end = s2["eval_end"]
     for k in ("loss", "perplexity", "loss_topk", "perplexity_topk", "selected_frac", "selected_frac_topk"):
@@ -40,3 +40,47 @@ def test_causal_router_bce_falls_during_training(tmp_path, name, fall):
     acc = [r["router/1/causal_acc"] for r in recs]
     assert np.mean(bce[-10:]) < np.mean(bce[:5]) - fall, (bce[:5], bce[-10:])
     assert np.mean(acc[-10:]) > np.mean(acc[:5]) + 0.03, (acc[:5], acc[-10:])
+
+
+def test_dtf_qwen_variant_trains_only_lora_and_routers(tmp_path):
+    """configs/dtf.py:qwen on a tiny random Qwen2 checkpoint: the base weights load and stay frozen,
+    LoRA B starts at zero (an exact no-op), the adapters and the DTF routers/PriorFFNs move."""
+    import jax
+    from test_convert_llama import _hf_model, _with_tokenizer
+    from vlmjax import sharding as shd
+    from vlmjax import tasks
+    from vlmjax.train import trainer as trainer_lib
+    from vlmjax.train.optimizer import path_str
+
+    _, path = _hf_model("qwen2_bias", tmp_path, vocab_size=320, num_hidden_layers=4, bos_token_id=1,
+                        eos_token_id=2)
+    _with_tokenizer(path)
+    cfg = load_config("dtf", "qwen", init_from=path, total_steps=4, batch_size=4,
+                      **{"data.seq_len": 32, "model.dtype": "float32", "optim.warmup_steps": 0,
+                         "sample.max_new_tokens": 4, "eval.max_batches": 1})
+    task = tasks.build(cfg, str(tmp_path / "wd"))
+    assert task.model_config.lora_rank == 16 and task.model_config.lora_alpha == 32.0
+    mesh = shd.make_mesh(cfg.mesh)
+    tr = trainer_lib.Trainer(cfg, task, mesh)
+    state = tr.init()
+    loaded = task.pretrained_params(tr.abstract_state.params, tr.state_shardings.params)
+    state = state.replace(params=trainer_lib._override(state.params, loaded))
+    before = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    assert all(not v.any() for k, v in before.items() if k.endswith("lora_b"))
+    hf_names = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+    assert hf_names and not any("lora_" in k or k.startswith("routers_") for k in hf_names)
+
+    batch = tr.put(next(iter(task.train_dataset(global_batch_size=4, seed=0, process_index=0,
+                                                process_count=1))))
+    for _ in range(2):
+        state, m = tr.train_step(state, batch)
+    assert np.isfinite(float(m["loss"]))
+    after = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    trainable = [k for k in before if "lora_" in k or k.startswith("routers_")]
+    frozen = [k for k in before if k not in trainable]
+    assert len(frozen) == len(hf_names)
+    for k in frozen:
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    moved = [k for k in trainable if not np.array_equal(after[k], before[k])]
+    assert set(moved) == set(trainable), sorted(set(trainable) - set(moved))
+    assert task.on_end(state, mesh)["sample"]

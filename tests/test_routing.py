@@ -267,3 +267,31 @@ def test_scheduled_beta_is_cosine_from_start_to_end():
     np.testing.assert_allclose(float(R.scheduled_beta(jnp.asarray(0.0), 0.1, 100.0)), 0.1, rtol=1e-6)
     np.testing.assert_allclose(float(R.scheduled_beta(jnp.asarray(1.0), 0.1, 100.0)), 100.0, rtol=1e-6)
     np.testing.assert_allclose(float(R.scheduled_beta(jnp.asarray(0.5), 0.1, 100.0)), 50.05, rtol=1e-6)
+
+
+def test_prior_loss_trains_only_the_prior_ffn_and_the_gate_only_its_scalars():
+    """L_prior must not move the residual stream (a runaway drift otherwise), and G_cont must not
+    reward blocks for inflating D_st: both see stop-gradient inputs."""
+    model = _model("dtf")
+    toks = _tokens()
+    v = _init(model, toks, 5)
+
+    def grads_of(name):
+        def f(params):
+            _, mut = model.apply({**v, "params": params}, toks, mutable=["intermediates"])
+            (_, aux) = _
+            if name == "prior":
+                return aux["loss/prior"]
+            return jnp.sum(mut["intermediates"]["router_1"][0]["g_cont"])
+        return jax.grad(f)(v["params"])
+
+    nonzero = lambda tree: any(float(jnp.abs(x).sum()) > 0 for x in jax.tree.leaves(tree))
+    g = grads_of("prior")
+    assert nonzero(g["routers_1"]["prior_ffn"]) and nonzero(g["routers_3"]["prior_ffn"])
+    for k in ("embed_tokens", "layers_0", "layers_1", "layers_2"):
+        assert not nonzero(g[k]), k
+    g = grads_of("gate")
+    assert nonzero({k: g["routers_1"][k] for k in ("beta_ce_raw", "beta_cu_raw", "o_ce_raw", "m_cu_raw")})
+    for k in ("embed_tokens", "layers_0"):
+        assert not nonzero(g[k]), k
+    assert not nonzero(g["routers_1"]["prior_ffn"])

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from conftest import smoke_config  # noqa: E402
+from conftest import load_config, smoke_config  # noqa: E402
 
 from vlmjax import sharding as shd  # noqa: E402
 from vlmjax import tasks  # noqa: E402
@@ -102,6 +102,27 @@ def main():
         k = params["layers_0"]["self_attn"]["q_proj"]["kernel"]
         results["hf_mesh_q_spec"] = spec_list(k.sharding)
         results["hf_mesh_q_shard"] = list(k.addressable_shards[0].data.shape)
+    # Routed decoders (gather / top_k / scatter, router_state) on the mesh equal one device.
+    for kind in ("dtf", "tdtf", "mod"):
+        rcfg = load_config(kind, "smoke", **{"model.num_attention_heads": 4, "model.num_key_value_heads": 2,
+                                             "batch_size": 8, "optim.warmup_steps": 0})
+        rtask = tasks.build(rcfg, None)
+        rbatch = next(iter(rtask.train_dataset(global_batch_size=8, seed=0, process_index=0, process_count=1)))
+        out = {}
+        for name, mesh_cfg, devices in [("single", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
+                                        ("mesh222", dict(data=2, fsdp=2, tensor=2), None)]:
+            tr = Trainer(rcfg, rtask, shd.make_mesh(mesh_cfg, devices))
+            st = tr.init()
+            for _ in range(2):
+                st, m = tr.train_step(st, tr.put(rbatch))
+            out[name] = (float(m["loss"]), flat(st.params), flat(st.model_state))
+        results[f"routed_{kind}"] = {
+            "loss_single": out["single"][0], "loss_mesh": out["mesh222"][0],
+            "max_param_diff": max(float(np.max(np.abs(out["single"][1][k] - out["mesh222"][1][k])))
+                                  for k in out["single"][1]),
+            "max_state_diff": max([float(np.max(np.abs(out["single"][2][k] - out["mesh222"][2][k])))
+                                   for k in out["single"][2]] or [0.0]),
+        }
     print("RESULT " + json.dumps(results))
 
 

@@ -16,6 +16,18 @@ Layer roles for ``every=2, offset=1`` on 4 layers:
   dtf:  decision, dtf, decision, dtf (decision = dense block + PriorFFN; dtf = G-gated routed block)
   tdtf: dense, tdtf, dense, tdtf    (teacher dense block + transition net in training)
 
+Gradients (two stop-gradients the spec leaves implicit):
+- G_cont is computed from stop-gradient D_st / D_ch, so its gradient trains beta_ce, beta_cu, o_ce
+  and m_cu only (VPR's event criteria are likewise not differentiated through the surprise).
+  Otherwise the LM loss would reward the decision layer for inflating its update
+  (D_st = (1/d)||Block(H)||^2) to raise the gate of the next layer.
+- The PriorFFN sees stop-gradient H. With H differentiable, minimising
+  ||H + PriorFFN(H) - sg(H + Block(H))||^2 moves H by (Block - PriorFFN) every step while the target
+  moves with it: a runaway drift of the residual stream. The first default run did exactly that
+  (L_prior 4.5e3 at step 50, 5.7e4 at step 100, loss 2.8e3).
+The PriorFFN learns from L_prior, the TDTF transition net from L_tpn, the causal routers from their
+BCE, the blocks from the LM loss through the stream.
+
 Non-trainable state: ``router_state`` (checkpointed with the train state): ``progress`` (fraction of
 training done, for scheduled betas) and per surprise router the long-run mean of D_st, used as the
 moving average of a stream's first token (no history yet). Decode-mode "cache" per routed layer: the
@@ -201,7 +213,7 @@ class RoutedDecoder(decoder_lib.Decoder):
                 router = self.routers[str(i + 1)]
                 update, _ = layer(x, positions, attention_mask, decode)
                 h_orig, h_post = x, x + update
-                h_prior = router.predict(h_orig)                       # H + PriorFFN(RMSNorm(H))
+                h_prior = router.predict(sg(h_orig))                   # H + PriorFFN(RMSNorm(H))
                 losses["prior"].append(R.masked_mean(R.mean_sq(h_prior, sg(h_post)), valid))
                 pending = (R.mean_sq(update), self._d_ch(h_post, h_prior))  # D_st, D_ch: [B, T]
                 x = h_post
@@ -282,7 +294,7 @@ class RoutedDecoder(decoder_lib.Decoder):
         d_st, d_ch = pending
         params = router.parameters(prog)
         ma = self._ma(key, router, d_st, valid, decode)
-        crit = R.surprise_gate(d_st, d_ch, ma, gate=rc.gate, **params)
+        crit = R.surprise_gate(sg(d_st), sg(d_ch), ma, gate=rc.gate, **params)  # see module doc
         g = crit["g_cont"]
         logits = router.route_logits(x, self.previous[key](x, valid, decode))
         stats = {}
@@ -334,7 +346,7 @@ class RoutedDecoder(decoder_lib.Decoder):
         d_st, d_ch = R.mean_sq(dx), self._d_ch(dx, dx_hat)
         losses["tpn"].append(R.masked_mean(R.mean_sq(dx_hat, sg(dx)), has_dx))
         ma = self._ma(key, router, d_st, has_dx, decode)
-        crit = R.surprise_gate(d_st, d_ch, ma, gate=rc.gate, **params)
+        crit = R.surprise_gate(sg(d_st), sg(d_ch), ma, gate=rc.gate, **params)  # see module doc
         g = crit["g_cont"]
         stats = {}
         if mode == "topk":

@@ -99,7 +99,7 @@ class RoutedLMTask(lm.LMTask):
         return res
 
     def log_summary(self, metrics: dict[str, float]) -> str:
-        parts = []
+        parts = [f"lm {metrics['lm_loss']:.4f}"] if "lm_loss" in metrics else []
         for stat, short in _LINE_STATS:
             vals = [v for k, v in metrics.items() if k.startswith("router/") and k.endswith("/" + stat)]
             if vals:
