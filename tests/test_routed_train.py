@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from conftest import load_config
+
 from vlmjax import train
 from vlmjax.train.metrics import read_metrics
 
@@ -47,6 +47,7 @@ def test_dtf_qwen_variant_trains_only_lora_and_routers(tmp_path):
     LoRA B starts at zero (an exact no-op), the adapters and the DTF routers/PriorFFNs move."""
     import jax
     from test_convert_llama import _hf_model, _with_tokenizer
+
     from vlmjax import sharding as shd
     from vlmjax import tasks
     from vlmjax.train import trainer as trainer_lib

@@ -339,6 +339,7 @@ class Decoder(nn.Module):
         inputs_embeds: Array | None = None,
         attention_mask: Array | None = None,
         decode: bool = False,
+        **backbone_kwargs,
     ) -> tuple[Array, dict[str, Array]]:
         """Causal LM forward.
 
@@ -348,6 +349,7 @@ class Decoder(nn.Module):
             inputs_embeds: [B, T, D] embeddings (e.g. visual prefix + ``embed(text)`` concatenated).
             attention_mask: [B, T], 1 = real token, 0 = padding.
             decode: KV-cache mode: T > 1 prefills, T = 1 appends one token.
+            **backbone_kwargs: passed on to ``backbone`` (routed decoders: ``mode``, ``progress``).
 
         LoRA dropout (``lora_dropout > 0``) is applied only when ``apply`` gets a "dropout" rng.
 
@@ -358,7 +360,7 @@ class Decoder(nn.Module):
             raise ValueError("Pass exactly one of tokens [B, T] or inputs_embeds [B, T, D].")
         x = self.embed(tokens) if inputs_embeds is None else inputs_embeds
         hidden, aux = self.backbone(
-            x, positions=positions, attention_mask=attention_mask, decode=decode
+            x, positions=positions, attention_mask=attention_mask, decode=decode, **backbone_kwargs
         )
         return self.unembed(hidden), aux
 

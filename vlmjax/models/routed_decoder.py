@@ -236,60 +236,52 @@ class RoutedDecoder(decoder_lib.Decoder):
                               + rc.lambda_tpn * aux["loss/tpn"])
         return self.norm(x), aux
 
-    def __call__(
-        self,
-        tokens: Array | None = None,
-        *,
-        positions: Array | None = None,
-        inputs_embeds: Array | None = None,
-        attention_mask: Array | None = None,
-        decode: bool = False,
-        mode: str = "topk",
-        progress: Array | float | None = None,
-    ) -> tuple[Array, dict[str, Array]]:
-        """Causal LM forward: (logits [B, T, V] float32, aux); arguments as ``backbone``/``Decoder``."""
-        if (tokens is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of tokens [B, T] or inputs_embeds [B, T, D].")
-        x = self.embed(tokens) if inputs_embeds is None else inputs_embeds
-        hidden, aux = self.backbone(x, positions=positions, attention_mask=attention_mask, decode=decode,
-                                    mode=mode, progress=progress)
-        return self.unembed(hidden), aux
-
     # -- routed layers -----------------------------------------------------------------------------
     def _select_causal(self, logits: Array, valid: Array, t: int):
         selected = (logits > 0) & valid  # sigmoid(logit) > 0.5
         idx, picked = R.first_k_indices(selected, R.capacity_tokens(self.routing.causal_capacity, t))
         return selected, idx, picked
 
+    def _route(self, layer, x, positions, attention_mask, valid, decode, mode, *, scores, causal_logits, gate,
+               losses, stats):
+        """The three selection modes of a routed layer (MoD and DTF).
+
+        topk: the top-k ``scores`` (capacity * T) run the block, gated by ``gate``; the causal
+        router's BCE against that selection is added to ``losses["causal"]``. decode: tokens with
+        ``causal_logits > 0`` run unmasked-but-keyed (``masked_compute``). causal: the first
+        causal_capacity * T such tokens are gathered. Returns (x [B, T, D], selected [B, T] bool).
+        """
+        t = x.shape[1]
+        if decode:
+            selected = (causal_logits > 0) & valid
+            x, _ = R.masked_compute(layer, x, positions, attention_mask, selected, gate, decode)
+            return x, selected
+        if mode == "topk":
+            idx, picked = R.topk_indices(scores, R.capacity_tokens(self.routing.capacity, t), valid)
+        else:
+            _, idx, picked = self._select_causal(causal_logits, valid, t)
+        selected = R.indices_to_mask(idx, picked, t)
+        x, _ = R.route_compute_unroute(layer, x, positions, attention_mask, idx, picked,
+                                       R.gather_tokens(gate, idx))
+        if mode == "topk":
+            losses["causal"].append(R.bce_with_logits(causal_logits, sg(selected.astype(jnp.float32)), valid))
+            stats.update(R.decision_stats(causal_logits > 0, selected, valid))
+        return x, selected
+
     def _mod_layer(self, key, layer, x, positions, attention_mask, valid, decode, mode, losses):
         """MoD (Raposo et al. 2024): x_i + r_i Block(X_sel)_i on the chosen tokens, x_i elsewhere."""
-        rc, t = self.routing, x.shape[1]
         r, pred = self.routers[key](x)
         causal_logits = r if pred is None else pred
         stats = {"router_logit": R.masked_mean(r, valid)}
-        if mode == "topk":
-            idx, picked = R.topk_indices(r, R.capacity_tokens(rc.capacity, t), valid)
-            target = R.indices_to_mask(idx, picked, t)
-            x, _ = R.route_compute_unroute(layer, x, positions, attention_mask, idx, picked,
-                                           R.gather_tokens(r, idx))
-            # aux: BCE on the router logits themselves; predictor: BCE on the MLP (sg inputs).
-            losses["causal"].append(R.bce_with_logits(causal_logits, sg(target.astype(jnp.float32)), valid))
-            stats.update(R.decision_stats(causal_logits > 0, target, valid))
-        elif decode:
-            target = (causal_logits > 0) & valid
-            x, _ = R.masked_compute(layer, x, positions, attention_mask, target, r, decode)
-        else:
-            _, idx, picked = self._select_causal(causal_logits, valid, t)
-            target = R.indices_to_mask(idx, picked, t)
-            x, _ = R.route_compute_unroute(layer, x, positions, attention_mask, idx, picked,
-                                           R.gather_tokens(r, idx))
+        x, target = self._route(layer, x, positions, attention_mask, valid, decode, mode, scores=r,
+                                causal_logits=causal_logits, gate=r, losses=losses, stats=stats)
         self._sow(key, {"router_logit": r, "causal_logit": causal_logits, "selected": target})
         stats["selected_frac"] = R.masked_mean(target, valid)
         return x, stats
 
     def _dtf_layer(self, key, layer, x, positions, attention_mask, valid, decode, mode, prog, pending, losses):
         """DTF dynamic layer: H_next = H_post + G_cont * Block(H_post) on the chosen tokens."""
-        rc, t = self.routing, x.shape[1]
+        rc = self.routing
         router = self.routers[key]
         d_st, d_ch = pending
         params = router.parameters(prog)
@@ -300,20 +292,8 @@ class RoutedDecoder(decoder_lib.Decoder):
         stats = {}
         if mode == "topk":
             router.update_ema(d_st, valid)
-            idx, picked = R.topk_indices(g, R.capacity_tokens(rc.capacity, t), valid)
-            target = R.indices_to_mask(idx, picked, t)
-            x, _ = R.route_compute_unroute(layer, x, positions, attention_mask, idx, picked,
-                                           R.gather_tokens(g, idx))
-            losses["causal"].append(R.bce_with_logits(logits, sg(target.astype(jnp.float32)), valid))
-            stats.update(R.decision_stats(logits > 0, target, valid))
-        elif decode:
-            target = (logits > 0) & valid
-            x, _ = R.masked_compute(layer, x, positions, attention_mask, target, g, decode)
-        else:
-            _, idx, picked = self._select_causal(logits, valid, t)
-            target = R.indices_to_mask(idx, picked, t)
-            x, _ = R.route_compute_unroute(layer, x, positions, attention_mask, idx, picked,
-                                           R.gather_tokens(g, idx))
+        x, target = self._route(layer, x, positions, attention_mask, valid, decode, mode, scores=g,
+                                causal_logits=logits, gate=g, losses=losses, stats=stats)
         stats.update({"d_st": d_st, "d_ch": d_ch, "ma": ma, **crit, **params, "causal_logit": logits,
                       "selected_frac": target})
         self._sow(key, stats)

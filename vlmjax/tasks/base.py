@@ -7,7 +7,6 @@ A task never copies the trainer (DESIGN.md). It supplies data, a model's variabl
 from __future__ import annotations
 
 import abc
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,14 +30,8 @@ def load_pretrained(entries, abstract_params, shardings, skip=()) -> dict[str, A
     """
     from vlmjax import convert  # pylint: disable=g-import-not-at-top  (transformers-free until used)
 
-    if isinstance(skip, str):
-        raise TypeError(f"load_pretrained(skip={skip!r}): skip is a tuple of regexes, e.g. ({skip!r},).")
-    patterns = []
-    for p in skip:
-        try:
-            patterns.append(re.compile(p))
-        except re.error as e:
-            raise ValueError(f"load_pretrained(skip=...): {p!r} is not a valid regular expression ({e}).") from e
+    from vlmjax.train.optimizer import compile_regexes  # pylint: disable=g-import-not-at-top
+    patterns = compile_regexes(skip, "load_pretrained(skip)")
 
     def sub(tree, path):
         for k in [p for p in path.split("/") if p]:

@@ -19,14 +19,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from vlmjax.models import lora as lora_lib
-from vlmjax.models import routed_decoder
-from vlmjax.models import routing
+from vlmjax.models import routed_decoder, routing
 from vlmjax.tasks import lm
 from vlmjax.tasks.base import load_pretrained
 

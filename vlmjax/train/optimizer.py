@@ -60,16 +60,21 @@ def path_str(path) -> str:
     return "/".join(parts)
 
 
-def _compile(patterns, field):
+def compile_regexes(patterns, where: str) -> list[re.Pattern]:
+    """Compiles a tuple of regexes; ``where`` names the setting in errors ("config.optim.frozen")."""
     if isinstance(patterns, str):
-        raise TypeError(f"config.optim.{field}={patterns!r} must be a tuple of regexes, e.g. ({patterns!r},).")
+        raise TypeError(f"{where}={patterns!r} must be a tuple of regexes, e.g. ({patterns!r},).")
     out = []
     for p in patterns:
         try:
             out.append(re.compile(p))
         except re.error as e:
-            raise ValueError(f"config.optim.{field}: {p!r} is not a valid regular expression ({e}).") from e
+            raise ValueError(f"{where}: {p!r} is not a valid regular expression ({e}).") from e
     return out
+
+
+def _compile(patterns, field):
+    return compile_regexes(patterns, f"config.optim.{field}")
 
 
 def param_labels(params, optim_cfg) -> Any:
