@@ -85,3 +85,8 @@ def test_dtf_qwen_variant_trains_only_lora_and_routers(tmp_path):
     moved = [k for k in trainable if not np.array_equal(after[k], before[k])]
     assert set(moved) == set(trainable), sorted(set(trainable) - set(moved))
     assert task.on_end(state, mesh)["sample"]
+
+
+def test_qwen_variant_without_a_checkpoint_says_what_to_set(tmp_path):
+    with pytest.raises(ValueError, match="set --config.init_from="):
+        train.run(load_config("dtf", "qwen"), str(tmp_path))

@@ -123,6 +123,11 @@ class LMTask(Task):
     def __init__(self, config, workdir):
         super().__init__(config, workdir)
         self.init_from = init_from(config)
+        if not self.init_from and int(config.model.get("lora_rank", 0)) > 0:
+            raise ValueError(
+                f"config.model.lora_rank={config.model.lora_rank} adds LoRA adapters to a frozen base, but no "
+                "pretrained base is given: set --config.init_from=<local HF checkpoint dir> (e.g. a "
+                "Qwen2.5 for configs/dtf.py:qwen), or --config.model.lora_rank=0 to train from scratch.")
         data_cfg = config.data
         if self.init_from:
             if data_cfg.tokenizer != "hf":
