@@ -1,4 +1,4 @@
-"""Linen model code: layers, the dense decoder and KV-cache generation.
+"""Linen model code: layers, the dense and routed decoders, LoRA and KV-cache generation.
 
 Logical-axis rules (logical name -> mesh axis) live in ``vlmjax/sharding.py``, not here.
 The ``generate`` function is imported from its module (``from vlmjax.models.generate import
@@ -17,6 +17,8 @@ from vlmjax.models.layers import (
     dot_product_attention,
 )
 from vlmjax.models.lora import merge_lora
+from vlmjax.models.routed_decoder import RoutedDecoder
+from vlmjax.models.routing import RoutingConfig
 
 __all__ = [
     "MLP",
@@ -26,6 +28,8 @@ __all__ = [
     "DecoderConfig",
     "Embed",
     "RMSNorm",
+    "RoutedDecoder",
+    "RoutingConfig",
     "apply_rope",
     "attention_mask_from_positions",
     "default_config",
