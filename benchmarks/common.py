@@ -42,11 +42,30 @@ def device_info() -> dict[str, Any]:
             "python": sys.version.split()[0], "host": platform.machine(), "cpus": os.cpu_count()}
 
 
+def fmt(v) -> str:
+    """A table cell: floats to 4 significant digits, None as '-'."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A markdown table of ``rows`` (dicts) restricted to ``columns``."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(out_prefix: str, md_lines: list[str], plot_fn, rows) -> None:
+    """Writes ``<out_prefix>.md`` and, when matplotlib is importable, ``<out_prefix>.png``."""
+    with open(out_prefix + ".md", "w") as f:
+        f.write("\n".join(md_lines) + "\n")
+    print(f"wrote {out_prefix}.md")
+    png = plot_fn(rows, out_prefix + ".png")
+    print(f"wrote {png}" if png else "matplotlib not importable: plot skipped (pip install -e '.[bench]')")
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "-" if v is None else str(v)
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))

@@ -222,12 +222,6 @@ def plot(rows, path: str) -> str | None:
     return path
 
 
-def md_table(rows, columns) -> str:
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows])
-
-
 def main(argv=None):
     args = parse_args(argv)
     info = common.device_info()
@@ -278,13 +272,9 @@ def main(argv=None):
                                            "seconds": total})
     md = [f"# IsoFLOP comparison ({info['platform']}, {info['device_kind']})", "",
           f"Command: `python benchmarks/isoflop.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
-          md_table(rows, COLS), "", "## Notes", ""] + [f"- {n}" for n in notes] + [
+          common.md_table(rows, COLS), "", "## Notes", ""] + [f"- {n}" for n in notes] + [
           "", f"Total wall time {total:.0f}s."]
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(md) + "\n")
-    print(f"wrote {args.out}.md")
-    png = plot(rows, args.out + ".png")
-    print(f"wrote {png}" if png else "matplotlib not importable: plot skipped (pip install matplotlib)")
+    common.write_report(args.out, md, plot, rows)
 
 
 if __name__ == "__main__":

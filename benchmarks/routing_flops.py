@@ -249,8 +249,8 @@ def measure_overhead(model, x, modes: tuple[str, ...], iters: int, args) -> dict
         x: [B, T, D] residual stream (a ``jax.ShapeDtypeStruct`` when nothing is timed).
     """
     progress = jnp.asarray(0.5, jnp.float32)
-    init = lambda: model.init(jax.random.key(1), x, progress, method=overhead_pair)
-    variables = init() if modes else jax.eval_shape(init)
+    init = lambda x: model.init(jax.random.key(1), x, progress, method=overhead_pair)
+    variables = init(x) if modes else jax.eval_shape(init, x)
 
     def rfwd(v, x):
         return model.apply(v, x, progress, method=router_only)
@@ -338,8 +338,8 @@ def bench_shape(shape: str, args) -> tuple[list[dict[str, Any]], list[dict[str, 
         row["_head_seq"] = head
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
-        print(f"  {shape:>12} {kind:>5}: fwd {_fmt(row['fwd_MFLOP_tok_xla'])} MFLOP/tok (XLA) "
-              f"{_fmt(row['fwd_MFLOP_tok_analytic'])} (analytic), train {_fmt(row['train_GFLOP_xla'])} "
+        print(f"  {shape:>12} {kind:>5}: fwd {common.fmt(row['fwd_MFLOP_tok_xla'])} MFLOP/tok (XLA) "
+              f"{common.fmt(row['fwd_MFLOP_tok_analytic'])} (analytic), train {common.fmt(row['train_GFLOP_xla'])} "
               f"GFLOP/step (XLA), compiled in {row['seconds']:.0f}s", flush=True)
         if rc is not None:
             # Timed shapes: forward and fwd+bwd; large shapes on CPU: the forward only (cheap).
@@ -390,18 +390,6 @@ RATIO_COLS = ["shape", "model", "capacity", "fwd_xla_vs_dense", "fwd_analytic_vs
               "train_time_vs_dense", "fwd_ms", "train_ms"]
 OVER_COLS = ["shape", "model", "capacity", "fwd_flops_pct", "fwd_time_pct", "fwd_time_pct_min",
              "train_flops_pct", "train_time_pct", "train_time_pct_min", "fwd_block_ms", "train_block_ms"]
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "-" if v is None else str(v)
-
-
-def md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def target_lines(rows, over, args, info) -> list[str]:
@@ -521,15 +509,11 @@ def main(argv=None):
                                            "seconds": total})
     md = [f"# Routing FLOPs and step time ({info['platform']}, {info['device_kind']}, {args.dtype})", "",
           f"Command: `python benchmarks/routing_flops.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
-          "", "## FLOPs (per token for fwd / inf, per step for train; M/GFLOP)", "", md_table(clean, FLOP_COLS),
-          "", "## Ratios vs dense and wall time", "", md_table(clean, RATIO_COLS), "",
-          "## Router overhead vs one dense block (%)", "", md_table(over, OVER_COLS), "", "## Notes", ""]
+          "", "## FLOPs (per token for fwd / inf, per step for train; M/GFLOP)", "", common.md_table(clean, FLOP_COLS),
+          "", "## Ratios vs dense and wall time", "", common.md_table(clean, RATIO_COLS), "",
+          "## Router overhead vs one dense block (%)", "", common.md_table(over, OVER_COLS), "", "## Notes", ""]
     md += [f"- {n}" for n in notes] + ["", "## Targets", ""] + [f"- {t}" for t in targets]
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(md) + "\n")
-    print(f"wrote {args.out}.md")
-    png = plot(rows, args.out + ".png")
-    print(f"wrote {png}" if png else "matplotlib not importable: plot skipped (pip install matplotlib)")
+    common.write_report(args.out, md, plot, rows)
 
 
 if __name__ == "__main__":
