@@ -95,3 +95,18 @@ def test_tdtf_teacher_dense_in_training_routed_at_inference():
         assert train[c] == pytest.approx(flops_lib.routed_decoder_forward_flops(CFG, rc, T, "train"), rel=0.05)
         assert infer[c] == pytest.approx(flops_lib.routed_decoder_forward_flops(CFG, rc, T, "inference"),
                                          rel=0.05)
+
+
+def test_routing_flops_script_runs_and_writes_its_report(tmp_path):
+    """The benchmark script end to end on the CPU shape (FLOP counts only, no timing)."""
+    import json
+
+    from conftest import run_module
+
+    out = str(tmp_path / "rf")
+    p = run_module(["benchmarks/routing_flops.py", "--shapes=cpu", "--no_time", f"--out={out}"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = json.load(open(out + ".json"))
+    text = open(out + ".md").read()
+    assert "MoD capacity 0.125" in text and "| cpu | mod |" in text
+    assert rows and "XLA vs analytic" in text
