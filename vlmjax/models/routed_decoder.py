@@ -237,10 +237,9 @@ class RoutedDecoder(decoder_lib.Decoder):
         return self.norm(x), aux
 
     # -- routed layers -----------------------------------------------------------------------------
-    def _select_causal(self, logits: Array, valid: Array, t: int):
-        selected = (logits > 0) & valid  # sigmoid(logit) > 0.5
-        idx, picked = R.first_k_indices(selected, R.capacity_tokens(self.routing.causal_capacity, t))
-        return selected, idx, picked
+    def _select_causal(self, logits: Array, valid: Array, t: int) -> tuple[Array, Array]:
+        """Tokens with sigmoid(logit) > 0.5, the first causal_capacity * T of them: (idx, picked) [B, k]."""
+        return R.first_k_indices((logits > 0) & valid, R.capacity_tokens(self.routing.causal_capacity, t))
 
     def _route(self, layer, x, positions, attention_mask, valid, decode, mode, *, scores, causal_logits, gate,
                losses, stats):
@@ -259,7 +258,7 @@ class RoutedDecoder(decoder_lib.Decoder):
         if mode == "topk":
             idx, picked = R.topk_indices(scores, R.capacity_tokens(self.routing.capacity, t), valid)
         else:
-            _, idx, picked = self._select_causal(causal_logits, valid, t)
+            idx, picked = self._select_causal(causal_logits, valid, t)
         selected = R.indices_to_mask(idx, picked, t)
         x, _ = R.route_compute_unroute(layer, x, positions, attention_mask, idx, picked,
                                        R.gather_tokens(gate, idx))
@@ -316,10 +315,9 @@ class RoutedDecoder(decoder_lib.Decoder):
             _, dx = R.masked_compute(layer, x, positions, attention_mask, has_dx, jnp.ones_like(logits), decode)
             dx = dx * has_dx[..., None].astype(dx.dtype)
         else:
-            _, idx, picked = self._select_causal(logits, valid, t)
-            _, upd = R.route_compute_unroute(layer, x, positions, attention_mask, idx, picked,
-                                             jnp.ones(idx.shape, jnp.float32))
-            dx = R.scatter_add_tokens(jnp.zeros_like(x), idx, upd * picked[..., None].astype(upd.dtype))
+            idx, picked = self._select_causal(logits, valid, t)
+            upd, key_valid = R.compute_routed(layer, x, positions, attention_mask, idx, picked)
+            dx = R.scatter_add_tokens(jnp.zeros_like(x), idx, upd * key_valid[..., None].astype(upd.dtype))
             has_dx = R.indices_to_mask(idx, picked, t)
         prev_final = self.previous_final[key](sg(x + dx), valid, decode)
         dx_hat = router.predict(prev_final)

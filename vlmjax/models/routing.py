@@ -132,9 +132,8 @@ class RoutingConfig:
         if not self.dynamic_layers(num_layers):
             raise ValueError(f"config.routing (every={self.every}, offset={self.offset}) routes none of "
                              f"the {num_layers} layers.")
-        for name in ("ma_window",):
-            if getattr(self, name) < 1:
-                raise ValueError(f"config.routing.{name} must be >= 1.")
+        if self.ma_window < 1:
+            raise ValueError(f"config.routing.ma_window={self.ma_window} must be >= 1.")
         if not 0.0 < self.prior_ffn_factor <= 1.0:
             raise ValueError(f"config.routing.prior_ffn_factor={self.prior_ffn_factor} must be in (0, 1] "
                              "(spec: 0.0625, 0.125, 0.25 or 0.5).")
@@ -245,13 +244,22 @@ def route_compute_unroute(block: BlockFn, x: Array, positions: Array, attention_
     Returns:
         (x + scatter(gate * Block(x[idx])) [B, T, D], update [B, k, D] ungated).
     """
+    update, key_valid = compute_routed(block, x, positions, attention_mask, idx, picked)
+    weight = (gate * key_valid).astype(update.dtype)[..., None]
+    return scatter_add_tokens(x, idx, update * weight), update
+
+
+def compute_routed(block: BlockFn, x: Array, positions: Array, attention_mask: Array | None, idx: Array,
+                   picked: Array) -> tuple[Array, Array]:
+    """The "compute" half: ``block`` on the gathered tokens with their original positions.
+
+    Returns (update [B, k, D] ungated, key_valid [B, k] bool: picked and not padding).
+    """
     key_valid = picked
     if attention_mask is not None:
         key_valid = key_valid & gather_tokens(attention_mask.astype(jnp.bool_), idx)
-    x_sel = gather_tokens(x, idx)
-    update, _ = block(x_sel, gather_tokens(positions, idx), key_valid, False)
-    weight = (gate * key_valid).astype(update.dtype)[..., None]
-    return scatter_add_tokens(x, idx, update * weight), update
+    update, _ = block(gather_tokens(x, idx), gather_tokens(positions, idx), key_valid, False)
+    return update, key_valid
 
 
 def masked_compute(block: BlockFn, x: Array, positions: Array, attention_mask: Array | None,

@@ -115,8 +115,7 @@ class RoutedLMTask(lm.LMTask):
 
 def config_for(kind: str, variant: str) -> ml_collections.ConfigDict:
     """``configs/{mod,dtf,tdtf}.py``: the LM config of the same size plus ``config.routing``."""
-    base_variant = "smoke" if variant == "smoke" else ("smollm2_135m" if variant == "smollm2_135m" else "default")
-    c = lm.lm_config(base_variant)
+    c = lm.lm_config(variant if variant in lm.LM_VARIANTS else "default")  # e.g. dtf.py:qwen -> default
     c.task = "routed_lm"
     c.routing = routing.default_config()
     c.routing.kind = kind
