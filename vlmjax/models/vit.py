@@ -286,30 +286,43 @@ class VisionAttention(nn.Module):
     HF ``CLIPAttention`` / ``SiglipAttention`` (q_proj/k_proj/v_proj/out_proj) and
     ``Dinov2Attention`` (legacy names attention.query/key/value, output.dense): weight [H*Dh, D] ->
     kernel [D, H, Dh], bias [H*Dh] -> [H, Dh]; out weight [D, H*Dh] -> kernel [H, Dh, D].
+
+    ``project`` and ``output`` are the two halves of ``__call__``, so callers that compute the
+    attention themselves (token reuse runs the queries of a gathered subset against keys/values
+    partly restored from a cache) use the same parameters.
     """
 
     num_heads: int
     head_dim: int
+    hidden_size: int
     qkv_bias: bool = True
     initializer_range: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """x: [B, N, D] -> [B, N, D]."""
+    def setup(self):
         dense = functools.partial(layers.DenseGeneral, initializer_range=self.initializer_range,
                                   dtype=self.dtype, param_dtype=self.param_dtype)
-        qkv = lambda name: dense(features=(self.num_heads, self.head_dim),
-                                 kernel_axes=("embed", "q_heads", "head_dim"),
-                                 use_bias=self.qkv_bias, name=name)(x)
-        q, k, v = qkv("q_proj"), qkv("k_proj"), qkv("v_proj")  # [B, N, H, Dh]
-        q, k, v = (nn.with_logical_constraint(t, (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM))
-                   for t in (q, k, v))
-        out = _bidirectional(q, k, v, self.dtype)
+        qkv = lambda: dense(features=(self.num_heads, self.head_dim), kernel_axes=("embed", "q_heads", "head_dim"),
+                            use_bias=self.qkv_bias)
+        self.q_proj, self.k_proj, self.v_proj = qkv(), qkv(), qkv()
+        self.out_proj = dense(features=self.hidden_size, kernel_axes=("q_heads", "head_dim", "embed"),
+                              axis=(-2, -1), use_bias=True)
+
+    def project(self, x: Array) -> tuple[Array, Array, Array]:
+        """x: [B, N, D] (already layer-normed) -> q, k, v, each [B, N, H, Dh]."""
+        return tuple(nn.with_logical_constraint(proj(x), (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM))
+                     for proj in (self.q_proj, self.k_proj, self.v_proj))
+
+    def output(self, out: Array) -> Array:
+        """Attention output [B, N, H, Dh] -> [B, N, D] (``out_proj``)."""
         out = nn.with_logical_constraint(out, (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM))
-        return dense(features=x.shape[-1], kernel_axes=("q_heads", "head_dim", "embed"), axis=(-2, -1),
-                     use_bias=True, name="out_proj")(out)
+        return self.out_proj(out)
+
+    def __call__(self, x: Array) -> Array:
+        """x: [B, N, D] -> [B, N, D]."""
+        q, k, v = self.project(x)
+        return self.output(_bidirectional(q, k, v, self.dtype))
 
 
 MLP = layers.EncoderMLP
@@ -343,39 +356,65 @@ class EncoderLayer(nn.Module):
 
     HF ``CLIPEncoderLayer`` / ``SiglipEncoderLayer`` (no layer scale) and ``Dinov2Layer`` (layer
     scale ``layer_scale{1,2}.lambda1`` [D], SwiGLU FFN when ``use_swiglu_ffn``).
+
+    ``__call__`` is ``qkv`` -> attention -> ``finish``; the halves are public so that token reuse
+    (``vlmjax.models.reuse``) can run them on a gathered subset of tokens with keys and values of
+    the whole frame.
     """
 
     config: ViTConfig
     drop_path_rate: float = 0.0
 
-    @nn.compact
+    def setup(self):
+        c = self.config
+        norm = lambda: LayerNorm(eps=c.layer_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
+        self.layer_norm1 = norm()
+        self.self_attn = VisionAttention(num_heads=c.num_attention_heads, head_dim=c.head_dim,
+                                         hidden_size=c.hidden_size, qkv_bias=c.qkv_bias,
+                                         initializer_range=c.initializer_range, dtype=c.dtype,
+                                         param_dtype=c.param_dtype)
+        self.layer_norm2 = norm()
+        if c.use_swiglu_ffn:
+            self.mlp = SwiGLUFFN(c.intermediate_size, initializer_range=c.initializer_range, dtype=c.dtype,
+                                 param_dtype=c.param_dtype)
+        else:
+            self.mlp = MLP(c.intermediate_size, c.hidden_act, initializer_range=c.initializer_range,
+                           dtype=c.dtype, param_dtype=c.param_dtype)
+        if c.layer_scale:
+            scale = lambda: nn.with_logical_partitioning(nn.initializers.constant(c.layerscale_value), ("norm",))
+            self.layer_scale1 = self.param("layer_scale1", scale(), (c.hidden_size,), c.param_dtype)
+            self.layer_scale2 = self.param("layer_scale2", scale(), (c.hidden_size,), c.param_dtype)
+        self.dropout = nn.Dropout(c.dropout_rate)
+
+    def _residual(self, x: Array, h: Array, gamma: Array | None, deterministic: bool) -> Array:
+        if gamma is not None:
+            h = h * gamma.astype(h.dtype)
+        h = self.dropout(h, deterministic=deterministic)
+        return x + _drop_path(self, h, self.drop_path_rate, deterministic)
+
+    def qkv(self, x: Array) -> tuple[Array, Array, Array]:
+        """x: [B, N, D] layer input -> q, k, v [B, N, H, Dh] of ``ln1(x)``."""
+        x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
+        return self.self_attn.project(self.layer_norm1(x))
+
+    def finish(self, x: Array, attn: Array, deterministic: bool = True) -> Array:
+        """The rest of the layer given the attention output.
+
+        Args:
+            x: [B, N, D] layer input (the residual stream of the same tokens).
+            attn: [B, N, H, Dh] attention output of those tokens' queries.
+        Returns:
+            [B, N, D] layer output.
+        """
+        ls = self.config.layer_scale
+        x = self._residual(x, self.self_attn.output(attn), self.layer_scale1 if ls else None, deterministic)
+        x = self._residual(x, self.mlp(self.layer_norm2(x)), self.layer_scale2 if ls else None, deterministic)
+        return nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
+
     def __call__(self, x: Array, deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
         """x: [B, N, D] -> ([B, N, D], aux={})."""
-        c = self.config
-        norm = lambda name: LayerNorm(eps=c.layer_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, name=name)
-
-        def residual(h: Array, name: str) -> Array:
-            if c.layer_scale:
-                gamma = self.param(name, nn.with_logical_partitioning(
-                    nn.initializers.constant(c.layerscale_value), ("norm",)), (x.shape[-1],), c.param_dtype)
-                h = h * gamma.astype(h.dtype)
-            h = nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
-            return x + _drop_path(self, h, self.drop_path_rate, deterministic)
-
-        x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
-        h = VisionAttention(num_heads=c.num_attention_heads, head_dim=c.head_dim, qkv_bias=c.qkv_bias,
-                            initializer_range=c.initializer_range, dtype=c.dtype, param_dtype=c.param_dtype,
-                            name="self_attn")(norm("layer_norm1")(x))
-        x = residual(h, "layer_scale1")
-        if c.use_swiglu_ffn:
-            mlp = SwiGLUFFN(c.intermediate_size, initializer_range=c.initializer_range, dtype=c.dtype,
-                            param_dtype=c.param_dtype, name="mlp")
-        else:
-            mlp = MLP(c.intermediate_size, c.hidden_act, initializer_range=c.initializer_range, dtype=c.dtype,
-                      param_dtype=c.param_dtype, name="mlp")
-        x = residual(mlp(norm("layer_norm2")(x)), "layer_scale2")
-        x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
-        return x, {}
+        q, k, v = self.qkv(x)
+        return self.finish(x, _bidirectional(q, k, v, self.config.dtype), deterministic), {}
 
 
 def _drop_path(module: nn.Module, h: Array, rate: float, deterministic: bool) -> Array:
