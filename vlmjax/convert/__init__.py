@@ -59,6 +59,26 @@ def from_config(hf: dict[str, Any], *, dtype: Any = jnp.float32, source: str = "
     return _family(hf.get("model_type"), source).spec(hf, dtype)
 
 
+def vision_tower(path: str, *, dtype: Any = jnp.float32) -> Spec:
+    """The vision tower of ``path``: a vision model (CLIP/SigLIP vision, DINOv2) or the
+    ``vision_model`` half of a CLIP / SigLIP two-tower checkpoint (its text half and heads are
+    ignored). Its module is a ``VisionTransformer`` whose params load with ``load_params``."""
+    from vlmjax.convert import vit as vit_convert  # pylint: disable=g-import-not-at-top
+
+    hf = core.read_config(path)
+    mt = hf.get("model_type")
+    if mt in vit_convert.MODEL_TYPES:
+        return vit_convert.spec(hf, dtype)
+    if mt in ("clip", "siglip"):
+        sub = {**(hf.get("vision_config") or {}), **(hf.get("vision_config_dict") or {})}
+        module, rules = vit_convert.vision_spec(sub, mt, dtype)
+        return Spec(module=module, init_args=vit_convert.init_args(module.config), rules=rules,
+                    prefixes=("vision_model.",),
+                    ignore=vit_convert.IGNORE + ("text_model.", "text_projection.", "logit_scale", "logit_bias"))
+    raise ValueError(f"{path}/config.json has model_type={mt!r}, which has no vision tower vlmjax can load; "
+                     f"use a CLIP/SigLIP (vision or two-tower) or DINOv2 checkpoint.")
+
+
 def load_hf(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, mesh=None,
             rules=None) -> tuple[nn.Module, dict[str, Any]]:
     """Loads an HF checkpoint directory into ``(module, params)``.
@@ -136,4 +156,4 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
 
 
-__all__ = ["FAMILIES", "Spec", "build", "from_config", "load_hf", "load_params", "load_tokenizer", "register", "save_hf"]
+__all__ = ["FAMILIES", "Spec", "build", "from_config", "load_hf", "load_params", "load_tokenizer", "register", "save_hf", "vision_tower"]

@@ -579,16 +579,24 @@ class VisionTransformer(nn.Module):
         Returns:
             (outputs dict as in the class docstring, aux flat dict with keys ``layers_{i}/<name>``).
         """
-        c = self.config
-        x = self.embeddings(pixel_values, mask)
-        x = self.embed_dropout(x, deterministic=deterministic)
-        if c.pre_layernorm:
-            x = self.pre_layrnorm(x)
+        x = self.embed(pixel_values, mask=mask, deterministic=deterministic)
         aux: dict[str, Array] = {}
         for i, layer in enumerate(self.layers):
             x, layer_aux = layer(x, deterministic)
             aux.update({f"layers_{i}/{k}": v for k, v in layer_aux.items()})
+        return self.outputs(x), aux
 
+    def embed(self, pixel_values: Array, *, mask: Array | None = None, deterministic: bool = True) -> Array:
+        """[B, H, W, C] images -> [B, N, D] input of encoder layer 0 (embeddings, dropout, pre-norm)."""
+        x = self.embeddings(pixel_values, mask)
+        x = self.embed_dropout(x, deterministic=deterministic)
+        if self.config.pre_layernorm:
+            x = self.pre_layrnorm(x)
+        return x
+
+    def outputs(self, x: Array) -> dict[str, Array]:
+        """Output of the last encoder layer [B, N, D] -> the outputs dict of ``__call__``."""
+        c = self.config
         out: dict[str, Array] = {}
         if c.variant == "clip":
             out["last_hidden_state"] = x
@@ -604,7 +612,7 @@ class VisionTransformer(nn.Module):
             out["cls_token"] = x[:, 0]
             out["register_tokens"] = x[:, 1 : c.num_prefix_tokens]
             out["patch_tokens"] = x[:, c.num_prefix_tokens :]
-        return out, aux
+        return out
 
 
 __all__ = [

@@ -17,9 +17,10 @@ def register(name: str, cls: type) -> None:
 
 def _registry():
     # Imported lazily so that `import vlmjax.tasks` stays light.
-    from vlmjax.tasks import lm, routed_lm  # pylint: disable=g-import-not-at-top
+    from vlmjax.tasks import lm, reuse, routed_lm, video_cls  # pylint: disable=g-import-not-at-top
 
-    return {"lm": lm.LMTask, "routed_lm": routed_lm.RoutedLMTask, **_EXTRA}
+    return {"lm": lm.LMTask, "routed_lm": routed_lm.RoutedLMTask, "video_cls": video_cls.VideoClsTask,
+            "reuse": reuse.ReuseTask, **_EXTRA}
 
 
 def build(config, workdir: str | None) -> Task:

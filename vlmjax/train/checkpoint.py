@@ -158,3 +158,42 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def load_params(workdir: str, subtree: str = "") -> tuple[dict[str, Any], int]:
+    """The params (or the ``subtree`` 'a/b' of them) of a vlmjax workdir's newest readable checkpoint.
+
+    For starting another experiment from a finished run (``init_from=<vlmjax workdir>``): the whole
+    saved train state is read onto the host (its structure from the checkpoint's metadata), and only
+    the params are returned as numpy-backed arrays; the caller places them. Returns (params, step).
+    """
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{workdir} has no checkpoints/ directory: init_from must be a vlmjax "
+                                "workdir with a finished run, or an HF directory with config.json.")
+    manager = ocp.CheckpointManager(directory, item_names=("state",),
+                                    item_handlers={"state": ocp.StandardCheckpointHandler()})
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    # Orbax warns that it skips the data iterator and config items, which is what we want here.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        for step in reversed(sorted(manager.all_steps())):
+            try:
+                meta = manager.item_metadata(step)["state"]
+                abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), meta)
+                state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+            except Exception as e:  # noqa: BLE001 - an unreadable step: try the previous one
+                logging.error("Checkpoint step %d in %s is unreadable (%s); trying the previous one.",
+                              step, directory, e)
+                continue
+            params = state["state"]["params"]
+            for k in [p for p in subtree.split("/") if p]:
+                if k not in params:
+                    raise ValueError(f"{workdir} step {step}: no {k!r} in its params (have {sorted(params)}).")
+                params = params[k]
+            return params, step
+    finally:
+        logging.set_verbosity(verbosity)
+        manager.close()
+    raise FileNotFoundError(f"No readable checkpoint in {directory}.")

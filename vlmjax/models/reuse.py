@@ -1,0 +1,678 @@
+"""Inter-frame token reuse for video ViTs (ReuseViT).
+
+Hwang et al., "Deja Vu: Efficient Video-Language Query Engine with Learning-based Inter-Frame
+Computation Reuse", PVLDB 18(10), 2025 (arXiv 2506.14107); team spec ``shared/specs/token-reuse.md``,
+brief ``shared/seeds/000-token-reuse-decision-layer.txt``.
+
+A CLIP / SigLIP / DINOv2 ViT (``vit.VisionTransformer``, same parameter names, so HF checkpoints
+load unchanged) embeds the frames of a clip one at a time in a codec-like order (``Grouping``).
+In every reuse layer (never layer 0) each reusable token (patch tokens; CLS and registers stay
+fixed with ``skip_cls``) may take its state from the same spatial position of an already processed
+reference frame instead of being recomputed:
+
+    sim     = max over allowed references r of cos(x_cur[p], x_r[p])       (local similarity)
+    inputs  = [importance, sim, compressed_map, ref_type(3)]              (decision MLP, 6 -> 2)
+    restored_t = cached_t[r*, p] + MLP_t(x_cur[p] - x_r*[p]),  t in {h, k, v (, q)}
+    out     = g_reuse * restored + g_recompute * recomputed
+
+``importance`` is the attention CLS pays the token in the preceding layer, summed over heads. The
+gate ``g`` is a Gumbel-softmax of the log-softmax of the decision logits at temperature tau
+(straight-through hard optional); evaluation uses a hard argmax.
+
+Two execution paths share every parameter:
+- ``mode='soft'`` (training): every token is computed and mixed by the gate, so gradients reach
+  the decision and restoration MLPs. Keys and values of the mixed tokens are mixed too, so the
+  recomputed tokens attend to exactly what the hard path gives them.
+- ``mode='hard'`` (inference): decisions first; the recompute tokens are gathered to a static
+  capacity (the smallest of ``capacity_buckets`` that holds them, via ``nn.switch``), only they
+  run q/k/v, attention (against the whole frame's keys, restored ones included) and the MLP; the
+  result is scattered into the restored states. This is what saves FLOPs. With the same decisions
+  the two paths agree (tested).
+
+Why Q is not restored by default: a reused token's output ``h`` is restored, so its query is never
+read (it does not attend). ``restore_q=True`` restores and caches Q as in the brief's layout, at
+one more restoration MLP per reused token.
+
+Caches live in the ``reuse_cache`` Linen collection (never params, never differentiated through
+the optimizer): per reuse layer, per frame slot, the layer input, output ``h``, K, V (and Q) of the
+reusable tokens only, so no token can ever reference CLS. ``filled`` marks slots written, so a
+frame can only reference frames processed before it. A clip is encoded in one ``apply`` with
+``mutable=['reuse_cache']`` (training; gradients then flow through the cache from later frames to
+earlier ones), or frame by frame for streaming by carrying the collection between calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vlmjax.models import layers, vit
+
+Array = jax.Array
+
+REUSE_CACHE = "reuse_cache"
+SIMILARITIES = ("local_cosine", "low_rank", "headwise")
+RESTORATIONS = ("mlp", "passthrough")
+POLICIES = ("mlp", "topk_similarity")
+MODES = ("soft", "hard")
+NUM_REF_TYPES = 3  # I / P / B (vlmjax.data.video.REF_TYPES)
+_BIG = 1e4
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The ``config.reuse`` section (model) and ``config.reuse_loss`` defaults live together here."""
+    return ml_collections.ConfigDict(dict(
+        # Layers whose tokens may reuse; () = every layer but 0 (layer 0 never reuses).
+        reuse_layers=(),
+        # CLS (and DINOv2 registers) are split off before the decision and always recomputed.
+        skip_cls=True,
+        similarity="local_cosine",   # local_cosine | low_rank | headwise
+        similarity_rank=64,          # low_rank: project to r dims (learned, no bias) first
+        # Decision MLP inputs that can be switched off (their input is then 0).
+        use_importance=True,
+        use_compressed_map=True,
+        decision_hidden=64,
+        decision_init_std=1e-3,      # spec: weights N(0, 0.001), zero bias
+        policy="mlp",                # mlp | topk_similarity (reuse the most similar fraction; no training)
+        topk_reuse_fraction=0.5,     # topk_similarity only
+        tau=0.025,                   # Gumbel-softmax temperature
+        tau_end=0.0,                 # > 0: linear schedule tau -> tau_end over training
+        hard_gumbel=False,           # straight-through: one-hot forward, soft gradient
+        restoration="mlp",           # mlp | passthrough (cached states as they are)
+        restoration_dim=64,          # D -> 64 -> D, no bias
+        restore_q=False,             # see module docstring
+        # Hard path: static capacities (fraction of the reusable tokens) to gather recompute tokens
+        # into; the smallest that holds every batch row's recompute tokens is run. If the largest is
+        # < 1, tokens beyond it are reused anyway (reported as overflow).
+        capacity_buckets=(0.25, 0.5, 0.75, 1.0),
+    ))
+
+
+def loss_config() -> ml_collections.ConfigDict:
+    """``config.reuse_loss``: the spec's ReuseLoss weights."""
+    return ml_collections.ConfigDict(dict(
+        sloss_scaler=1.0,
+        # One weight per layer for the LAST len(hloss_scaler) layers, earliest first.
+        hloss_scaler=(0.0, 1.5),
+        rloss_scaler=0.35,
+        target_reuse_rate=0.5,
+        max_layer_rate=0.95,         # per-layer rates are capped before averaging (spec)
+        # Optional per-token MSE on the last layer's patch tokens (the brief's fix for patch drift).
+        patch_mse_scaler=0.0,
+    ))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReuseConfig:
+    """Static reuse hyper-parameters (hashable Linen attribute); fields as ``default_config``."""
+
+    reuse_layers: tuple[int, ...] = ()
+    skip_cls: bool = True
+    similarity: str = "local_cosine"
+    similarity_rank: int = 64
+    use_importance: bool = True
+    use_compressed_map: bool = True
+    decision_hidden: int = 64
+    decision_init_std: float = 1e-3
+    policy: str = "mlp"
+    topk_reuse_fraction: float = 0.5
+    tau: float = 0.025
+    tau_end: float = 0.0
+    hard_gumbel: bool = False
+    restoration: str = "mlp"
+    restoration_dim: int = 64
+    restore_q: bool = False
+    capacity_buckets: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+
+    @classmethod
+    def from_config(cls, cfg) -> ReuseConfig:
+        d = dict(cfg)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for k in d:
+            if k not in fields:
+                hint = difflib.get_close_matches(k, fields, n=1)
+                raise ValueError(f"config.reuse.{k} is not a reuse option"
+                                 + (f"; did you mean {hint[0]!r}?" if hint else f"; options: {sorted(fields)}."))
+        for k in ("reuse_layers", "capacity_buckets"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    def layers(self, num_layers: int) -> tuple[int, ...]:
+        return tuple(self.reuse_layers) if self.reuse_layers else tuple(range(1, num_layers))
+
+    def validate(self, num_layers: int) -> None:
+        """Raises ValueError naming the field and what it accepts."""
+        for name, allowed in (("similarity", SIMILARITIES), ("restoration", RESTORATIONS), ("policy", POLICIES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"config.reuse.{name}={getattr(self, name)!r}; use one of {allowed}.")
+        lyr = self.layers(num_layers)
+        if 0 in lyr:
+            raise ValueError("config.reuse.reuse_layers contains 0: layer 0 never reuses (its input is the "
+                             "patch embedding; there is nothing cheaper to restore from).")
+        bad = [i for i in lyr if not 0 < i < num_layers]
+        if bad or len(set(lyr)) != len(lyr):
+            raise ValueError(f"config.reuse.reuse_layers={lyr} must be distinct layers in [1, {num_layers - 1}].")
+        buckets = self.capacity_buckets
+        if not buckets or any(not 0 < b <= 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+            raise ValueError(f"config.reuse.capacity_buckets={buckets} must be increasing fractions in (0, 1].")
+        if not 0 <= self.topk_reuse_fraction < 1:
+            raise ValueError(f"config.reuse.topk_reuse_fraction={self.topk_reuse_fraction} must be in [0, 1).")
+        if not self.tau > 0 or self.tau_end < 0:
+            raise ValueError(f"config.reuse.tau={self.tau} must be > 0 and tau_end={self.tau_end} >= 0.")
+        for name in ("similarity_rank", "decision_hidden", "restoration_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"config.reuse.{name} must be a positive integer.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Grouping:
+    """The static frame schedule of a clip (``vlmjax.data.video.frame_grouping``).
+
+    order: frame indices in processing order; refs[f]: frames f may reference (all processed
+    before f); ref_type[f]: one-hot I/P/B role. Static, so each frame's reference set and whether it
+    can reuse at all are known at trace time (I frames run the plain layers).
+    """
+
+    order: tuple[int, ...]
+    refs: tuple[tuple[int, ...], ...]
+    ref_type: tuple[tuple[float, ...], ...]
+
+    @classmethod
+    def from_arrays(cls, process_order, ref_mask, ref_type) -> Grouping:
+        """process_order [F], ref_mask [F, F] bool, ref_type [F, 3] (one example's, numpy)."""
+        order = tuple(int(i) for i in np.asarray(process_order))
+        mask = np.asarray(ref_mask, bool)
+        refs = tuple(tuple(int(j) for j in np.flatnonzero(mask[f])) for f in range(mask.shape[0]))
+        seen: set[int] = set()
+        for f in order:
+            if not set(refs[f]) <= seen:
+                raise ValueError(f"ref_mask lets frame {f} reference {sorted(set(refs[f]) - seen)}, which are "
+                                 f"not processed before it in order {order}.")
+            seen.add(f)
+        return cls(order, refs, tuple(tuple(float(v) for v in row) for row in np.asarray(ref_type)))
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.order)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure pieces (NumPy-checked in tests)
+# ------------------------------------------------------------------------------------------------
+
+def cosine(a: Array, b: Array, eps: float = 1e-6) -> Array:
+    """Cosine similarity over the last axis (fp32)."""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    num = jnp.sum(a * b, -1)
+    return num / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1) + eps)
+
+
+def gumbel_gate(logits: Array, tau: Array | float, rng: Array | None, hard: bool) -> Array:
+    """Gate [..., 2] (reuse, recompute) from decision logits [..., 2].
+
+    ``rng`` given: Gumbel-softmax ``softmax((log_softmax(logits) + G) / tau)`` (Jang et al. 2017),
+    straight-through one-hot forward with ``hard``. ``rng`` None (evaluation): hard argmax.
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    if rng is None:
+        return jax.nn.one_hot(jnp.argmax(logp, -1), 2, dtype=jnp.float32)
+    g = jax.random.gumbel(rng, logp.shape, jnp.float32)
+    soft = jax.nn.softmax((logp + g) / tau, -1)
+    if not hard:
+        return soft
+    one_hot = jax.nn.one_hot(jnp.argmax(soft, -1), 2, dtype=jnp.float32)
+    return one_hot + soft - jax.lax.stop_gradient(soft)
+
+
+def scheduled_tau(cfg: ReuseConfig, progress: Array | float | None) -> Array:
+    """tau, or the linear schedule tau -> tau_end at training progress in [0, 1]."""
+    if not cfg.tau_end or progress is None:
+        return jnp.asarray(cfg.tau, jnp.float32)
+    p = jnp.clip(jnp.asarray(progress, jnp.float32), 0.0, 1.0)
+    return cfg.tau + (cfg.tau_end - cfg.tau) * p
+
+
+def cls_importance(q_cls: Array, k: Array) -> Array:
+    """How much CLS attends to each token, summed over heads.
+
+    q_cls: [B, H, Dh]; k: [B, N, H, Dh] -> [B, N] fp32 (sums to H over N).
+    """
+    logits = jnp.einsum("bhd,bnhd->bhn", q_cls.astype(jnp.float32), k.astype(jnp.float32))
+    return jax.nn.softmax(logits * q_cls.shape[-1] ** -0.5, -1).sum(1)
+
+
+def _take_tokens(x: Array, idx: Array) -> Array:
+    """x [B, N, ...], idx [B, K] -> [B, K, ...]."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _put_tokens(base: Array, idx: Array, new: Array, valid: Array) -> Array:
+    """base [B, N, ...] with rows idx [B, K] replaced by new [B, K, ...] where valid [B, K]."""
+    new = jnp.where(valid.reshape(valid.shape + (1,) * (new.ndim - 2)), new, _take_tokens(base, idx))
+    return jax.vmap(lambda b, i, n: b.at[i].set(n))(base, idx, new.astype(base.dtype))
+
+
+def reuse_loss(pooled, pooled_orig, hidden, hidden_orig, patch, patch_orig, rates, example_mask, cfg):
+    """The spec's ReuseLoss (targets are stop-gradient outputs of the original model).
+
+    Args:
+      pooled, pooled_orig: [B, F, Dp] pooled embeddings with / without reuse.
+      hidden, hidden_orig: lists (one per hloss layer, earliest first) of [B, F, N, D].
+      patch, patch_orig: [B, F, Np, D] last-layer patch tokens (for the optional MSE).
+      rates: [L_reuse] soft reuse rate per reuse layer (mean gate over reusable tokens of frames
+        with references).
+      example_mask: [B] 1 for real clips.
+      cfg: ``loss_config()``.
+    Returns:
+      (loss, terms dict).
+    """
+    m = example_mask.astype(jnp.float32)
+    denom = jnp.maximum(m.sum(), 1.0)
+    mean_b = lambda v: jnp.sum(v * m) / denom
+    sg = jax.lax.stop_gradient
+    # 1 - min over frames of cos(pooled, pooled_original).
+    pooled_cos = cosine(pooled, sg(pooled_orig))  # [B, F]
+    sloss = mean_b(1.0 - pooled_cos.min(-1))
+    terms = {"sloss": sloss, "pooled_cos": mean_b(pooled_cos.mean(-1)),
+             "pooled_cos_min": mean_b(pooled_cos.min(-1))}
+    loss = cfg.sloss_scaler * sloss
+    for j, (scale, h, ho) in enumerate(zip(cfg.hloss_scaler, hidden, hidden_orig)):
+        cos = cosine(h, sg(ho)).mean(-1)  # [B, F], mean over all tokens
+        hl = mean_b(1.0 - cos.min(-1))
+        terms[f"hloss_{j}"] = hl
+        loss = loss + scale * hl
+    capped = jnp.minimum(rates, cfg.max_layer_rate)
+    rloss = jax.nn.relu(cfg.target_reuse_rate - capped.mean()) if rates.size else jnp.zeros(())
+    terms["rloss"] = rloss
+    loss = loss + cfg.rloss_scaler * rloss
+    mse = jnp.mean((patch.astype(jnp.float32) - sg(patch_orig).astype(jnp.float32)) ** 2, axis=(1, 2, 3))
+    terms["patch_mse"] = mean_b(mse)
+    if cfg.patch_mse_scaler:
+        loss = loss + cfg.patch_mse_scaler * terms["patch_mse"]
+    terms["patch_cos"] = mean_b(cosine(patch, sg(patch_orig)).mean((1, 2)))
+    return loss, terms
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules
+# ------------------------------------------------------------------------------------------------
+
+class _MLP(nn.Module):
+    """Dense -> GELU -> Dense (no bias unless ``bias``); ``out_init_std=0`` zero-inits the output."""
+
+    hidden: int
+    out: int
+    init_std: float
+    out_init_std: float
+    bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        h = layers.DenseGeneral(self.hidden, kernel_axes=(None, None), use_bias=self.bias,
+                                initializer_range=self.init_std, dtype=jnp.float32, name="fc1")(x)
+        return layers.DenseGeneral(self.out, kernel_axes=(None, None), use_bias=self.bias,
+                                   initializer_range=self.out_init_std, dtype=jnp.float32,
+                                   name="fc2")(jax.nn.gelu(h))
+
+
+class ReuseModule(nn.Module):
+    """Per-layer reuse decision, restoration and cache (the brief's ``ReuseModule``).
+
+    Parameters: ``decision`` (6 -> decision_hidden -> 2, N(0, decision_init_std), zero bias),
+    ``restore_{h,k,v[,q]}`` (D -> restoration_dim -> D, no bias; output zero-initialised so an
+    untrained module restores exactly the cached state), ``low_rank`` (D -> r, low_rank only).
+    Cache (``reuse_cache``): x, h, k, v[, q] [B, S, Nr, D] and filled [B, S].
+    """
+
+    config: ReuseConfig
+    vit_config: vit.ViTConfig
+    num_slots: int
+
+    def _cache(self, name, shape, dtype=jnp.float32):
+        return self.variable(REUSE_CACHE, name, jnp.zeros, shape, dtype)
+
+    def _targets(self):
+        return ("h", "k", "v") + (("q",) if self.config.restore_q else ())
+
+    @nn.compact
+    def __call__(self, x: Array, refs: tuple[int, ...], importance: Array, cmap: Array,
+                 ref_type: tuple[float, ...]) -> dict[str, Array]:
+        """Decision inputs, logits and restored states of the reusable tokens of one frame.
+
+        Args:
+          x: [B, Nr, D] layer input of the reusable tokens.
+          refs: static slots this frame may reference (non-empty).
+          importance: [B, Nr] CLS attention in the preceding layer.
+          cmap: [B, Nr] compressed_map (change energy).
+          ref_type: this frame's one-hot role (3,).
+        Returns:
+          dict: logits [B, Nr, 2] (reuse, recompute), sim [B, Nr], restored {h, k, v[, q]} [B, Nr, D].
+        """
+        c, v = self.config, self.vit_config
+        b, nr, d = x.shape
+        shape = (b, self.num_slots, nr, d)
+        cache = {t: self._cache(t, shape) for t in ("x",) + self._targets()}
+        filled = self._cache("filled", (b, self.num_slots), jnp.bool_)
+        slots = jnp.asarray(refs, jnp.int32)
+        xr = cache["x"].value[:, slots]  # [B, R, Nr, D]
+        if c.similarity == "local_cosine":
+            sim = cosine(x[:, None], xr)
+        elif c.similarity == "low_rank":
+            proj = layers.DenseGeneral(c.similarity_rank, kernel_axes=(None, None), dtype=jnp.float32,
+                                       initializer_range=d**-0.5, name="low_rank")
+            sim = cosine(proj(x)[:, None], proj(xr))
+        else:  # headwise: mean over heads of the per-head cosine
+            split = lambda t: t.reshape(t.shape[:-1] + (v.num_attention_heads, v.head_dim))
+            sim = cosine(split(x)[:, None], split(xr)).mean(-1)
+        # [B, R, Nr]: only references that were written (processed before this frame) count.
+        sim = jnp.where(filled.value[:, slots][:, :, None], sim, -2.0)
+        best = jnp.argmax(sim, axis=1)  # [B, Nr] index into refs
+        max_sim = jnp.max(sim, axis=1)
+        pick = lambda t: jnp.take_along_axis(t, best[:, None, :, None], axis=1)[:, 0]  # [B, R, Nr, D] -> [B, Nr, D]
+        diff = x.astype(jnp.float32) - pick(xr)
+        restored = {}
+        for t in self._targets():
+            cached = pick(cache[t].value[:, slots])
+            if c.restoration == "mlp":
+                cached = cached + _MLP(c.restoration_dim, d, 0.02, 0.0, name=f"restore_{t}")(diff)
+            restored[t] = cached
+        feats = [importance if c.use_importance else jnp.zeros_like(max_sim), max_sim,
+                 cmap if c.use_compressed_map else jnp.zeros_like(max_sim)]
+        feats = jnp.stack(feats, -1).astype(jnp.float32)
+        feats = jnp.concatenate([feats, jnp.broadcast_to(jnp.asarray(ref_type, jnp.float32), (b, nr, 3))], -1)
+        logits = _MLP(c.decision_hidden, 2, c.decision_init_std, c.decision_init_std, bias=True,
+                      name="decision")(feats)
+        return {"logits": logits, "sim": max_sim, "restored": restored}
+
+    def store(self, slot: int, x: Array, states: dict[str, Array]) -> None:
+        """Writes this frame's reusable-token states ([B, Nr, D] each) into cache slot ``slot``."""
+        b, nr, d = x.shape
+        for t in ("x",) + self._targets():
+            value = x if t == "x" else states[t]
+            old = self.get_variable(REUSE_CACHE, t)
+            if old is None:  # an I frame came first: the cache is created here
+                old = jnp.zeros((b, self.num_slots, nr, d), jnp.float32)
+            self.put_variable(REUSE_CACHE, t, old.at[:, slot].set(value.astype(old.dtype)))
+        filled = self.get_variable(REUSE_CACHE, "filled")
+        if filled is None:
+            filled = jnp.zeros((b, self.num_slots), jnp.bool_)
+        self.put_variable(REUSE_CACHE, "filled", filled.at[:, slot].set(True))
+
+
+class ReuseViT(vit.VisionTransformer):
+    """A ``VisionTransformer`` (same params) plus ``reuse_{i}`` modules on the reuse layers.
+
+    ``__call__`` (inherited) is the original per-image model. ``encode_clip`` runs a clip with reuse;
+    ``encode_frame`` is one step of it (streaming); ``original_clip`` gives the targets.
+    """
+
+    reuse_config: ReuseConfig = ReuseConfig()
+    num_slots: int = 8
+
+    def setup(self):
+        super().setup()
+        self.reuse_config.validate(self.config.num_hidden_layers)
+        self.reuse = {i: ReuseModule(self.reuse_config, self.config, self.num_slots)
+                      for i in self.reuse_config.layers(self.config.num_hidden_layers)}
+
+    @property
+    def _fixed(self) -> int:
+        """Tokens before the reusable ones (CLS + registers with skip_cls)."""
+        return self.config.num_prefix_tokens if self.reuse_config.skip_cls else 0
+
+    # ---- original model ------------------------------------------------------------------------
+    def original_frame(self, pixels: Array) -> tuple[dict[str, Array], list[Array]]:
+        """pixels [B, H, W, C] -> (outputs, [output of every layer] each [B, N, D])."""
+        x = self.embed(pixels)
+        hiddens = []
+        for layer in self.layers:
+            x, _ = layer(x)
+            hiddens.append(x)
+        return self.outputs(x), hiddens
+
+    def original_clip(self, frames: Array, keep_hidden: tuple[int, ...] = ()) -> dict[str, Any]:
+        """frames [B, F, H, W, C] -> pooled [B, F, Dp], last_hidden_state [B, F, N, D],
+        hidden {l: [B, F, N, D]} for l in keep_hidden (each frame encoded alone)."""
+        b, f = frames.shape[:2]
+        out, hiddens = self.original_frame(frames.reshape((b * f,) + frames.shape[2:]))
+        unflat = lambda t: t.reshape((b, f) + t.shape[1:])
+        return {"pooled": unflat(_pooled(out)), "last_hidden_state": unflat(out["last_hidden_state"]),
+                "hidden": {l: unflat(hiddens[l]) for l in keep_hidden}}
+
+    # ---- reuse ----------------------------------------------------------------------------------
+    def encode_frame(self, pixels: Array, slot: int, refs: tuple[int, ...], ref_type: tuple[float, ...],
+                     cmap: Array | None = None, *, mode: str = "soft", rng: Array | None = None,
+                     tau: Array | float | None = None, keep_hidden: tuple[int, ...] = (),
+                     forced: dict[int, Array] | None = None) -> tuple[dict[str, Array], dict[str, Any]]:
+        """Encodes one frame with reuse from earlier frames in the cache, and caches it in ``slot``.
+
+        Args:
+          pixels: [B, H, W, C].
+          slot: static cache slot of this frame (its index in the clip).
+          refs: static slots it may reference (empty: an I frame, every layer runs in full).
+          ref_type: one-hot I/P/B role (3,).
+          cmap: optional [B, Np] compressed_map / change energy of the patches (0 when None).
+          mode: 'soft' (all tokens computed and mixed) or 'hard' (gather the recompute tokens).
+          rng: Gumbel noise key (soft training); None: hard argmax decisions.
+          tau: Gumbel temperature (default config.tau).
+          keep_hidden: layers whose output to return.
+          forced: {layer: [B, Nr] bool reuse decisions} overriding the policy (tests, ablations).
+        Returns:
+          (outputs dict with pooled [B, Dp], last_hidden_state [B, N, D], hidden {l: [B, N, D]};
+           stats {layer: dict(gate [B, Nr] reuse gate, reused [B] hard fraction, overflow [B])}).
+        """
+        c = self.reuse_config
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}; use one of {MODES}.")
+        tau = c.tau if tau is None else tau
+        x = self.embed(pixels)
+        fixed = self._fixed
+        nr = x.shape[1] - fixed
+        if cmap is None:
+            cmap = jnp.zeros((x.shape[0], nr), jnp.float32)
+        elif cmap.shape[1] != nr:  # prefix tokens (skip_cls=False) carry no codec signal
+            cmap = jnp.concatenate([jnp.zeros((x.shape[0], nr - cmap.shape[1]), cmap.dtype), cmap], 1)
+        importance = None
+        hidden, stats = {}, {}
+        for i, layer in enumerate(self.layers):
+            module = self.reuse.get(i)
+            if module is None or not refs:
+                q, k, v = layer.qkv(x)
+                h = layer.finish(x, vit._bidirectional(q, k, v, self.config.dtype))  # pylint: disable=protected-access
+                if module is not None:
+                    module.store(slot, x[:, fixed:], {"h": h[:, fixed:], "k": _flat(k[:, fixed:]),
+                                                      "v": _flat(v[:, fixed:]), "q": _flat(q[:, fixed:])})
+                q_cls, k_all = q[:, 0], k
+            else:
+                imp = importance[:, fixed:] if importance is not None else jnp.zeros(cmap.shape, jnp.float32)
+                dec = module(x[:, fixed:], refs, imp, cmap, ref_type)
+                h, q_cls, k_all, st = self._reuse_layer(i, layer, module, x, dec, slot, mode, rng, tau,
+                                                        None if forced is None else forced.get(i))
+                stats[i] = st
+            if self.config.class_token:
+                importance = cls_importance(q_cls, k_all)
+            x = h
+            if i in keep_hidden:
+                hidden[i] = h
+        out = self.outputs(x)
+        return {"pooled": _pooled(out), "last_hidden_state": out["last_hidden_state"], "hidden": hidden}, stats
+
+    def _decide(self, dec, mode, rng, tau, forced):
+        """-> (gate [B, Nr, 2] (reuse, recompute), margin [B, Nr] = recompute preference)."""
+        c = self.reuse_config
+        logits, sim = dec["logits"], dec["sim"]
+        if forced is not None:
+            gate = jax.nn.one_hot(jnp.where(forced, 0, 1), 2, dtype=jnp.float32)
+            return gate, jnp.where(forced, -1.0, 1.0)
+        if c.policy == "topk_similarity":
+            # Reuse the floor(r Nr) most similar tokens of every frame (a fixed-rate baseline policy).
+            k = int(math.floor(c.topk_reuse_fraction * sim.shape[1]))
+            rank = jnp.argsort(jnp.argsort(-sim, axis=1), axis=1)  # 0 = most similar
+            reuse = rank < k
+            return jax.nn.one_hot(jnp.where(reuse, 0, 1), 2, dtype=jnp.float32), -sim
+        margin = logits[..., 1] - logits[..., 0]
+        if mode == "hard":
+            rng = None
+        return gumbel_gate(logits, tau, rng, c.hard_gumbel), margin
+
+    def _reuse_layer(self, i, layer, module, x, dec, slot, mode, rng, tau, forced):
+        c = self.reuse_config
+        fixed = self._fixed
+        b, n, d = x.shape
+        nh, dh = self.config.num_attention_heads, self.config.head_dim
+        layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+        gate, margin = self._decide(dec, mode, layer_rng, tau, forced)
+        rest = dec["restored"]
+        heads = lambda t: t.reshape(t.shape[:2] + (nh, dh))
+        if mode == "soft":
+            g_r, g_c = gate[..., 0], gate[..., 1]
+            q, k, v = layer.qkv(x)
+
+            def mix(comp, restored):  # comp [B, N, ...], restored [B, Nr, ...] -> [B, N, ...]
+                gr = g_r.reshape(g_r.shape + (1,) * (comp.ndim - 2))
+                gc = g_c.reshape(gr.shape)
+                mixed = gr * restored.astype(jnp.float32) + gc * comp[:, fixed:].astype(jnp.float32)
+                return jnp.concatenate([comp[:, :fixed], mixed.astype(comp.dtype)], 1)
+
+            k_m, v_m = mix(k, heads(rest["k"])), mix(v, heads(rest["v"]))
+            attn = layers.dot_product_attention(q, k_m, v_m, jnp.ones((b, n, n), jnp.bool_), self.config.dtype)
+            h = mix(layer.finish(x, attn), rest["h"])
+            states = {"h": h[:, fixed:], "k": _flat(k_m[:, fixed:]), "v": _flat(v_m[:, fixed:])}
+            if c.restore_q:
+                states["q"] = _flat(mix(q, heads(rest["q"]))[:, fixed:])
+            q_cls = q[:, 0]
+            reused = (gate[..., 0] > 0.5).astype(jnp.float32).mean(-1)
+            overflow = jnp.zeros((b,), jnp.float32)
+            k_all = k_m
+        else:
+            recompute = gate[..., 1] > 0.5  # [B, Nr]
+            need = recompute.sum(-1).max()
+            nr = n - fixed
+            caps = sorted({max(1, math.ceil(f * nr)) for f in c.capacity_buckets})
+
+            def branch(cap):
+                def run(mdl, x, recompute, margin, rest):
+                    layer = mdl.layers[i]  # through the (lifted) module, as nn.switch requires
+                    # Recompute tokens first (by margin), then padding; indices ascending for locality.
+                    score = jnp.where(recompute, _BIG, 0.0) + margin
+                    idx = jnp.sort(jax.lax.top_k(score, cap)[1], axis=-1)
+                    valid = _take_tokens(recompute, idx)
+                    x_sel = jnp.concatenate([x[:, :fixed], _take_tokens(x[:, fixed:], idx)], 1)
+                    q, k, v = layer.qkv(x_sel)
+                    k_full = jnp.concatenate([k[:, :fixed], _put_tokens(heads(rest["k"]).astype(k.dtype), idx,
+                                                                        k[:, fixed:], valid)], 1)
+                    v_full = jnp.concatenate([v[:, :fixed], _put_tokens(heads(rest["v"]).astype(v.dtype), idx,
+                                                                        v[:, fixed:], valid)], 1)
+                    attn = layers.dot_product_attention(q, k_full, v_full,
+                                                        jnp.ones((b, q.shape[1], n), jnp.bool_), self.config.dtype)
+                    h_sel = layer.finish(x_sel, attn)
+                    h_full = jnp.concatenate([h_sel[:, :fixed],
+                                              _put_tokens(rest["h"].astype(h_sel.dtype), idx, h_sel[:, fixed:], valid)], 1)
+                    states = {"h": h_full[:, fixed:], "k": _flat(k_full[:, fixed:]), "v": _flat(v_full[:, fixed:])}
+                    if c.restore_q:
+                        states["q"] = _flat(_put_tokens(heads(rest["q"]).astype(q.dtype), idx, q[:, fixed:], valid))
+                    q_cls = q[:, 0] if fixed else layer.qkv(x[:, :1])[0][:, 0]
+                    used = valid.sum(-1)
+                    return h_full, states, q_cls, k_full, used
+                return run
+
+            branches = [branch(cap) for cap in caps]
+            operands = (x, recompute, margin, rest)
+            if len(branches) == 1:
+                h, states, q_cls, k_all, used = branches[0](self, *operands)
+            else:
+                which = jnp.searchsorted(jnp.asarray(caps), need)  # smallest bucket >= need
+                which = jnp.minimum(which, len(caps) - 1)
+                h, states, q_cls, k_all, used = nn.switch(which, branches, self, *operands)
+            count = recompute.sum(-1)
+            reused = 1.0 - used.astype(jnp.float32) / nr
+            overflow = (count - used).astype(jnp.float32) / nr
+        module.store(slot, x[:, fixed:], states)
+        return h, q_cls, k_all, {"gate": gate[..., 0], "reused": reused, "overflow": overflow,
+                                 "sim": dec["sim"]}
+
+    def encode_clip(self, frames: Array, grouping: Grouping, cmap: Array | None = None, *,
+                    mode: str = "soft", rng: Array | None = None, tau=None, keep_hidden: tuple[int, ...] = (),
+                    forced: dict[int, dict[int, Array]] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Encodes clips frame by frame in ``grouping.order`` with reuse.
+
+        Args:
+          frames: [B, F, H, W, C] normalised pixels.
+          grouping: static schedule (``Grouping``).
+          cmap: optional [B, F, Np] change energy per patch.
+          forced: optional {frame: {layer: [B, Nr] bool reuse}}.
+          Other arguments as ``encode_frame``.
+        Returns:
+          (outputs: pooled [B, F, Dp], last_hidden_state [B, F, N, D], hidden {l: [B, F, N, D]};
+           stats: gate {l: [B, F, Nr]} (0 on frames without references), reused {l: [B, F]},
+           overflow {l: [B, F]}, sim {l: [B, F, Nr]}, has_ref [F] numpy bool)
+          in frame order.
+        """
+        f_count = frames.shape[1]
+        if grouping.num_frames != f_count or f_count > self.num_slots:
+            raise ValueError(f"grouping has {grouping.num_frames} frames, the clip {f_count}, the cache "
+                             f"{self.num_slots} slots; they must agree (num_slots >= frames).")
+        per_frame: dict[int, tuple] = {}
+        for f in grouping.order:
+            frame_rng = None if rng is None else jax.random.fold_in(rng, f)
+            out, st = self.encode_frame(frames[:, f], f, grouping.refs[f], grouping.ref_type[f],
+                                        None if cmap is None else cmap[:, f], mode=mode, rng=frame_rng,
+                                        tau=tau, keep_hidden=keep_hidden,
+                                        forced=None if forced is None else forced.get(f))
+            per_frame[f] = (out, st)
+        stack = lambda get: jnp.stack([get(f) for f in range(f_count)], 1)
+        outputs = {"pooled": stack(lambda f: per_frame[f][0]["pooled"]),
+                   "last_hidden_state": stack(lambda f: per_frame[f][0]["last_hidden_state"]),
+                   "hidden": {l: stack(lambda f, l=l: per_frame[f][0]["hidden"][l]) for l in keep_hidden}}
+        b = frames.shape[0]
+        nr = outputs["last_hidden_state"].shape[2] - self._fixed
+        stats: dict[str, Any] = {"has_ref": np.array([bool(grouping.refs[f]) for f in range(f_count)])}
+        for name, zero in (("gate", (b, nr)), ("reused", (b,)), ("overflow", (b,)), ("sim", (b, nr))):
+            stats[name] = {l: stack(lambda f, l=l, name=name, zero=zero: per_frame[f][1][l][name]
+                                    if l in per_frame[f][1] else jnp.zeros(zero, jnp.float32))
+                           for l in self.reuse_config.layers(self.config.num_hidden_layers)}
+        return outputs, stats
+
+
+def _flat(t: Array) -> Array:
+    """[B, N, H, Dh] -> [B, N, H * Dh]."""
+    return t.reshape(t.shape[:2] + (-1,))
+
+
+def _pooled(out: dict[str, Array]) -> Array:
+    """The embedding a clip-level task reads: pooler_output, or mean of the tokens without a pooler."""
+    if "pooler_output" in out:
+        return out["pooler_output"]
+    return out["last_hidden_state"].mean(1)
+
+
+def reuse_rates(stats: dict[str, Any], example_mask: Array) -> dict[str, Array]:
+    """Soft (gate) and hard reuse rates per reuse layer over frames with references.
+
+    Returns {'soft': [L_reuse], 'hard': [L_reuse]} in ``sorted(stats['gate'])`` layer order.
+    """
+    has_ref = jnp.asarray(stats["has_ref"], jnp.float32)  # [F]
+    m = example_mask.astype(jnp.float32)[:, None] * has_ref[None]  # [B, F]
+    denom = jnp.maximum(m.sum(), 1.0)
+    lyr = sorted(stats["gate"])
+    soft = jnp.stack([(stats["gate"][l].mean(-1) * m).sum() / denom for l in lyr]) if lyr else jnp.zeros((0,))
+    hard = jnp.stack([(stats["reused"][l] * m).sum() / denom for l in lyr]) if lyr else jnp.zeros((0,))
+    return {"soft": soft, "hard": hard}
+
+
+def build(vit_config: vit.ViTConfig, reuse_config: ReuseConfig, num_slots: int) -> ReuseViT:
+    return ReuseViT(vit_config, reuse_config=reuse_config, num_slots=num_slots)
+
+
+__all__ = ["Grouping", "REUSE_CACHE", "ReuseConfig", "ReuseModule", "ReuseViT", "build", "cls_importance",
+           "cosine", "default_config", "gumbel_gate", "loss_config", "reuse_loss", "reuse_rates",
+           "scheduled_tau"]

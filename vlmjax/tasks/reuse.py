@@ -1,0 +1,371 @@
+"""Token reuse for video ViTs (``configs/reuse.py``): distil ReuseViT against its frozen backbone.
+
+Spec ``shared/specs/token-reuse.md``. Only the ``reuse_*`` modules (decision and restoration MLPs)
+train; the backbone's params are stop-gradient inside the loss (no weight gradients are even
+computed for them) and frozen by ``optim.trainable=('^reuse_',)``. Targets are the same backbone
+without reuse, every frame encoded alone.
+
+Backbone (``init_from``):
+- an HF directory (CLIP / SigLIP vision or two-tower, DINOv2): its vision tower;
+- a vlmjax workdir: the ``vit`` params of its latest checkpoint (e.g. a ``video_cls`` run);
+- '' (default): ``config.backbone`` (a ``video_cls`` experiment) is first trained in
+  ``WORKDIR/backbone`` by the same trainer, then loaded. Interrupted, it resumes on the next start.
+
+Training runs the soft path (Gumbel gates, all tokens computed); evaluation runs the hard path
+(argmax decisions, recompute tokens gathered), so the reported reuse and fidelity are those of the
+model that saves FLOPs. The run ends with a linear probe (ridge regression on clip embeddings)
+trained on the original model's embeddings and tested on original and on reused embeddings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vlmjax import convert
+from vlmjax import data as data_lib
+from vlmjax import flops as flops_lib
+from vlmjax.models import reuse as reuse_lib
+from vlmjax.tasks import video_cls
+from vlmjax.tasks.base import Task
+
+
+def probe_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        num_train=256,   # training clips whose embeddings fit the probe (0 disables the probe)
+        num_eval=128,    # evaluation clips it is tested on
+        batch_size=16,
+        l2=1e-2,         # ridge penalty (on standardised features)
+    ))
+
+
+def _is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+class ReuseTask(Task):
+    units = "clips"
+
+    def __init__(self, config, workdir):
+        super().__init__(config, workdir)
+        self.data = data_lib.build_video_data(config.data)
+        self.groupings = {
+            split: reuse_lib.Grouping.from_arrays(g["process_order"], g["ref_mask"], g["ref_type"])
+            for split, g in (("train", self.data.train_grouping), ("eval", self.data.eval_grouping))}
+        self.init_from = config.init_from
+        dtype = config.model.get("dtype", "float32")
+        if self.init_from and _is_hf_dir(self.init_from):
+            self.spec = convert.vision_tower(self.init_from, dtype=dtype)
+            vit_cfg = self.spec.module.config
+        elif self.init_from:
+            saved = os.path.join(self.init_from, "config.json")
+            if not os.path.isfile(saved):
+                raise FileNotFoundError(f"init_from={self.init_from!r} is neither an HF checkpoint directory "
+                                        "(config.json + safetensors) nor a vlmjax workdir (config.json + "
+                                        "checkpoints/).")
+            vit_cfg = video_cls.build_vit_config(ml_collections.ConfigDict(
+                ml_collections.ConfigDict.from_json(open(saved).read()).model))  # noqa: SIM115
+        elif "backbone" in config:
+            vit_cfg = video_cls.build_vit_config(config.backbone.model)
+        else:
+            raise ValueError("This config has no backbone to train (config.backbone) and no init_from: set "
+                             "--config.init_from=<HF CLIP/SigLIP/DINOv2 directory or vlmjax workdir>.")
+        self.vit_config = dataclasses.replace(vit_cfg, dtype=dtype) if dtype else vit_cfg
+        if self.vit_config.patch_size != config.data.patch_size:
+            raise ValueError(f"config.data.patch_size={config.data.patch_size} must equal the backbone's "
+                             f"patch_size={self.vit_config.patch_size} (change_energy is per patch).")
+        self.reuse_config = reuse_lib.ReuseConfig.from_config(config.reuse)
+        self.reuse_config.validate(self.vit_config.num_hidden_layers)
+        self.loss_config = config.reuse_loss
+        n_layers = self.vit_config.num_hidden_layers
+        self.hloss_layers = tuple(range(n_layers - len(self.loss_config.hloss_scaler), n_layers))
+        if min(self.hloss_layers, default=0) < 0:
+            raise ValueError(f"config.reuse_loss.hloss_scaler has {len(self.loss_config.hloss_scaler)} weights "
+                             f"for a {n_layers}-layer backbone.")
+        self.model = reuse_lib.build(self.vit_config, self.reuse_config, num_slots=int(config.data.num_frames))
+        self.mean = tuple(config.image_mean)
+        self.std = tuple(config.image_std)
+
+    # ---- data ---------------------------------------------------------------------------
+    def train_dataset(self, *, global_batch_size, seed, process_index, process_count):
+        return self.data.train_dataset(global_batch_size=global_batch_size, seed=seed,
+                                       process_index=process_index, process_count=process_count)
+
+    def eval_batches(self, *, global_batch_size, process_index, process_count):
+        return self.data.eval_batches(global_batch_size=global_batch_size, process_index=process_index,
+                                      process_count=process_count, max_batches=self.config.eval.max_batches)
+
+    # ---- backbone -----------------------------------------------------------------------
+    def pretrained_params(self, abstract_params, shardings):
+        path = self.init_from or self._pretrain_backbone()
+        backbone = {k: v for k, v in abstract_params.items() if not k.startswith("reuse_")}
+        backbone_sh = None if shardings is None else {k: shardings[k] for k in backbone}
+        if _is_hf_dir(path):
+            return convert.load_params(path, self.spec, backbone, shardings=backbone_sh)
+        from vlmjax.train import checkpoint  # pylint: disable=g-import-not-at-top
+        loaded, step = checkpoint.load_params(path, "vit")
+        missing = sorted(set(backbone) - set(loaded))
+        if missing:
+            raise ValueError(f"{path} (step {step}): its 'vit' params lack {missing}; is it a video_cls run "
+                             "of the same ViT config?")
+        if jax.process_index() == 0:
+            print(f"Backbone: params of {path} at step {step}", flush=True)
+        put = (lambda x, s: jax.device_put(np.asarray(x), s)) if backbone_sh is not None else (
+            lambda x, s: jnp.asarray(x))
+        return jax.tree.map(put, {k: loaded[k] for k in backbone},
+                            backbone_sh if backbone_sh is not None else {k: loaded[k] for k in backbone})
+
+    def _pretrain_backbone(self) -> str:
+        """Trains ``config.backbone`` in WORKDIR/backbone (resuming it if interrupted); its workdir."""
+        from vlmjax.train import trainer  # pylint: disable=g-import-not-at-top  (trainer imports tasks)
+        if self.workdir is None:
+            raise ValueError("Training the backbone needs a workdir; or set config.init_from.")
+        bdir = os.path.join(self.workdir, "backbone")
+        bcfg = self.config.backbone
+        if jax.process_index() == 0:
+            print(f"No init_from: training the {bcfg.model.variant} backbone ({bcfg.task}, {bcfg.total_steps} "
+                  f"steps) in {bdir} first", flush=True)
+        summary = trainer.run(bcfg, bdir)
+        if summary["step"] < bcfg.total_steps:
+            raise SystemExit(f"Backbone training stopped at step {summary['step']} of {bcfg.total_steps} "
+                             "(preempted); run the same command again to resume it.")
+        if jax.process_index() == 0:
+            acc = summary.get("eval_end", {}).get("accuracy")
+            print(f"Backbone ready (frame accuracy {acc:.4f}); now training the reuse modules", flush=True)
+        return bdir
+
+    # ---- model --------------------------------------------------------------------------
+    def init_variables(self, rng):
+        s = self.config.data.image_size
+        f = int(self.config.data.num_frames)
+        frames = jnp.zeros((1, f, s, s, 3), jnp.float32)
+        cmap = jnp.zeros((1, f, self.data.num_patches), jnp.float32)
+        variables = self.model.init({"params": rng}, frames, self.groupings["train"], cmap,
+                                    method=self.model.encode_clip, rng=jax.random.PRNGKey(0))
+        # The cache is per clip and rebuilt by every call: not part of the train state.
+        return {"params": variables["params"]}
+
+    def _split(self, params):
+        """Backbone params behind a stop-gradient (frozen: no weight gradients are computed)."""
+        return {k: (v if k.startswith("reuse_") else jax.lax.stop_gradient(v)) for k, v in params.items()}
+
+    def _run(self, params, batch, *, split, mode, rng=None, tau=None):
+        frames = video_cls.normalize(batch["frames"], self.mean, self.std)
+        cmap = batch["change_energy"].astype(jnp.float32)
+        params = self._split(params)
+        orig = jax.lax.stop_gradient(self.model.apply(
+            {"params": params}, frames, keep_hidden=self.hloss_layers, method=self.model.original_clip))
+        (out, stats), _ = self.model.apply(
+            {"params": params}, frames, self.groupings[split], cmap, mode=mode, rng=rng, tau=tau,
+            keep_hidden=self.hloss_layers, method=self.model.encode_clip, mutable=[reuse_lib.REUSE_CACHE])
+        mask = batch["mask"].astype(jnp.float32)
+        rates = reuse_lib.reuse_rates(stats, mask)
+        p0 = self.model_prefix
+        loss, terms = reuse_lib.reuse_loss(
+            out["pooled"], orig["pooled"], [out["hidden"][l] for l in self.hloss_layers],
+            [orig["hidden"][l] for l in self.hloss_layers], out["last_hidden_state"][:, :, p0:],
+            orig["last_hidden_state"][:, :, p0:], rates["soft" if mode == "soft" else "hard"], mask,
+            self.loss_config)
+        metrics = {"loss": loss, **terms}
+        layers_ = sorted(stats["gate"])
+        for j, l in enumerate(layers_):
+            metrics[f"reuse/{l}"] = rates["hard"][j]
+            if mode == "soft":
+                metrics[f"reuse_soft/{l}"] = rates["soft"][j]
+        metrics["reuse_rate"] = rates["hard"].mean() if layers_ else jnp.zeros(())
+        # Fraction of all (layer, token, frame) computations skipped: what turns into FLOPs.
+        n_tokens = out["last_hidden_state"].shape[2]
+        nr = n_tokens - self.model_fixed
+        denom = jnp.maximum(mask.sum(), 1.0)
+        skipped = sum(((stats["reused"][l].mean(1)) * mask).sum() / denom for l in layers_) if layers_ else 0.0
+        metrics["compute_reuse_rate"] = skipped * nr / (self.vit_config.num_hidden_layers * n_tokens)
+        metrics["overflow"] = (sum((stats["overflow"][l].mean(1) * mask).sum() / denom for l in layers_)
+                               / max(len(layers_), 1)) if layers_ else jnp.zeros(())
+        return loss, metrics, out, orig
+
+    @property
+    def model_prefix(self) -> int:
+        return self.vit_config.num_prefix_tokens
+
+    @property
+    def model_fixed(self) -> int:
+        return self.vit_config.num_prefix_tokens if self.reuse_config.skip_cls else 0
+
+    def loss_fn(self, params, model_state, batch, rng, step):
+        progress = jnp.asarray(step, jnp.float32) / max(int(self.config.total_steps), 1)
+        tau = reuse_lib.scheduled_tau(self.reuse_config, progress)
+        loss, metrics, _, _ = self._run(params, batch, split="train", mode="soft", rng=rng, tau=tau)
+        metrics["tau"] = tau
+        return loss, {"metrics": metrics, "model_state": model_state}
+
+    def eval_fn(self, params, model_state, batch):
+        del model_state
+        _, metrics, _, _ = self._run(params, batch, split="eval", mode="hard")
+        n = batch["mask"].astype(jnp.float32).sum()
+        return {"clips": n, **{k: v * n for k, v in metrics.items()}}
+
+    def finalize_eval(self, sums):
+        n = max(sums.get("clips", 0.0), 1.0)
+        out = {k: v / n for k, v in sums.items() if k != "clips"}
+        out["clips"] = int(n)
+        out["flops_ratio"] = self.flops_ratio(out)
+        return out
+
+    def flops_ratio(self, metrics: dict[str, float]) -> float:
+        """Analytic encoder FLOPs of the hard path / the original (``vlmjax.flops``), with each reuse
+        layer's capacity the bucket that holds its measured mean recompute count."""
+        n_tokens = self.data.num_patches + self.vit_config.num_prefix_tokens
+        nr = n_tokens - self.model_fixed
+        g = self.groupings["eval"]
+        recompute = {l: flops_lib.reuse_capacity_tokens(
+                         self.reuse_config, nr, nr - int(round(metrics.get(f"reuse/{l}", 0.0) * nr)))
+                     for l in self.reuse_config.layers(self.vit_config.num_hidden_layers)}
+        refs = [len(r) for r in g.refs]
+        total = flops_lib.reuse_vit_clip_flops(self.vit_config, self.reuse_config, n_tokens, refs, recompute)
+        return total / flops_lib.vit_original_clip_flops(self.vit_config, n_tokens, g.num_frames)
+
+    def log_summary(self, metrics):
+        keys = [("reuse_rate", "reuse"), ("pooled_cos", "pcos"), ("patch_cos", "patch-cos"), ("sloss", "s"),
+                ("rloss", "r")]
+        return " ".join(f"{short} {metrics[k]:.3f}" for k, short in keys if k in metrics)
+
+    # ---- end of run ---------------------------------------------------------------------
+    def on_end(self, state, mesh) -> dict[str, Any]:
+        cfg = self.config.probe
+        if not cfg.num_train:
+            return {}
+        res = linear_probe(self, state.params, cfg)
+        if jax.process_index() == 0:
+            print("linear probe on clip embeddings (ridge, fit on the original model's train embeddings): "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in res.items()), flush=True)
+        return {"probe": res}
+
+
+def clip_embeddings(task: ReuseTask, params, clips: list[dict[str, np.ndarray]], batch_size: int):
+    """Mean over frames of the L2-normalised pooled embeddings: (original [C, Dp], reuse [C, Dp], labels)."""
+    model, grouping = task.model, task.groupings["eval"]
+
+    @jax.jit
+    def embed(params, frames, cmap):
+        frames = video_cls.normalize(frames, task.mean, task.std)
+        orig = model.apply({"params": params}, frames, method=model.original_clip)["pooled"]
+        (out, _), _ = model.apply({"params": params}, frames, grouping, cmap, mode="hard",
+                                  method=model.encode_clip, mutable=[reuse_lib.REUSE_CACHE])
+        unit = lambda e: e / (jnp.linalg.norm(e, axis=-1, keepdims=True) + 1e-6)
+        return unit(orig).mean(1), unit(out["pooled"]).mean(1)
+
+    origs, reuses = [], []
+    for i in range(0, len(clips), batch_size):
+        chunk = clips[i:i + batch_size]
+        pad = batch_size - len(chunk)
+        chunk = chunk + [chunk[-1]] * pad
+        frames = np.stack([c["frames"] for c in chunk])
+        cmap = np.stack([c["change_energy"] for c in chunk])
+        o, r = jax.device_get(embed(params, frames, cmap))
+        origs.append(o[: batch_size - pad])
+        reuses.append(r[: batch_size - pad])
+    labels = np.array([int(c["label"]) for c in clips])
+    return np.concatenate(origs), np.concatenate(reuses), labels
+
+
+def ridge_probe(x_train, y_train, num_classes: int, l2: float):
+    """Closed-form ridge regression onto one-hot labels (standardised features): predict(x) -> labels."""
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    z = (x_train - mu) / sd
+    z = np.concatenate([z, np.ones((len(z), 1))], 1)
+    y = np.eye(num_classes)[y_train]
+    w = np.linalg.solve(z.T @ z + l2 * len(z) * np.eye(z.shape[1]), z.T @ y)
+    return lambda x: np.argmax(np.concatenate([(x - mu) / sd, np.ones((len(x), 1))], 1) @ w, -1)
+
+
+def linear_probe(task: ReuseTask, params, cfg) -> dict[str, float]:
+    """Downstream check: clip classification from pooled embeddings, with and without reuse."""
+    train = [task.data.clip(i, "train") for i in range(int(cfg.num_train))]
+    evals = [task.data.clip(i, "eval") for i in range(int(cfg.num_eval))]
+    tr_o, tr_r, tr_y = clip_embeddings(task, params, train, int(cfg.batch_size))
+    ev_o, ev_r, ev_y = clip_embeddings(task, params, evals, int(cfg.batch_size))
+    k = task.data.num_classes
+    probe = ridge_probe(tr_o, tr_y, k, float(cfg.l2))
+    probe_r = ridge_probe(tr_r, tr_y, k, float(cfg.l2))
+    return {"acc_original": float((probe(ev_o) == ev_y).mean()),
+            "acc_reuse": float((probe(ev_r) == ev_y).mean()),
+            "acc_reuse_own_probe": float((probe_r(ev_r) == ev_y).mean()),
+            "clip_cos": float(np.mean(np.sum(ev_o * ev_r, -1) / (np.linalg.norm(ev_o, axis=-1)
+                                                                 * np.linalg.norm(ev_r, axis=-1) + 1e-9)))}
+
+
+REUSE_VARIANTS = ("default", "smoke", "clip_b16")
+
+
+def get_config(variant: str = "default") -> ml_collections.ConfigDict:
+    """The ``configs/reuse.py`` experiment."""
+    from vlmjax.data import image_processing  # pylint: disable=g-import-not-at-top
+    from vlmjax.train.config import base_config  # pylint: disable=g-import-not-at-top
+
+    if variant not in REUSE_VARIANTS:
+        raise ValueError(f"configs/reuse.py:{variant} is not a variant; choose one of {REUSE_VARIANTS}.")
+    c = base_config()
+    c.task = "reuse"
+    c.data = data_lib.video.default_config()
+    c.data.image_size = 64
+    c.data.patch_size = 8
+    c.data.num_frames = 5
+    # The backbone trained first when init_from is empty (a video_cls experiment on the same clips).
+    c.backbone = video_cls.get_config("smoke" if variant == "smoke" else "default")
+    c.model = ml_collections.ConfigDict(dict(dtype="float32"))  # architecture: backbone / checkpoint
+    c.reuse = reuse_lib.default_config()
+    c.reuse_loss = reuse_lib.loss_config()
+    c.probe = probe_config()
+    c.image_mean = image_processing.OPENAI_CLIP_MEAN
+    c.image_std = image_processing.OPENAI_CLIP_STD
+    c.total_steps = 300
+    c.batch_size = 8
+    c.log_every = 25
+    c.eval_every = 0
+    c.ckpt_every = 100
+    c.eval.max_batches = 8
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 20
+    c.optim.weight_decay = 0.0
+    c.optim.trainable = ("^reuse_",)  # the backbone stays frozen
+    if variant == "smoke":
+        c.data.image_size = 32
+        c.data.patch_size = 8
+        c.data.num_frames = 5
+        c.data.num_threads = 0
+        c.data.prefetch_batches = 0
+        c.total_steps = 4
+        c.batch_size = 2
+        c.log_every = 2
+        c.ckpt_every = 2
+        c.eval.max_batches = 1
+        c.optim.warmup_steps = 1
+        c.probe.update(dict(num_train=8, num_eval=4, batch_size=4))
+    elif variant == "clip_b16":
+        # A real CLIP ViT-B/16 (vision or two-tower HF directory) via --config.init_from.
+        del c.backbone
+        c.data.image_size = 224
+        c.data.patch_size = 16
+        c.data.num_frames = 8
+        c.data.dtype = "uint8"
+        c.data.sprite_kind = "digits"
+        c.total_steps = 2000
+        c.batch_size = 8
+        c.eval_every = 500
+        c.ckpt_every = 500
+        c.log_every = 50
+        c.optim.lr = 1e-3
+        c.optim.warmup_steps = 100
+        c.reuse_loss.target_reuse_rate = 0.7
+    # The backbone sees the same clips.
+    if "backbone" in c:
+        c.backbone.data = ml_collections.ConfigDict(c.data.to_dict())
+        c.backbone.model.image_size = c.data.image_size
+        c.backbone.model.patch_size = c.data.patch_size
+    return c

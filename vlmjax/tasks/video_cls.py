@@ -1,0 +1,143 @@
+"""Frame classification on video clips: trains a ViT backbone (``task='video_cls'``).
+
+Every frame of a clip is one example labelled with the clip's class (the main sprite's class on the
+procedural video of ``vlmjax.data.video``). Used by ``configs/reuse.py`` to train, within the same
+run, the small ViT that token reuse is then distilled against when no pretrained backbone is given
+(``init_from``), so the default needs nothing downloaded. Its params are ``{'vit': <ViT params,
+the names of vlmjax.models.vit.VisionTransformer>, 'head': linear classifier}``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+import flax.linen as nn
+
+from vlmjax import data as data_lib
+from vlmjax.data import image_processing
+from vlmjax.models import layers, vit
+from vlmjax.tasks.base import Task
+from vlmjax.train.config import base_config
+
+
+def vit_config() -> ml_collections.ConfigDict:
+    """``config.model`` of a small CLIP-style ViT (fields of ``vit.ViTConfig``)."""
+    return ml_collections.ConfigDict(dict(
+        variant="clip", hidden_size=192, intermediate_size=768, num_hidden_layers=6, num_attention_heads=3,
+        patch_size=16, image_size=64, hidden_act="quick_gelu", layer_norm_eps=1e-5, dtype="float32"))
+
+
+def normalize(frames, mean=image_processing.OPENAI_CLIP_MEAN, std=image_processing.OPENAI_CLIP_STD):
+    """[..., 3] pixels in [0, 1] (or uint8 [0, 255]) -> the normalised input a CLIP ViT expects."""
+    frames = jnp.asarray(frames)
+    if frames.dtype == jnp.uint8:
+        frames = frames.astype(jnp.float32) / 255.0
+    return (frames.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def get_config(variant: str = "default") -> ml_collections.ConfigDict:
+    c = base_config()
+    c.task = "video_cls"
+    c.data = data_lib.video.default_config()
+    c.data.num_frames = 4
+    c.model = vit_config()
+    c.total_steps = 300
+    c.batch_size = 32
+    c.log_every = 50
+    c.eval_every = 0
+    c.ckpt_every = 0
+    c.eval.max_batches = 4
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 30
+    c.optim.weight_decay = 0.05
+    if variant == "smoke":
+        c.model.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                            patch_size=8, image_size=32))
+        c.data.image_size = 32
+        c.data.patch_size = 8
+        c.data.num_threads = 0
+        c.data.prefetch_batches = 0
+        c.total_steps = 4
+        c.batch_size = 4
+        c.log_every = 2
+        c.eval.max_batches = 1
+        c.optim.warmup_steps = 1
+    return c
+
+
+def build_vit_config(model_cfg) -> vit.ViTConfig:
+    cfg = vit.ViTConfig(**dict(model_cfg))
+    cfg.validate()
+    return cfg
+
+
+class FrameClassifier(nn.Module):
+    """ViT + linear head on the pooled embedding: frames [B, H, W, C] -> logits [B, K]."""
+
+    config: vit.ViTConfig
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, pixels, deterministic: bool = True):
+        out, _ = vit.VisionTransformer(self.config, name="vit")(pixels, deterministic=deterministic)
+        pooled = out["pooler_output"] if "pooler_output" in out else out["last_hidden_state"].mean(1)
+        return layers.DenseGeneral(self.num_classes, kernel_axes=("embed", None), use_bias=True,
+                                   dtype=jnp.float32, name="head")(pooled)
+
+
+class VideoClsTask(Task):
+    units = "frames"
+
+    def __init__(self, config, workdir):
+        super().__init__(config, workdir)
+        self.data = data_lib.build_video_data(config.data)
+        self.vit_config = build_vit_config(config.model)
+        if config.model.image_size != config.data.image_size or config.model.patch_size != config.data.patch_size:
+            raise ValueError(f"config.model (image_size {config.model.image_size}, patch_size "
+                             f"{config.model.patch_size}) must match config.data ({config.data.image_size}, "
+                             f"{config.data.patch_size}).")
+        self.model = FrameClassifier(self.vit_config, self.data.num_classes)
+
+    def train_dataset(self, *, global_batch_size, seed, process_index, process_count):
+        return self.data.train_dataset(global_batch_size=global_batch_size, seed=seed,
+                                       process_index=process_index, process_count=process_count)
+
+    def eval_batches(self, *, global_batch_size, process_index, process_count):
+        return self.data.eval_batches(global_batch_size=global_batch_size, process_index=process_index,
+                                      process_count=process_count, max_batches=self.config.eval.max_batches)
+
+    def units_per_step(self, global_batch_size):
+        return global_batch_size * int(self.config.data.num_frames)
+
+    def init_variables(self, rng):
+        s = self.vit_config.image_size
+        return self.model.init(rng, jnp.zeros((1, s, s, 3), jnp.float32))
+
+    def _forward(self, params, batch, rng=None):
+        frames = normalize(batch["frames"])
+        b, f = frames.shape[:2]
+        rngs = {"dropout": rng} if rng is not None else {}
+        logits = self.model.apply({"params": params}, frames.reshape((b * f,) + frames.shape[2:]),
+                                  deterministic=rng is None, rngs=rngs)
+        labels = jnp.repeat(batch["label"], f)
+        weight = jnp.repeat(batch["mask"].astype(jnp.float32), f)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels) * weight
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) * weight
+        return nll, correct, weight
+
+    def loss_fn(self, params, model_state, batch, rng, step):
+        del step
+        nll, correct, weight = self._forward(params, batch, rng)
+        n = jnp.maximum(weight.sum(), 1.0)
+        loss = nll.sum() / n
+        return loss, {"metrics": {"loss": loss, "accuracy": correct.sum() / n}, "model_state": model_state}
+
+    def eval_fn(self, params, model_state, batch):
+        nll, correct, weight = self._forward(params, batch)
+        return {"nll_sum": nll.sum(), "correct_sum": correct.sum(), "frames": weight.sum()}
+
+    def finalize_eval(self, sums):
+        n = max(sums.get("frames", 0.0), 1.0)
+        return {"loss": sums["nll_sum"] / n, "accuracy": sums["correct_sum"] / n, "frames": int(n)}
