@@ -45,6 +45,15 @@ the nearest already-processed frame before it and the nearest after it: two
 references make it a B frame, one a P frame, none an I frame. ref_order=(0,)
 is plain "previous frame" reuse.
 
+Sources (`config.data.source`): 'procedural' (above; the default) renders
+clips; 'folder' (`vlmjax.data.video_files`: `root/<class>/<video>`, a video
+being a folder of frame images or a video file) and 'tfds' (`vlmjax.data.
+tfds_video`: a prepared ArrayRecord TFDS dataset with a video and a label
+feature) decode real videos to the same example format, with change_energy
+computed from the decoded frames (real pixel change, including codec noise).
+All three share one pipeline: a random-access "clip source" per split
+(`ClipSources`) feeds the same shuffle / shard / batch / prefetch chain.
+
 Pipelines mirror `vlmjax.data.lm`: `build_video_data(cfg).train_dataset(...)`
 is a checkpointable grain IterDataset of per-process batches (save the
 iterator with `grain.checkpoint.CheckpointSave`), and `eval_batches(...)` is a
@@ -54,14 +63,19 @@ finite deterministic list with the same length on every process.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import grain
 import ml_collections
 import numpy as np
 
+SOURCES = ("procedural", "folder", "tfds")
+# Split names tried, in order, for an empty config.data.eval_split (real sources).
+EVAL_SPLIT_CANDIDATES = ("validation", "val", "eval", "test")
 SPRITE_KINDS = ("shapes", "digits")
 BACKGROUNDS = ("static", "pan")
 REF_MODES = ("nearest", "all", "anchor")
@@ -81,8 +95,12 @@ _MAX_CYCLES = 8
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The `data` section of a procedural-video experiment config."""
+    """The `data` section of a video experiment config (procedural or real clips)."""
     c = ml_collections.ConfigDict()
+    # Where clips come from: 'procedural' (rendered with numpy, exact change
+    # maps, nothing to download), 'folder' (a directory of videos, see `path`)
+    # or 'tfds' (a prepared ArrayRecord TFDS dataset; nothing is downloaded).
+    c.source = "procedural"
     # F frames per clip, H = W = image_size pixels, p = patch_size.
     c.num_frames = 8
     c.image_size = 64  # Multiple of patch_size; 224 for CLIP-sized inputs.
@@ -130,6 +148,50 @@ def default_config() -> ml_collections.ConfigDict:
     c.prefetch_buffer_size = 16
     # Batches prepared ahead on a background thread (0 = none).
     c.prefetch_batches = 2
+
+    # --- Real videos (source 'folder' / 'tfds'); ignored by 'procedural'. ---
+    # The sprite/background fields above, num_train and num_eval are
+    # procedural-only: real split sizes are the number of videos (cap
+    # evaluation with eval_batches(max_batches=...)). Real frames carry codec
+    # noise, so nearly every patch "changes" at change_threshold=1e-3; raise
+    # it (e.g. 0.02-0.05) to count only visible change.
+    # 'folder': the root directory, either root/<class>/<video> (splits chosen
+    # by a hash, see eval_fraction) or root/<train_split>/<class>/<video> and
+    # root/<eval_split>/<class>/<video>. A <video> is a folder of frame images
+    # (png/jpg/..., in natural name order) or a file: .gif/.webp (Pillow) or
+    # .mp4/.webm/.avi/.mkv/.mov/... (PyAV: pip install av, or vlmjax[video]).
+    # 'tfds': the TFDS data_dir (with tfds_name; '' = TFDS default) or, with an
+    # empty tfds_name, a prepared builder directory holding dataset_info.json.
+    c.path = ""
+    # 'tfds' only: dataset name, e.g. 'vlmjax_video' (`tfds_video.
+    # write_video_dataset`) or 'my_videos/cfg:1.0.0'. Datasets whose frames
+    # are a tfds.features.Video need TensorFlow installed to open.
+    c.tfds_name = ""
+    # 'folder': split sub-directory names (used when root/<train_split> exists);
+    # 'tfds': split specs ('train[:90%]' works). An empty eval_split picks the
+    # first of EVAL_SPLIT_CANDIDATES ('validation', 'val', 'eval', 'test') that
+    # exists.
+    c.train_split = "train"
+    c.eval_split = ""
+    # 'folder' without split sub-directories: fraction of the videos held out
+    # for evaluation, chosen by a CRC32 of "<class>/<video>" (stable when
+    # videos are added, identical on every host).
+    c.eval_fraction = 0.1
+    # Frame sampling: 0 = num_frames frames spread uniformly over the whole
+    # video; k >= 1 = every k-th frame of a window centred in the video.
+    # Videos with too few frames repeat their last frame (zero change).
+    c.frame_stride = 0
+    # 'tfds' only: features holding the frames ([T, H, W, C] uint8, or [T]
+    # encoded png/jpeg bytes) and the integer label.
+    c.video_key = "video"
+    c.label_key = "label"
+    # Label classes; 0 = infer (folder: class sub-directories; tfds: the
+    # label's ClassLabel). Required for tfds labels that are plain integers.
+    c.num_classes = 0
+    # FFmpeg codec threads per video file (PyAV; 0 = FFmpeg's choice). Keep 1:
+    # num_threads grain readers already decode videos in parallel, and more
+    # codec threads per reader oversubscribe the host cores next to the step.
+    c.decode_threads = 1
     return c
 
 
@@ -364,8 +426,27 @@ def render_clip(cfg, index: int, split: str = "train") -> dict[str, np.ndarray]:
     np.clip(frames, 0.0, 1.0, out=frames)
     if cfg.dtype == "uint8":
         frames = np.round(frames * 255.0).astype(np.uint8)
-    energy = change_energy(frames, patch)
-    changed = energy > cfg.change_threshold
+    return clip_example(frames, label, patch_size=patch,
+                        change_threshold=cfg.change_threshold)
+
+
+def clip_example(frames: np.ndarray, label: int, *, patch_size: int,
+                 change_threshold: float) -> dict[str, np.ndarray]:
+    """Per-clip arrays of a finished clip (every source ends here).
+
+    Args:
+      frames: [F, H, W, 3] in the output dtype (float32 in [0, 1] or uint8);
+        the change maps are computed from exactly these values.
+      label: the clip's class.
+      patch_size: p.
+      change_threshold: a patch changed when its change_energy exceeds this.
+
+    Returns:
+      frames, changed_patches bool [F, N] (frame 0 all True), change_energy
+      float32 [F, N] and label int32 [].
+    """
+    energy = change_energy(frames, patch_size)
+    changed = energy > change_threshold
     changed[0] = True
     return {
         "frames": frames,
@@ -404,11 +485,15 @@ def change_energy(frames: np.ndarray, patch_size: int) -> np.ndarray:
 
 def _check_config(cfg) -> None:
     """Fails early, naming the field, on values that cannot work."""
+    if cfg.source not in SOURCES:
+        close = difflib.get_close_matches(str(cfg.source), SOURCES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        raise ValueError(f"config.data.source={cfg.source!r} is not one of {SOURCES}{hint}")
     for field in ("num_frames", "image_size", "patch_size", "num_sprites", "num_eval"):
         if not isinstance(cfg[field], int) or cfg[field] < 1:
             raise ValueError(f"config.data.{field}={cfg[field]!r} must be an int >= 1.")
     for field in ("num_train", "num_threads", "prefetch_buffer_size", "prefetch_batches",
-                  "refresh_interval"):
+                  "refresh_interval", "frame_stride", "num_classes", "decode_threads"):
         if not isinstance(cfg[field], int) or cfg[field] < 0:
             raise ValueError(f"config.data.{field}={cfg[field]!r} must be an int >= 0.")
     if cfg.image_size % cfg.patch_size:
@@ -422,8 +507,27 @@ def _check_config(cfg) -> None:
     for field in ("sprite_speed", "pan_speed", "noise", "change_threshold"):
         if not cfg[field] >= 0:
             raise ValueError(f"config.data.{field}={cfg[field]!r} must be >= 0.")
-    if cfg.sprite_kind == "digits":
-        _load_digits()  # Raises with a hint when scikit-learn is missing.
+    if cfg.source == "procedural":
+        if cfg.sprite_kind == "digits":
+            _load_digits()  # Raises with a hint when scikit-learn is missing.
+        return
+    if not cfg.train_split:
+        raise ValueError(
+            f"config.data.train_split is empty; source={cfg.source!r} needs the training "
+            "split's name (e.g. 'train').")
+    if cfg.source == "folder":
+        if not cfg.path:
+            raise ValueError(
+                "source='folder' needs config.data.path: the root directory of "
+                "root/<class>/<video> (or root/<train_split>/<class>/<video>).")
+        if not 0.0 < cfg.eval_fraction < 1.0:
+            raise ValueError(
+                f"config.data.eval_fraction={cfg.eval_fraction!r} must be in (0, 1): it "
+                "holds out evaluation videos when the folder has no split sub-directories.")
+    if cfg.source == "tfds" and not (cfg.tfds_name or cfg.path):
+        raise ValueError(
+            "source='tfds' needs config.data.tfds_name (with config.data.path as its "
+            "data_dir) or config.data.path naming a prepared builder directory.")
 
 
 def _check_batching(global_batch_size: int, process_index: int, process_count: int) -> int:
@@ -443,31 +547,101 @@ def _mix_seeds(seed: int, shuffle_seed: int) -> int:
     return int(np.random.SeedSequence([seed, shuffle_seed]).generate_state(1)[0])
 
 
-class _RenderClip(grain.transforms.Map):
-    """Clip index -> example dict (clip arrays + the split's frame grouping)."""
+class ProceduralClips:
+    """Random-access clip source of one procedural split (grain data source).
 
-    def __init__(self, cfg, split: str, grouping: dict[str, np.ndarray]):
+    `clips[i]` renders clip i of `split` (`render_clip`); nothing is stored,
+    so any length costs nothing up front.
+    """
+
+    def __init__(self, cfg, split: str, length: int):
         self._cfg = cfg
         self._split = split
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return render_clip(self._cfg, int(index), self._split)
+
+    def __repr__(self) -> str:
+        return f"ProceduralClips({self._split!r}, {self._length} clips)"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSources:
+    """What a source provides to the shared pipeline.
+
+    Attributes:
+      train / eval: random-access clip sources (grain `RandomAccessDataSource`
+        protocol: `len(s)` and `s[i]` -> the per-clip arrays frames,
+        changed_patches, change_energy and label of `clip_example`). `s[i]`
+        is called from grain's reader threads, so it may decode files.
+      num_classes: label classes.
+      class_names: name of each class (label order).
+      description: human-readable origin, for logs.
+    """
+
+    train: Sequence[dict[str, np.ndarray]]
+    eval: Sequence[dict[str, np.ndarray]]
+    num_classes: int
+    class_names: tuple[str, ...]
+    description: str
+
+
+def _procedural_sources(cfg) -> ClipSources:
+    names = SHAPE_NAMES if cfg.sprite_kind == "shapes" else tuple(str(d) for d in range(10))
+    return ClipSources(
+        train=ProceduralClips(cfg, "train", cfg.num_train),
+        eval=ProceduralClips(cfg, "eval", cfg.num_eval),
+        num_classes=_num_classes(cfg.sprite_kind),
+        class_names=names,
+        description=f"procedural {cfg.sprite_kind} clips (seed {cfg.seed})",
+    )
+
+
+class _ToExample(grain.transforms.Map):
+    """Per-clip arrays -> example dict (adds the split's frame grouping and mask)."""
+
+    def __init__(self, grouping: dict[str, np.ndarray]):
         self._grouping = grouping
 
-    def map(self, index: int) -> dict[str, np.ndarray]:
-        example = render_clip(self._cfg, int(index), self._split)
+    def map(self, clip: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        example = dict(clip)
         example.update(self._grouping)
         example["mask"] = np.float32(1.0)
         return example
 
 
+class _EvalRow(grain.transforms.Map):
+    """(clip index, real?) -> example; padding rows repeat a clip with mask 0."""
+
+    def __init__(self, clips, grouping: dict[str, np.ndarray]):
+        self._clips = clips
+        self._to_example = _ToExample(grouping)
+
+    def map(self, row: tuple[int, bool]) -> dict[str, np.ndarray]:
+        index, real = row
+        example = self._to_example.map(self._clips[index])
+        example["mask"] = np.float32(real)
+        return example
+
+
 @dataclasses.dataclass
 class VideoData:
-    """Procedural clips of one data config: training stream and eval batches.
+    """Clips of one data config (any source): training stream and eval batches.
 
     Attributes:
       config: the data config (frozen copy).
-      num_classes: label classes (4 shapes or 10 digits).
+      num_classes: label classes (4 shapes or 10 digits for 'procedural').
       num_patches: N = (image_size / patch_size) ** 2.
       train_grouping / eval_grouping: `frame_grouping` of each split
         (process_order [F], ref_mask [F, F], ref_type [F, 3]).
+      train_clips / eval_clips: the random-access clip sources of each split
+        (`ClipSources`); their lengths are the split sizes.
+      class_names: name of each label.
+      description: where the clips come from, for logs.
     """
 
     config: Any
@@ -475,20 +649,32 @@ class VideoData:
     num_patches: int
     train_grouping: dict[str, np.ndarray]
     eval_grouping: dict[str, np.ndarray]
+    train_clips: Sequence[dict[str, np.ndarray]]
+    eval_clips: Sequence[dict[str, np.ndarray]]
+    class_names: tuple[str, ...] = ()
+    description: str = ""
 
     def clip(self, index: int, split: str = "train") -> dict[str, np.ndarray]:
         """One example of `split` exactly as the pipelines produce it."""
-        grouping = self.train_grouping if split == "train" else self.eval_grouping
-        return _RenderClip(self.config, split, grouping).map(index)
+        if split == "train":
+            clips, grouping = self.train_clips, self.train_grouping
+        else:
+            clips, grouping = self.eval_clips, self.eval_grouping
+        return _ToExample(grouping).map(clips[index])
+
+    def _read_options(self) -> grain.ReadOptions:
+        return grain.ReadOptions(num_threads=self.config.num_threads,
+                                 prefetch_buffer_size=self.config.prefetch_buffer_size)
 
     def train_dataset(self, *, global_batch_size: int, seed: int, process_index: int,
                       process_count: int) -> grain.IterDataset:
         """The infinite, shuffled training stream of this process.
 
-        Clip indices 0..num_train-1 are shuffled with (seed, shuffle_seed),
-        reshuffled every epoch, and dealt round-robin to the processes (each
-        clip goes to one process per epoch); clips are rendered lazily by
-        grain's reader threads.
+        Clip indices 0..len(train_clips)-1 are shuffled with (seed,
+        shuffle_seed), reshuffled every epoch, and dealt round-robin to the
+        processes (each clip goes to one process per epoch); clips are
+        rendered or decoded lazily by grain's reader threads (num_threads,
+        prefetch_buffer_size clips ahead), so decoding overlaps the step.
 
         Returns:
           A grain.IterDataset of dicts (module docstring) with a leading
@@ -498,17 +684,22 @@ class VideoData:
         """
         cfg = self.config
         local_batch = _check_batching(global_batch_size, process_index, process_count)
-        if cfg.num_train < global_batch_size:
+        num_train = len(self.train_clips)
+        if num_train < global_batch_size:
+            if cfg.source == "procedural":
+                raise ValueError(
+                    f"config.data.num_train={cfg.num_train} is smaller than the global batch "
+                    f"size {global_batch_size}; raise config.data.num_train.")
             raise ValueError(
-                f"config.data.num_train={cfg.num_train} is smaller than the global batch "
-                f"size {global_batch_size}; raise config.data.num_train.")
-        ds = grain.MapDataset.range(cfg.num_train)
+                f"the training split of {self.description} has {num_train} clips, fewer "
+                f"than the global batch size {global_batch_size}; add videos or lower the "
+                "batch size.")
+        ds = grain.MapDataset.source(self.train_clips)
         # Shuffle before repeat: grain then reshuffles every epoch (seed + epoch).
         ds = ds.shuffle(seed=_mix_seeds(seed, cfg.shuffle_seed)).repeat()
         ds = ds[process_index::process_count]
-        ds = ds.map(_RenderClip(cfg, "train", self.train_grouping))
-        ds = ds.to_iter_dataset(grain.ReadOptions(
-            num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch_buffer_size))
+        ds = ds.map(_ToExample(self.train_grouping))
+        ds = ds.to_iter_dataset(self._read_options())
         ds = ds.batch(local_batch, drop_remainder=True)
         if cfg.prefetch_batches:
             ds = grain.experimental.ThreadPrefetchIterDataset(
@@ -520,9 +711,9 @@ class VideoData:
         """This process's share of the evaluation batches, in a fixed order.
 
         Global batch b holds eval clips [b G, (b + 1) G); process p gets rows
-        [p B, (p + 1) B), B = G // process_count. Rows past num_eval repeat the
-        last clip with mask = 0, so every process gets the same number of
-        batches.
+        [p B, (p + 1) B), B = G // process_count. Rows past the last eval clip
+        repeat it with mask = 0, so every process gets the same number of
+        batches. Clips are read by grain's reader threads (num_threads).
 
         Args:
           global_batch_size: G.
@@ -537,25 +728,58 @@ class VideoData:
         local_batch = _check_batching(global_batch_size, process_index, process_count)
         if max_batches < 0:
             raise ValueError(f"max_batches={max_batches} must be >= 0 (0 = all).")
-        num_eval = self.config.num_eval
+        num_eval = len(self.eval_clips)
+        if not num_eval:
+            raise ValueError(f"{self.description} has no evaluation clips.")
         num_batches = math.ceil(num_eval / global_batch_size)
         if max_batches:
             num_batches = min(num_batches, max_batches)
-        render = _RenderClip(self.config, "eval", self.eval_grouping)
-        batches = []
+        rows = []
         for b in range(num_batches):
             first = b * global_batch_size + process_index * local_batch
-            rows = []
-            for i in range(first, first + local_batch):
-                example = render.map(min(i, num_eval - 1))
-                example["mask"] = np.float32(i < num_eval)
-                rows.append(example)
-            batches.append({k: np.stack([r[k] for r in rows]) for k in rows[0]})
-        return batches
+            rows += [(min(i, num_eval - 1), i < num_eval)
+                     for i in range(first, first + local_batch)]
+        ds = grain.MapDataset.source(rows).map(_EvalRow(self.eval_clips, self.eval_grouping))
+        ds = ds.to_iter_dataset(self._read_options()).batch(local_batch)
+        return list(ds)
+
+
+def _clip_sources(cfg) -> ClipSources:
+    """The train/eval clip sources that `cfg.source` names."""
+    if cfg.source == "folder":
+        from vlmjax.data import video_files  # pylint: disable=g-import-not-at-top
+        sources = video_files.folder_clip_sources(cfg)
+    elif cfg.source == "tfds":
+        # Imported here: tensorflow_datasets is slow to import.
+        from vlmjax.data import tfds_video  # pylint: disable=g-import-not-at-top
+        sources = tfds_video.tfds_clip_sources(cfg)
+    else:
+        return _procedural_sources(cfg)
+    inferred = sources.num_classes
+    if cfg.num_classes:
+        if cfg.num_classes < inferred:
+            raise ValueError(
+                f"config.data.num_classes={cfg.num_classes} is smaller than the "
+                f"{inferred} classes of {sources.description}; raise it or set 0 (infer).")
+        sources = dataclasses.replace(sources, num_classes=cfg.num_classes)
+    elif not inferred:
+        raise ValueError(
+            f"{sources.description}: the number of classes is unknown (the label is not "
+            "a ClassLabel); set config.data.num_classes.")
+    return sources
 
 
 def build_video_data(data_cfg) -> VideoData:
-    """Validates the config and precomputes the frame grouping of each split."""
+    """Validates the config, opens the clip sources and precomputes frame grouping.
+
+    Args:
+      data_cfg: the data section (`default_config()`); `source` picks
+        procedural clips, a folder of videos or a prepared TFDS dataset.
+
+    Returns:
+      VideoData. Folder and TFDS sources are scanned/opened here (fast: no
+      frame is decoded until a clip is read), so bad paths fail here.
+    """
     _check_config(data_cfg)
     train_order = _check_order(data_cfg.train_ref_order, "train_ref_order")
     eval_order = _check_order(data_cfg.eval_ref_order, "eval_ref_order")
@@ -563,10 +787,15 @@ def build_video_data(data_cfg) -> VideoData:
                                 refresh_interval=data_cfg.refresh_interval)
                  for order in (train_order, eval_order)]
     cfg = ml_collections.FrozenConfigDict(data_cfg)
+    sources = _clip_sources(cfg)
     return VideoData(
         config=cfg,
-        num_classes=_num_classes(cfg.sprite_kind),
+        num_classes=sources.num_classes,
         num_patches=(cfg.image_size // cfg.patch_size) ** 2,
         train_grouping=groupings[0],
         eval_grouping=groupings[1],
+        train_clips=sources.train,
+        eval_clips=sources.eval,
+        class_names=sources.class_names,
+        description=sources.description,
     )
