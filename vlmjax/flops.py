@@ -159,3 +159,224 @@ def routed_decoder_train_flops(cfg, rc, batch_size: int, seq_len: int, remat: bo
     autodiff, so this slightly overcounts them (O(T d) per routed layer and sequence: negligible).
     """
     return (4.0 if remat else 3.0) * batch_size * routed_decoder_forward_flops(cfg, rc, seq_len, "train")
+
+
+# ------------------------------------------------------------------------------------------------
+# Token reuse for video ViTs (ReuseViT): shared/specs/token-reuse.md, vlmjax/models/reuse.py
+# ------------------------------------------------------------------------------------------------
+
+def vit_layer_forward_flops_terms(vit_cfg, tokens: int, kv_tokens: int | None = None) -> dict[str, float]:
+    """One pre-norm ViT ``EncoderLayer`` on ``tokens`` queries attending to ``kv_tokens`` keys.
+
+    Terms (D = hidden, F = intermediate, T = tokens, S = kv_tokens; multiply-add = 2):
+      proj       q, k, v and out_proj on the T tokens: 2 T D D x 4.
+      attention  QK^T and AV of the T queries against all S keys: 2 T S D x 2.
+      mlp        fc1 + fc2, 2 T D F x 2 (SwiGLU ``weights_in`` [D, 2F] + ``weights_out``: x 3).
+    Norms, softmax, activation and residual adds are elementwise and not counted.
+    """
+    kv_tokens = tokens if kv_tokens is None else kv_tokens
+    d, f = vit_cfg.hidden_size, vit_cfg.intermediate_size
+    return {"proj": 2.0 * tokens * d * d * 4,
+            "attention": 2.0 * tokens * kv_tokens * d * 2,
+            "mlp": 2.0 * tokens * d * f * (3 if getattr(vit_cfg, "use_swiglu_ffn", False) else 2)}
+
+
+def vit_patch_embed_flops(vit_cfg, num_tokens: int) -> float:
+    """Patch projection of one frame: 2 Np (p p C) D with Np = num_tokens - prefix tokens."""
+    np_ = num_tokens - vit_cfg.num_prefix_tokens
+    return 2.0 * np_ * vit_cfg.patch_size ** 2 * vit_cfg.num_channels * vit_cfg.hidden_size
+
+
+def reuse_capacity_tokens(reuse_cfg, num_reusable: int, need: int | None = None) -> int:
+    """Recompute tokens the hard path gathers in a reuse layer (``ReuseViT._reuse_layer``).
+
+    The capacities are ``max(1, ceil(b Nr))`` for b in ``capacity_buckets``; the smallest that holds
+    ``need`` recompute tokens runs (the largest when none does; the overflow is reused). ``need`` None:
+    the largest bucket (with a single bucket, the static capacity every frame runs).
+    """
+    caps = sorted({max(1, math.ceil(b * num_reusable)) for b in reuse_cfg.capacity_buckets})
+    if need is None:
+        return caps[-1]
+    return next((c for c in caps if c >= need), caps[-1])
+
+
+def topk_capacity_bucket(fraction: float, num_reusable: int) -> float:
+    """The single ``capacity_buckets`` entry whose capacity is exactly the number of tokens the
+    ``topk_similarity`` policy recomputes at ``topk_reuse_fraction=fraction``:
+    ``Nr - floor(fraction Nr)`` (as ``ReuseViT._decide``), written as a fraction of Nr that
+    ``ceil(b Nr)`` maps back to that count despite float rounding."""
+    need = max(1, num_reusable - math.floor(fraction * num_reusable))
+    b = need / num_reusable
+    while math.ceil(b * num_reusable) > need:
+        b = math.nextafter(b, 0.0)
+    return b
+
+
+def reuse_vit_frame_flops(vit_cfg, reuse_cfg, num_tokens: int, recompute: dict[int, int], has_ref: bool,
+                          *, num_refs: int = 1, count_decision: bool | None = None) -> dict[str, float]:
+    """Matmul FLOPs of ``ReuseViT.encode_frame(mode='hard')`` for one frame (per example), by term.
+
+    Counts what the hard path runs. N = ``num_tokens`` (prefix + patches), P = prefix tokens kept
+    out of the decision (CLS + registers with ``skip_cls``, else 0), Nr = N - P reusable tokens,
+    D = hidden, F = intermediate, R = ``num_refs`` allowed references, C_l = ``recompute[l]`` the
+    recompute capacity gathered in reuse layer l (a static bucket size, see
+    ``reuse_capacity_tokens``; a reuse layer missing from ``recompute`` counts C_l = Nr), r_d =
+    ``restoration_dim``, h_d = ``decision_hidden``:
+
+      patch_embed     2 Np (p p C) D, always (the embedding runs for every frame).
+      full_layers     ``vit_layer_forward_flops_terms(N)`` summed over layer 0, the non-reuse
+                      layers and, for a frame without references (``has_ref`` False: I frame),
+                      every layer.
+      recompute_proj  per reuse layer of a frame with references: q, k, v, out_proj on the C_l + P
+                      gathered tokens, 2 (C_l + P) D D x 4.
+      recompute_attention  QK^T and AV of those C_l + P queries against ALL N keys (restored keys
+                      and values of the reused tokens included), 2 (C_l + P) N D x 2.
+      recompute_mlp   2 (C_l + P) D F x 2 (x 3 SwiGLU).
+      similarity      local cosine vs each reference on all Nr tokens: dot products 2 Nr D R,
+                      squared norms of the references 2 Nr D R and of the frame 2 Nr D, i.e.
+                      2 Nr D (2R + 1) (headwise: the same sums split per head; low_rank: the
+                      D -> r projection of the frame and the R references 2 Nr D r (R + 1), then the
+                      cosine in r dims 2 Nr r (2R + 1)).
+      restoration     on the Nr - C_l reused tokens only (the hard path restores after the decision):
+                      ``restoration='mlp'``: one D -> r_d -> D MLP per restored state (h, k, v, and
+                      q with ``restore_q``), 4 (Nr - C_l) D r_d per state; ``'shared_mlp'``: one
+                      shared D -> r_d layer plus an r_d -> D output per state,
+                      2 (Nr - C_l) D r_d (1 + states). 0 for passthrough.
+      decision        decision MLP 6 -> h_d -> 2 on all Nr tokens: 2 Nr h_d (6 + 2). Counted when
+                      ``count_decision`` (default: ``policy == 'mlp'``; the ``topk_similarity``
+                      policy never reads the logits, so XLA removes the MLP).
+      importance      CLS attention of the preceding layer feeding that decision (with
+                      ``use_importance`` and a class token): q_CLS k^T over N keys, 2 N D (+ 2 D D
+                      for CLS's query when the preceding layer is a hard reuse layer without
+                      ``skip_cls``, which projects it separately).
+    Not counted (elementwise or data movement): norms, softmax, GELU, residual adds, ``diff``,
+    argmax / argsort / top_k, gather, scatter, cache writes, the pooler's layer norm. XLA's
+    ``cost_analysis()`` includes those (~0.4% at ViT-B/16 size, ~4% at hidden 64;
+    ``benchmarks/reuse_speed.py``, ``tests/test_reuse_flops.py``).
+    Dead code XLA removes, which this count still includes: with ``restore_q`` the restored Q is
+    only written to the cache (nothing reads it), so its MLP disappears unless the jitted function
+    returns the ``reuse_cache``; when only ``pooled`` is returned, the last layer's ``h``
+    restoration of the last processed frame disappears too. The count matches a function that
+    returns ``last_hidden_state`` (or the cache).
+
+    Args:
+      vit_cfg: ``vit.ViTConfig``.
+      reuse_cfg: ``reuse.ReuseConfig``.
+      num_tokens: N.
+      recompute: {reuse layer: C_l}.
+      has_ref: the frame has references (else every layer runs in full).
+      num_refs: R.
+      count_decision: see ``decision``.
+    Returns:
+      dict term -> FLOPs (every term present, 0.0 where it does not apply).
+    """
+    c = reuse_cfg
+    n, d = num_tokens, vit_cfg.hidden_size
+    nlayers = vit_cfg.num_hidden_layers
+    fixed = vit_cfg.num_prefix_tokens if c.skip_cls else 0
+    nr = n - fixed
+    count_decision = (c.policy == "mlp") if count_decision is None else count_decision
+    reuse_layers = set(c.layers(nlayers)) if has_ref else set()
+    terms = {k: 0.0 for k in ("patch_embed", "full_layers", "recompute_proj", "recompute_attention",
+                              "recompute_mlp", "similarity", "restoration", "decision", "importance")}
+    terms["patch_embed"] = vit_patch_embed_flops(vit_cfg, n)
+    n_states = 3 + int(c.restore_q)
+    for i in range(nlayers):
+        if i not in reuse_layers:
+            terms["full_layers"] += sum(vit_layer_forward_flops_terms(vit_cfg, n).values())
+            continue
+        cap = int(recompute.get(i, nr))
+        if not 1 <= cap <= nr:
+            raise ValueError(f"recompute[{i}]={cap} must be in [1, Nr={nr}].")
+        lyr = vit_layer_forward_flops_terms(vit_cfg, cap + fixed, n)
+        terms["recompute_proj"] += lyr["proj"]
+        terms["recompute_attention"] += lyr["attention"]
+        terms["recompute_mlp"] += lyr["mlp"]
+        if c.similarity == "low_rank":
+            rk = c.similarity_rank
+            terms["similarity"] += 2.0 * nr * d * rk * (num_refs + 1) + 2.0 * nr * rk * (2 * num_refs + 1)
+        else:
+            terms["similarity"] += 2.0 * nr * d * (2 * num_refs + 1)
+        if c.restoration == "mlp":
+            terms["restoration"] += n_states * 4.0 * (nr - cap) * d * c.restoration_dim
+        elif c.restoration == "shared_mlp":
+            terms["restoration"] += (1 + n_states) * 2.0 * (nr - cap) * d * c.restoration_dim
+        if count_decision:
+            terms["decision"] += 2.0 * nr * c.decision_hidden * (6 + 2)
+            if c.use_importance and vit_cfg.class_token:
+                terms["importance"] += 2.0 * n * d
+                if fixed == 0 and (i - 1) in reuse_layers:
+                    terms["importance"] += 2.0 * d * d
+    return terms
+
+
+def vit_original_frame_flops(vit_cfg, num_tokens: int) -> dict[str, float]:
+    """The original model on one frame: ``patch_embed`` and ``full_layers`` (every layer on all N
+    tokens), as ``reuse_vit_frame_flops`` names them; equals ``vit_forward_flops``."""
+    layer = sum(vit_layer_forward_flops_terms(vit_cfg, num_tokens).values())
+    return {"patch_embed": vit_patch_embed_flops(vit_cfg, num_tokens),
+            "full_layers": vit_cfg.num_hidden_layers * layer}
+
+
+def _per_frame(recompute, num_frames: int) -> list[dict[int, int]]:
+    if isinstance(recompute, dict):
+        return [recompute] * num_frames
+    recompute = list(recompute)
+    if len(recompute) != num_frames:
+        raise ValueError(f"recompute has {len(recompute)} per-frame entries for {num_frames} frames.")
+    return recompute
+
+
+def reuse_vit_clip_flops_terms(vit_cfg, reuse_cfg, num_tokens: int, num_refs, recompute,
+                               count_decision: bool | None = None) -> dict[str, float]:
+    """``reuse_vit_frame_flops`` summed over the frames of one clip (per example).
+
+    Args:
+      num_refs: references per frame, e.g. ``[len(r) for r in grouping.refs]`` (0 = I frame).
+      recompute: {layer: C_l} for every frame with references, or one such dict per frame.
+    """
+    num_refs = list(num_refs)
+    per = _per_frame(recompute, len(num_refs))
+    total: dict[str, float] = {}
+    for r, rec in zip(num_refs, per):
+        for k, v in reuse_vit_frame_flops(vit_cfg, reuse_cfg, num_tokens, rec, r > 0, num_refs=max(r, 1),
+                                          count_decision=count_decision).items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def reuse_vit_clip_flops(vit_cfg, reuse_cfg, num_tokens: int, num_refs, recompute,
+                         count_decision: bool | None = None) -> float:
+    """Total of ``reuse_vit_clip_flops_terms``."""
+    return float(sum(reuse_vit_clip_flops_terms(vit_cfg, reuse_cfg, num_tokens, num_refs, recompute,
+                                                count_decision).values()))
+
+
+def vit_original_clip_flops(vit_cfg, num_tokens: int, num_frames: int) -> float:
+    """The original model on every frame of one clip (``ReuseViT.original_clip``), per example."""
+    return float(num_frames * sum(vit_original_frame_flops(vit_cfg, num_tokens).values()))
+
+
+def reuse_vit_compute_reuse(vit_cfg, reuse_cfg, num_tokens: int, num_refs, recompute) -> dict[str, float]:
+    """Analytic reuse rates of one clip given the recompute capacities.
+
+    ``layer``: mean over (frame with references, reuse layer) of 1 - C_l / Nr (what
+    ``reuse.reuse_rates(...)['hard']`` averages); ``overall``: layer x token computations skipped
+    over the whole clip, sum of (Nr - C_l) / (F L N), so I frames, layer 0, non-reuse layers and
+    the prefix tokens count as computed.
+    """
+    num_refs = list(num_refs)
+    per = _per_frame(recompute, len(num_refs))
+    n, nlayers = num_tokens, vit_cfg.num_hidden_layers
+    nr = n - (vit_cfg.num_prefix_tokens if reuse_cfg.skip_cls else 0)
+    lyr = reuse_cfg.layers(nlayers)
+    rates, skipped = [], 0.0
+    for r, rec in zip(num_refs, per):
+        if r == 0:
+            continue
+        for i in lyr:
+            cap = int(rec.get(i, nr))
+            rates.append(1.0 - cap / nr)
+            skipped += nr - cap
+    return {"layer": float(sum(rates) / len(rates)) if rates else 0.0,
+            "overall": skipped / (len(num_refs) * nlayers * n)}

@@ -118,6 +118,9 @@ def default_config() -> ml_collections.ConfigDict:
     # frame in a random direction, sub-pixel: nearly every patch changes).
     c.background = "static"
     c.pan_speed = 0.01
+    # Amplitude of the background texture (1 = the default sinusoid mix, 0 = a flat colour). Scaled
+    # after drawing, so every other random choice of a clip stays the same.
+    c.texture_contrast = 1.0
     # Std of i.i.d. Gaussian pixel noise added to every frame (0 = none). Noise
     # changes every patch: raise change_threshold above ~1.2 x noise.
     c.noise = 0.0
@@ -361,7 +364,7 @@ def render_clip(cfg, index: int, split: str = "train") -> dict[str, np.ndarray]:
     cycles = rng.integers(-_MAX_CYCLES, _MAX_CYCLES + 1, size=(_NUM_WAVES, 2))
     cycles[:, 0] = np.where((cycles[:, 0] == 0) & (cycles[:, 1] == 0), 1, cycles[:, 0])
     phases = rng.uniform(0.0, 2.0 * np.pi, size=_NUM_WAVES)
-    colours = rng.uniform(-1.0, 1.0, size=(_NUM_WAVES, 3)) * (0.2 / np.sqrt(_NUM_WAVES))
+    colours = rng.uniform(-1.0, 1.0, size=(_NUM_WAVES, 3)) * (0.2 / np.sqrt(_NUM_WAVES) * cfg.texture_contrast)
     pan_angle = rng.uniform(0.0, 2.0 * np.pi)
 
     def background(offset_x: float, offset_y: float) -> np.ndarray:

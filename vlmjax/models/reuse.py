@@ -60,7 +60,7 @@ Array = jax.Array
 
 REUSE_CACHE = "reuse_cache"
 SIMILARITIES = ("local_cosine", "low_rank", "headwise")
-RESTORATIONS = ("mlp", "passthrough")
+RESTORATIONS = ("mlp", "shared_mlp", "passthrough")
 POLICIES = ("mlp", "topk_similarity")
 MODES = ("soft", "hard")
 NUM_REF_TYPES = 3  # I / P / B (vlmjax.data.video.REF_TYPES)
@@ -86,13 +86,15 @@ def default_config() -> ml_collections.ConfigDict:
         tau=0.025,                   # Gumbel-softmax temperature
         tau_end=0.0,                 # > 0: linear schedule tau -> tau_end over training
         hard_gumbel=False,           # straight-through: one-hot forward, soft gradient
-        restoration="mlp",           # mlp | passthrough (cached states as they are)
+        # mlp (one D -> r -> D MLP per state, the spec) | shared_mlp (one shared D -> r layer, an
+        # r -> D output per state: 2/3 of the FLOPs) | passthrough (cached states as they are)
+        restoration="mlp",
         restoration_dim=64,          # D -> 64 -> D, no bias
         restore_q=False,             # see module docstring
         # Hard path: static capacities (fraction of the reusable tokens) to gather recompute tokens
         # into; the smallest that holds every batch row's recompute tokens is run. If the largest is
         # < 1, tokens beyond it are reused anyway (reported as overflow).
-        capacity_buckets=(0.25, 0.5, 0.75, 1.0),
+        capacity_buckets=(0.125, 0.25, 0.5, 0.75, 1.0),
     ))
 
 
@@ -130,7 +132,7 @@ class ReuseConfig:
     restoration: str = "mlp"
     restoration_dim: int = 64
     restore_q: bool = False
-    capacity_buckets: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    capacity_buckets: tuple[float, ...] = (0.125, 0.25, 0.5, 0.75, 1.0)
 
     @classmethod
     def from_config(cls, cfg) -> ReuseConfig:
@@ -329,24 +331,42 @@ class ReuseModule(nn.Module):
 
     Parameters: ``decision`` (6 -> decision_hidden -> 2, N(0, decision_init_std), zero bias),
     ``restore_{h,k,v[,q]}`` (D -> restoration_dim -> D, no bias; output zero-initialised so an
-    untrained module restores exactly the cached state), ``low_rank`` (D -> r, low_rank only).
-    Cache (``reuse_cache``): x, h, k, v[, q] [B, S, Nr, D] and filled [B, S].
+    untrained module restores exactly the cached state; ``restoration='shared_mlp'`` shares one
+    ``restore_in`` D -> restoration_dim layer and keeps a ``restore_{t}`` output layer per state),
+    ``low_rank`` (D -> r, low_rank only).
+    Cache (``reuse_cache``): x, h, k, v[, q] [B, S, Nr, D] and filled [B, S], created on first write.
     """
 
     config: ReuseConfig
     vit_config: vit.ViTConfig
     num_slots: int
 
-    def _cache(self, name, shape, dtype=jnp.float32):
-        return self.variable(REUSE_CACHE, name, jnp.zeros, shape, dtype)
+    def setup(self):
+        c, d = self.config, self.vit_config.hidden_size
+        self.decision = _MLP(c.decision_hidden, 2, c.decision_init_std, c.decision_init_std, bias=True)
+        dense = lambda f, std: layers.DenseGeneral(f, kernel_axes=(None, None), initializer_range=std,
+                                                   dtype=jnp.float32)
+        if c.similarity == "low_rank":
+            self.low_rank = dense(c.similarity_rank, d**-0.5)
+        if c.restoration == "mlp":
+            for t in self.targets:
+                setattr(self, f"restore_{t}", _MLP(c.restoration_dim, d, 0.02, 0.0))
+        elif c.restoration == "shared_mlp":
+            self.restore_in = dense(c.restoration_dim, 0.02)
+            for t in self.targets:
+                setattr(self, f"restore_{t}", dense(d, 0.0))
 
-    def _targets(self):
+    @property
+    def targets(self) -> tuple[str, ...]:
         return ("h", "k", "v") + (("q",) if self.config.restore_q else ())
 
-    @nn.compact
+    def _cache(self, name: str, shape, dtype=jnp.float32) -> Array:
+        value = self.get_variable(REUSE_CACHE, name)
+        return jnp.zeros(shape, dtype) if value is None else value
+
     def __call__(self, x: Array, refs: tuple[int, ...], importance: Array, cmap: Array,
                  ref_type: tuple[float, ...]) -> dict[str, Array]:
-        """Decision inputs, logits and restored states of the reusable tokens of one frame.
+        """Decision inputs and logits of the reusable tokens of one frame, and their references.
 
         Args:
           x: [B, Nr, D] layer input of the reusable tokens.
@@ -355,56 +375,57 @@ class ReuseModule(nn.Module):
           cmap: [B, Nr] compressed_map (change energy).
           ref_type: this frame's one-hot role (3,).
         Returns:
-          dict: logits [B, Nr, 2] (reuse, recompute), sim [B, Nr], restored {h, k, v[, q]} [B, Nr, D].
+          dict: logits [B, Nr, 2] (reuse, recompute), sim [B, Nr] (max over references),
+          cached {h, k, v[, q]} [B, Nr, D] of the most similar reference, diff [B, Nr, D] = x - x_ref,
+          valid [B, Nr] (some reference was written; else the token must recompute).
         """
         c, v = self.config, self.vit_config
         b, nr, d = x.shape
         shape = (b, self.num_slots, nr, d)
-        cache = {t: self._cache(t, shape) for t in ("x",) + self._targets()}
-        filled = self._cache("filled", (b, self.num_slots), jnp.bool_)
         slots = jnp.asarray(refs, jnp.int32)
-        xr = cache["x"].value[:, slots]  # [B, R, Nr, D]
+        xr = self._cache("x", shape)[:, slots]  # [B, R, Nr, D]
         if c.similarity == "local_cosine":
             sim = cosine(x[:, None], xr)
         elif c.similarity == "low_rank":
-            proj = layers.DenseGeneral(c.similarity_rank, kernel_axes=(None, None), dtype=jnp.float32,
-                                       initializer_range=d**-0.5, name="low_rank")
-            sim = cosine(proj(x)[:, None], proj(xr))
+            sim = cosine(self.low_rank(x)[:, None], self.low_rank(xr))
         else:  # headwise: mean over heads of the per-head cosine
             split = lambda t: t.reshape(t.shape[:-1] + (v.num_attention_heads, v.head_dim))
             sim = cosine(split(x)[:, None], split(xr)).mean(-1)
         # [B, R, Nr]: only references that were written (processed before this frame) count.
-        sim = jnp.where(filled.value[:, slots][:, :, None], sim, -2.0)
+        filled = self._cache("filled", (b, self.num_slots), jnp.bool_)[:, slots]
+        sim = jnp.where(filled[:, :, None], sim, -2.0)
         best = jnp.argmax(sim, axis=1)  # [B, Nr] index into refs
         max_sim = jnp.max(sim, axis=1)
         pick = lambda t: jnp.take_along_axis(t, best[:, None, :, None], axis=1)[:, 0]  # [B, R, Nr, D] -> [B, Nr, D]
-        diff = x.astype(jnp.float32) - pick(xr)
-        restored = {}
-        for t in self._targets():
-            cached = pick(cache[t].value[:, slots])
-            if c.restoration == "mlp":
-                cached = cached + _MLP(c.restoration_dim, d, 0.02, 0.0, name=f"restore_{t}")(diff)
-            restored[t] = cached
+        cached = {t: pick(self._cache(t, shape)[:, slots]) for t in self.targets}
         feats = [importance if c.use_importance else jnp.zeros_like(max_sim), max_sim,
                  cmap if c.use_compressed_map else jnp.zeros_like(max_sim)]
         feats = jnp.stack(feats, -1).astype(jnp.float32)
         feats = jnp.concatenate([feats, jnp.broadcast_to(jnp.asarray(ref_type, jnp.float32), (b, nr, 3))], -1)
-        logits = _MLP(c.decision_hidden, 2, c.decision_init_std, c.decision_init_std, bias=True,
-                      name="decision")(feats)
-        return {"logits": logits, "sim": max_sim, "restored": restored}
+        if self.is_initializing():  # create the restoration params even if no token is ever restored
+            self.restore(cached, x.astype(jnp.float32) - pick(xr))
+        # A token whose references are all unwritten (a frame streamed out of order) must recompute.
+        return {"logits": self.decision(feats), "sim": max_sim, "cached": cached,
+                "diff": x.astype(jnp.float32) - pick(xr), "valid": max_sim > -1.5}
+
+    def restore(self, cached: dict[str, Array], diff: Array) -> dict[str, Array]:
+        """``cached_t + MLP_t(diff)`` for t in h, k, v (, q): rows [..., D] of any subset of tokens."""
+        c = self.config
+        if c.restoration == "passthrough":
+            return dict(cached)
+        if c.restoration == "shared_mlp":
+            hidden = jax.nn.gelu(self.restore_in(diff))
+            return {t: cached[t] + getattr(self, f"restore_{t}")(hidden) for t in self.targets}
+        return {t: cached[t] + getattr(self, f"restore_{t}")(diff) for t in self.targets}
 
     def store(self, slot: int, x: Array, states: dict[str, Array]) -> None:
         """Writes this frame's reusable-token states ([B, Nr, D] each) into cache slot ``slot``."""
         b, nr, d = x.shape
-        for t in ("x",) + self._targets():
+        for t in ("x",) + self.targets:
             value = x if t == "x" else states[t]
-            old = self.get_variable(REUSE_CACHE, t)
-            if old is None:  # an I frame came first: the cache is created here
-                old = jnp.zeros((b, self.num_slots, nr, d), jnp.float32)
+            old = self._cache(t, (b, self.num_slots, nr, d))
             self.put_variable(REUSE_CACHE, t, old.at[:, slot].set(value.astype(old.dtype)))
-        filled = self.get_variable(REUSE_CACHE, "filled")
-        if filled is None:
-            filled = jnp.zeros((b, self.num_slots), jnp.bool_)
+        filled = self._cache("filled", (b, self.num_slots), jnp.bool_)
         self.put_variable(REUSE_CACHE, "filled", filled.at[:, slot].set(True))
 
 
@@ -531,9 +552,10 @@ class ReuseViT(vit.VisionTransformer):
         nh, dh = self.config.num_attention_heads, self.config.head_dim
         layer_rng = None if rng is None else jax.random.fold_in(rng, i)
         gate, margin = self._decide(dec, mode, layer_rng, tau, forced)
-        rest = dec["restored"]
+        gate = jnp.where(dec["valid"][..., None], gate, jnp.asarray([0.0, 1.0]))
         heads = lambda t: t.reshape(t.shape[:2] + (nh, dh))
         if mode == "soft":
+            rest = module.restore(dec["cached"], dec["diff"])
             g_r, g_c = gate[..., 0], gate[..., 1]
             q, k, v = layer.qkv(x)
 
@@ -553,6 +575,7 @@ class ReuseViT(vit.VisionTransformer):
             reused = (gate[..., 0] > 0.5).astype(jnp.float32).mean(-1)
             overflow = jnp.zeros((b,), jnp.float32)
             k_all = k_m
+            gate_reuse = gate[..., 0]
         else:
             recompute = gate[..., 1] > 0.5  # [B, Nr]
             need = recompute.sum(-1).max()
@@ -560,44 +583,55 @@ class ReuseViT(vit.VisionTransformer):
             caps = sorted({max(1, math.ceil(f * nr)) for f in c.capacity_buckets})
 
             def branch(cap):
-                def run(mdl, x, recompute, margin, rest):
-                    layer = mdl.layers[i]  # through the (lifted) module, as nn.switch requires
-                    # Recompute tokens first (by margin), then padding; indices ascending for locality.
+                def run(mdl, x, recompute, margin, cached, diff):
+                    layer, rmod = mdl.layers[i], mdl.reuse[i]  # through the (lifted) module, as nn.switch requires
+                    # The `cap` tokens that most want recomputing run the layer (decided recompute tokens
+                    # first, then by margin: a bucket larger than needed recomputes its padding tokens
+                    # too, which only raises fidelity); only the other Nr - cap are restored.
                     score = jnp.where(recompute, _BIG, 0.0) + margin
-                    idx = jnp.sort(jax.lax.top_k(score, cap)[1], axis=-1)
-                    valid = _take_tokens(recompute, idx)
+                    perm = jnp.argsort(-score, axis=-1)
+                    idx = jnp.sort(perm[:, :cap], axis=-1)  # ascending: locality of the gathers
                     x_sel = jnp.concatenate([x[:, :fixed], _take_tokens(x[:, fixed:], idx)], 1)
                     q, k, v = layer.qkv(x_sel)
-                    k_full = jnp.concatenate([k[:, :fixed], _put_tokens(heads(rest["k"]).astype(k.dtype), idx,
-                                                                        k[:, fixed:], valid)], 1)
-                    v_full = jnp.concatenate([v[:, :fixed], _put_tokens(heads(rest["v"]).astype(v.dtype), idx,
-                                                                        v[:, fixed:], valid)], 1)
+                    full = jnp.ones(idx.shape, jnp.bool_)
+                    base = dict(cached)
+                    if cap < nr:
+                        comp = jnp.sort(perm[:, cap:], axis=-1)
+                        restored = rmod.restore({t: _take_tokens(cached[t], comp) for t in cached},
+                                                _take_tokens(diff, comp))
+                        ones = jnp.ones(comp.shape, jnp.bool_)
+                        base = {t: _put_tokens(cached[t], comp, restored[t], ones) for t in cached}
+                    merge = lambda t, new: _put_tokens(heads(base[t]).astype(new.dtype), idx, new[:, fixed:], full)
+                    k_full = jnp.concatenate([k[:, :fixed], merge("k", k)], 1)
+                    v_full = jnp.concatenate([v[:, :fixed], merge("v", v)], 1)
                     attn = layers.dot_product_attention(q, k_full, v_full,
                                                         jnp.ones((b, q.shape[1], n), jnp.bool_), self.config.dtype)
                     h_sel = layer.finish(x_sel, attn)
-                    h_full = jnp.concatenate([h_sel[:, :fixed],
-                                              _put_tokens(rest["h"].astype(h_sel.dtype), idx, h_sel[:, fixed:], valid)], 1)
+                    h_full = jnp.concatenate(
+                        [h_sel[:, :fixed], _put_tokens(base["h"].astype(h_sel.dtype), idx, h_sel[:, fixed:], full)], 1)
                     states = {"h": h_full[:, fixed:], "k": _flat(k_full[:, fixed:]), "v": _flat(v_full[:, fixed:])}
                     if c.restore_q:
-                        states["q"] = _flat(_put_tokens(heads(rest["q"]).astype(q.dtype), idx, q[:, fixed:], valid))
+                        states["q"] = _flat(merge("q", q))
                     q_cls = q[:, 0] if fixed else layer.qkv(x[:, :1])[0][:, 0]
-                    used = valid.sum(-1)
-                    return h_full, states, q_cls, k_full, used
+                    computed = _put_tokens(jnp.zeros(recompute.shape, jnp.float32), idx,
+                                           jnp.ones(idx.shape, jnp.float32), full)
+                    return h_full, states, q_cls, k_full, 1.0 - computed
                 return run
 
             branches = [branch(cap) for cap in caps]
-            operands = (x, recompute, margin, rest)
+            operands = (x, recompute, margin, dec["cached"], dec["diff"])
             if len(branches) == 1:
-                h, states, q_cls, k_all, used = branches[0](self, *operands)
+                h, states, q_cls, k_all, gate_reuse = branches[0](self, *operands)
             else:
                 which = jnp.searchsorted(jnp.asarray(caps), need)  # smallest bucket >= need
                 which = jnp.minimum(which, len(caps) - 1)
-                h, states, q_cls, k_all, used = nn.switch(which, branches, self, *operands)
-            count = recompute.sum(-1)
-            reused = 1.0 - used.astype(jnp.float32) / nr
-            overflow = (count - used).astype(jnp.float32) / nr
+                h, states, q_cls, k_all, gate_reuse = nn.switch(which, branches, self, *operands)
+            reused = gate_reuse.mean(-1)
+            # Tokens decided "recompute" that did not fit the largest capacity (reused anyway).
+            overflow = jnp.sum(recompute & (gate_reuse > 0.5), -1).astype(jnp.float32) / nr
         module.store(slot, x[:, fixed:], states)
-        return h, q_cls, k_all, {"gate": gate[..., 0], "reused": reused, "overflow": overflow,
+        # gate: the reuse gate (soft) or the effective reuse mask (hard: padding tokens recomputed).
+        return h, q_cls, k_all, {"gate": gate_reuse, "reused": reused, "overflow": overflow,
                                  "sim": dec["sim"]}
 
     def encode_clip(self, frames: Array, grouping: Grouping, cmap: Array | None = None, *,

@@ -54,6 +54,9 @@ class ReuseTask(Task):
 
     def __init__(self, config, workdir):
         super().__init__(config, workdir)
+        if not config.init_from and "backbone" not in config:
+            raise ValueError("This config has no backbone to train (config.backbone) and no init_from: set "
+                             "--config.init_from=<HF CLIP/SigLIP/DINOv2 directory or vlmjax workdir>.")
         self.data = data_lib.build_video_data(config.data)
         self.groupings = {
             split: reuse_lib.Grouping.from_arrays(g["process_order"], g["ref_mask"], g["ref_type"])
@@ -71,11 +74,8 @@ class ReuseTask(Task):
                                         "checkpoints/).")
             vit_cfg = video_cls.build_vit_config(ml_collections.ConfigDict(
                 ml_collections.ConfigDict.from_json(open(saved).read()).model))  # noqa: SIM115
-        elif "backbone" in config:
-            vit_cfg = video_cls.build_vit_config(config.backbone.model)
         else:
-            raise ValueError("This config has no backbone to train (config.backbone) and no init_from: set "
-                             "--config.init_from=<HF CLIP/SigLIP/DINOv2 directory or vlmjax workdir>.")
+            vit_cfg = video_cls.build_vit_config(config.backbone.model)
         self.vit_config = dataclasses.replace(vit_cfg, dtype=dtype) if dtype else vit_cfg
         if self.vit_config.patch_size != config.data.patch_size:
             raise ValueError(f"config.data.patch_size={config.data.patch_size} must equal the backbone's "
@@ -354,7 +354,6 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
         c.data.patch_size = 16
         c.data.num_frames = 8
         c.data.dtype = "uint8"
-        c.data.sprite_kind = "digits"
         c.total_steps = 2000
         c.batch_size = 8
         c.eval_every = 500

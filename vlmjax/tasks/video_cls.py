@@ -25,7 +25,7 @@ from vlmjax.train.config import base_config
 def vit_config() -> ml_collections.ConfigDict:
     """``config.model`` of a small CLIP-style ViT (fields of ``vit.ViTConfig``)."""
     return ml_collections.ConfigDict(dict(
-        variant="clip", hidden_size=192, intermediate_size=768, num_hidden_layers=6, num_attention_heads=3,
+        variant="clip", hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
         patch_size=16, image_size=64, hidden_act="quick_gelu", layer_norm_eps=1e-5, dtype="float32"))
 
 
@@ -43,14 +43,14 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.data = data_lib.video.default_config()
     c.data.num_frames = 4
     c.model = vit_config()
-    c.total_steps = 300
-    c.batch_size = 32
+    c.total_steps = 200
+    c.batch_size = 16
     c.log_every = 50
     c.eval_every = 0
     c.ckpt_every = 0
     c.eval.max_batches = 4
-    c.optim.lr = 1e-3
-    c.optim.warmup_steps = 30
+    c.optim.lr = 2e-3
+    c.optim.warmup_steps = 20
     c.optim.weight_decay = 0.05
     if variant == "smoke":
         c.model.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
