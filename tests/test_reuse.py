@@ -326,7 +326,7 @@ def test_only_reuse_modules_get_gradients(tmp_path):
             assert v == 0.0, k
     m = aux["metrics"]
     for key in ("sloss", "hloss_0", "hloss_1", "rloss", "pooled_cos", "patch_cos", "reuse_rate",
-                "reuse/1", "reuse_soft/2", "compute_reuse_rate", "tau"):
+                "reuse/1", "reuse_gate/2", "reuse_executed/1", "compute_reuse_rate", "tau"):
         assert key in m, key
     assert np.isfinite(float(m["loss"]))
 

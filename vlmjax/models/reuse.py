@@ -107,6 +107,9 @@ def loss_config() -> ml_collections.ConfigDict:
         rloss_scaler=0.35,
         target_reuse_rate=0.5,
         max_layer_rate=0.95,         # per-layer rates are capped before averaging (spec)
+        # The rate rloss reads: 'argmax_st' (noise-free decisions, straight-through; see
+        # reuse.reuse_rates) or 'gate' (the mean Gumbel gate).
+        rate_estimator="argmax_st",
         # Optional per-token MSE on the last layer's patch tokens (the brief's fix for patch drift).
         patch_mse_scaler=0.0,
     ))
@@ -553,6 +556,11 @@ class ReuseViT(vit.VisionTransformer):
         layer_rng = None if rng is None else jax.random.fold_in(rng, i)
         gate, margin = self._decide(dec, mode, layer_rng, tau, forced)
         gate = jnp.where(dec["valid"][..., None], gate, jnp.asarray([0.0, 1.0]))
+        if forced is None and c.policy == "mlp":
+            p_reuse = jax.nn.softmax(dec["logits"].astype(jnp.float32), -1)[..., 0]
+        else:
+            p_reuse = gate[..., 0]
+        p_reuse = jnp.where(dec["valid"], p_reuse, 0.0)
         heads = lambda t: t.reshape(t.shape[:2] + (nh, dh))
         if mode == "soft":
             rest = module.restore(dec["cached"], dec["diff"])
@@ -632,7 +640,7 @@ class ReuseViT(vit.VisionTransformer):
         module.store(slot, x[:, fixed:], states)
         # gate: the reuse gate (soft) or the effective reuse mask (hard: padding tokens recomputed).
         return h, q_cls, k_all, {"gate": gate_reuse, "reused": reused, "overflow": overflow,
-                                 "sim": dec["sim"]}
+                                 "sim": dec["sim"], "p_reuse": p_reuse}
 
     def encode_clip(self, frames: Array, grouping: Grouping, cmap: Array | None = None, *,
                     mode: str = "soft", rng: Array | None = None, tau=None, keep_hidden: tuple[int, ...] = (),
@@ -648,7 +656,8 @@ class ReuseViT(vit.VisionTransformer):
         Returns:
           (outputs: pooled [B, F, Dp], last_hidden_state [B, F, N, D], hidden {l: [B, F, N, D]};
            stats: gate {l: [B, F, Nr]} (0 on frames without references), reused {l: [B, F]},
-           overflow {l: [B, F]}, sim {l: [B, F, Nr]}, has_ref [F] numpy bool)
+           overflow {l: [B, F]}, sim {l: [B, F, Nr]}, p_reuse {l: [B, F, Nr]} (noise-free reuse
+           probability of the decision MLP), has_ref [F] numpy bool)
           in frame order.
         """
         f_count = frames.shape[1]
@@ -670,7 +679,8 @@ class ReuseViT(vit.VisionTransformer):
         b = frames.shape[0]
         nr = outputs["last_hidden_state"].shape[2] - self._fixed
         stats: dict[str, Any] = {"has_ref": np.array([bool(grouping.refs[f]) for f in range(f_count)])}
-        for name, zero in (("gate", (b, nr)), ("reused", (b,)), ("overflow", (b,)), ("sim", (b, nr))):
+        for name, zero in (("gate", (b, nr)), ("reused", (b,)), ("overflow", (b,)), ("sim", (b, nr)),
+                           ("p_reuse", (b, nr))):
             stats[name] = {l: stack(lambda f, l=l, name=name, zero=zero: per_frame[f][1][l][name]
                                     if l in per_frame[f][1] else jnp.zeros(zero, jnp.float32))
                            for l in self.reuse_config.layers(self.config.num_hidden_layers)}
@@ -690,17 +700,31 @@ def _pooled(out: dict[str, Array]) -> Array:
 
 
 def reuse_rates(stats: dict[str, Any], example_mask: Array) -> dict[str, Array]:
-    """Soft (gate) and hard reuse rates per reuse layer over frames with references.
+    """Reuse rates per reuse layer over the reusable tokens of frames with references.
 
-    Returns {'soft': [L_reuse], 'hard': [L_reuse]} in ``sorted(stats['gate'])`` layer order.
+    Returns (each [L_reuse], in ``sorted(stats['gate'])`` layer order):
+      soft: mean gate (the Gumbel sample in training);
+      hard: fraction of tokens actually reused (``stats['reused']``);
+      argmax_st: fraction whose noise-free decision is "reuse" (what evaluation runs), with the
+        gradient of the reuse probability (straight-through). The Gumbel sample's rate can sit at
+        the target while every logit stays near 0, so the argmax used at evaluation reuses almost
+        nothing; regularising this rate instead makes the evaluated decisions meet the target.
     """
     has_ref = jnp.asarray(stats["has_ref"], jnp.float32)  # [F]
     m = example_mask.astype(jnp.float32)[:, None] * has_ref[None]  # [B, F]
     denom = jnp.maximum(m.sum(), 1.0)
     lyr = sorted(stats["gate"])
-    soft = jnp.stack([(stats["gate"][l].mean(-1) * m).sum() / denom for l in lyr]) if lyr else jnp.zeros((0,))
-    hard = jnp.stack([(stats["reused"][l] * m).sum() / denom for l in lyr]) if lyr else jnp.zeros((0,))
-    return {"soft": soft, "hard": hard}
+    if not lyr:
+        return {k: jnp.zeros((0,)) for k in ("soft", "hard", "argmax_st")}
+    per = lambda v: jnp.stack([(v(l) * m).sum() / denom for l in lyr])
+
+    def st(l):
+        p = stats["p_reuse"][l]
+        return ((p > 0.5).astype(jnp.float32) + p - jax.lax.stop_gradient(p)).mean(-1)
+    out = {"soft": per(lambda l: stats["gate"][l].mean(-1)), "hard": per(lambda l: stats["reused"][l])}
+    if "p_reuse" in stats:
+        out["argmax_st"] = per(st)
+    return out
 
 
 def build(vit_config: vit.ViTConfig, reuse_config: ReuseConfig, num_slots: int) -> ReuseViT:

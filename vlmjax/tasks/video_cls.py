@@ -41,17 +41,22 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c = base_config()
     c.task = "video_cls"
     c.data = data_lib.video.default_config()
-    c.data.num_frames = 4
     c.model = vit_config()
-    c.total_steps = 200
-    c.batch_size = 16
+    # Frames of one clip are near-duplicates: one frame of more clips per step learns much faster. A
+    # ViT from scratch sits at chance for a few hundred steps on this data before it learns the
+    # shapes (measured with 64 clips x 2 frames per step: still 35% after 1000 steps; 128 x 1: loss
+    # 1.0 by step 400).
+    c.data.num_frames = 1
+    c.data.num_threads = 3
+    c.total_steps = 1000
+    c.batch_size = 128
     c.log_every = 50
     c.eval_every = 0
     c.ckpt_every = 0
     c.eval.max_batches = 4
-    c.optim.lr = 2e-3
+    c.optim.lr = 1e-3
     c.optim.warmup_steps = 20
-    c.optim.weight_decay = 0.05
+    c.optim.weight_decay = 0.0
     if variant == "smoke":
         c.model.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                             patch_size=8, image_size=32))

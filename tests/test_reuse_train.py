@@ -1,0 +1,90 @@
+"""configs/reuse.py end to end: backbone trained in-run, resume, init_from a vlmjax workdir or an HF
+CLIP directory (tiny random models saved here; nothing is downloaded)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import load_config
+
+
+def _run(config, workdir):
+    from vlmjax.train import trainer  # pylint: disable=g-import-not-at-top
+    return trainer.run(config, str(workdir))
+
+
+def _final_params(workdir):
+    from vlmjax.train import checkpoint  # pylint: disable=g-import-not-at-top
+    return checkpoint.load_params(str(workdir))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reuse_smoke")
+    summary = _run(load_config("reuse", "smoke"), workdir)
+    return workdir, summary
+
+
+def test_smoke_trains_backbone_then_reuse(smoke_run, capsys):
+    workdir, summary = smoke_run
+    assert os.path.isdir(workdir / "backbone" / "checkpoints")
+    assert summary["step"] == 4
+    end = summary["eval_end"]
+    for key in ("reuse_rate", "reuse/1", "reuse/2", "pooled_cos", "pooled_cos_min", "patch_cos", "sloss",
+                "hloss_1", "rloss", "compute_reuse_rate", "flops_ratio"):
+        assert key in end and np.isfinite(end[key]), key
+    assert 0.0 <= end["reuse_rate"] <= 1.0
+    assert set(summary["probe"]) == {"acc_original", "acc_reuse", "acc_reuse_own_probe", "clip_cos"}
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    train = [r for r in records if r.get("kind", "train") == "train" and "reuse_gate/1" in r]
+    assert train and "tau" in train[-1] and "pooled_cos" in train[-1]
+    # The backbone did not move: the reuse run's ViT params are the backbone run's.
+    bb, _ = _final_params(workdir / "backbone")
+    params, _ = _final_params(workdir)
+    for k in bb["vit"]:
+        for a, b in zip(jax.tree.leaves(bb["vit"][k]), jax.tree.leaves(params[k])):
+            np.testing.assert_array_equal(a, b)
+    # Resuming a finished run trains nothing more and does not retrain the backbone.
+    again = _run(load_config("reuse", "smoke"), workdir)
+    assert again["step"] == 4
+    assert "Resumed from checkpoint step 4" in capsys.readouterr().out
+
+
+def test_init_from_vlmjax_workdir(smoke_run, tmp_path):
+    workdir, _ = smoke_run
+    config = load_config("reuse", "smoke", init_from=str(workdir / "backbone"), total_steps=2)
+    summary = _run(config, tmp_path / "w")
+    assert not os.path.exists(tmp_path / "w" / "backbone")
+    assert summary["step"] == 2
+    bb, _ = _final_params(workdir / "backbone")
+    params, _ = _final_params(tmp_path / "w")
+    np.testing.assert_array_equal(bb["vit"]["layers_1"]["mlp"]["fc1"]["kernel"],
+                                  params["layers_1"]["mlp"]["fc1"]["kernel"])
+
+
+def test_init_from_hf_clip_two_tower(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                  image_size=32, patch_size=8)
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16)
+    torch.manual_seed(0)
+    hf = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                                        projection_dim=16)).eval()
+    path = str(tmp_path / "clip")
+    hf.save_pretrained(path)
+    config = load_config("reuse", "clip_b16", init_from=path, total_steps=2, batch_size=2, log_every=1,
+                         ckpt_every=2, **{"eval.max_batches": 1, "data.image_size": 32, "data.patch_size": 8,
+                                          "data.num_frames": 5, "data.num_threads": 0, "data.dtype": "float32",
+                                          "data.prefetch_batches": 0, "probe.num_train": 8,
+                                          "probe.num_eval": 4, "probe.batch_size": 4})
+    summary = _run(config, tmp_path / "w")
+    assert summary["step"] == 2 and np.isfinite(summary["eval_end"]["pooled_cos"])
+    params, _ = _final_params(tmp_path / "w")
+    want = hf.vision_model.encoder.layers[2].mlp.fc1.weight.detach().numpy().T
+    np.testing.assert_allclose(params["layers_2"]["mlp"]["fc1"]["kernel"], want, atol=1e-6)
+    assert "reuse_1" in params and "reuse_2" in params
