@@ -143,8 +143,8 @@ def test_benchmark_small_end_to_end(tmp_path):
     finally:
         sys.path.remove(ROOT)
     out = str(tmp_path / "reuse_small")
-    reuse_speed.main(["--small", "--rates=0.75", "--passthrough_rates=0.75", "--iters=1", "--warmup=0",
-                      f"--out={out}"])
+    reuse_speed.main(["--small", "--rates=0.75", "--passthrough_rates=0.75", "--shared_rates=", "--iters=1",
+                      "--warmup=0", f"--out={out}"])
     with open(out + ".json") as fh:
         payload = json.load(fh)
     rows = {r["config"]: r for r in payload["rows"]}
