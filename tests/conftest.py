@@ -8,6 +8,18 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# One persistent XLA compilation cache for the whole session (this process and the `python -m`
+# subprocesses it starts): the end-to-end tests build new Trainers, resume runs and start second
+# processes that compile the very same programs again, and on 2 CPU cores compiling is most of the
+# suite's time. Set before jax is imported; an explicit JAX_COMPILATION_CACHE_DIR wins.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit  # pylint: disable=g-import-not-at-top
+    import shutil  # pylint: disable=g-import-not-at-top
+    import tempfile  # pylint: disable=g-import-not-at-top
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vlmjax_test_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
 
 def load_config(name: str, variant: str | None = None, **overrides):
     """configs/<name>.py:<variant>, with dotted overrides ("optim.lr": 1e-3) applied, then locked."""

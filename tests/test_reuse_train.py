@@ -79,7 +79,9 @@ def test_init_from_hf_clip_two_tower(tmp_path):
     hf.save_pretrained(path)
     config = load_config("reuse", "clip_b16", init_from=path, total_steps=2, batch_size=2, log_every=1,
                          ckpt_every=2, **{"eval.max_batches": 1, "data.image_size": 32, "data.patch_size": 8,
-                                          "data.num_frames": 5, "data.num_threads": 0, "data.dtype": "float32",
+                                          "data.num_frames": 3, "data.train_ref_order": (0, 2, 1),
+                                          "data.eval_ref_order": (1, 0), "reuse.capacity_buckets": (0.5, 1.0),
+                                          "data.num_threads": 0, "data.dtype": "float32",
                                           "data.prefetch_batches": 0, "probe.num_train": 8,
                                           "probe.num_eval": 4, "probe.batch_size": 4})
     summary = _run(config, tmp_path / "w")

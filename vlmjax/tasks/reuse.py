@@ -143,11 +143,14 @@ class ReuseTask(Task):
 
     # ---- model --------------------------------------------------------------------------
     def init_variables(self, rng):
+        # The params do not depend on the clip length: an I frame then a P frame create every reuse
+        # module, and tracing two frames instead of the whole unrolled clip keeps init cheap.
         s = self.config.data.image_size
-        f = int(self.config.data.num_frames)
-        frames = jnp.zeros((1, f, s, s, 3), jnp.float32)
-        cmap = jnp.zeros((1, f, self.data.num_patches), jnp.float32)
-        variables = self.model.init({"params": rng}, frames, self.groupings["train"], cmap,
+        frames = jnp.zeros((1, 2, s, s, 3), jnp.float32)
+        cmap = jnp.zeros((1, 2, self.data.num_patches), jnp.float32)
+        g = data_lib.video.frame_grouping(2, (0, 1))
+        grouping = reuse_lib.Grouping.from_arrays(g["process_order"], g["ref_mask"], g["ref_type"])
+        variables = self.model.init({"params": rng}, frames, grouping, cmap,
                                     method=self.model.encode_clip, rng=jax.random.PRNGKey(0))
         # The cache is per clip and rebuilt by every call: not part of the train state.
         return {"params": variables["params"]}
