@@ -3,11 +3,10 @@ per-process sharding and iterator checkpoints. CPU only, nothing downloaded."""
 
 import hashlib
 
-import grain
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from conftest import assert_iterator_resumes
 from vlmjax.data import video
 
 
@@ -229,21 +228,7 @@ def test_batches_per_process_disjoint_and_covering_an_epoch():
 def test_iterator_checkpoint_round_trip_through_orbax(tmp_path):
     data = video.build_video_data(make_config(num_train=8, prefetch_batches=2))
     ds = data.train_dataset(global_batch_size=2, seed=3, process_index=0, process_count=1)
-    it = iter(ds)
-    for _ in range(5):  # one epoch is 4 steps: the checkpoint lies in the second epoch
-        next(it)
-    mngr = ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",),
-                                 item_handlers={"data": grain.checkpoint.CheckpointHandler()})
-    mngr.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
-    mngr.wait_until_finished()
-    expected = [next(it) for _ in range(3)]
-    resumed = iter(ds)
-    mngr.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
-    got = [next(resumed) for _ in range(3)]
-    mngr.close()
-    for e, g in zip(expected, got):
-        for key in e:
-            np.testing.assert_array_equal(e[key], g[key])
+    assert_iterator_resumes(ds, 5, tmp_path / "ckpt")  # one epoch is 4 steps: the checkpoint lies in the second epoch
 
 
 def test_eval_batches_deterministic_padded_and_equal_across_processes():

@@ -6,12 +6,11 @@ import hashlib
 import os
 import sys
 
-import grain
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
+from conftest import assert_iterator_resumes
 from vlmjax.data import video
 from vlmjax.data import video_files
 
@@ -236,21 +235,7 @@ def test_iterator_checkpoint_resume_gives_the_same_batches(split_tree, tmp_path)
     root, _, _ = split_tree
     data = video.build_video_data(make_config(source="folder", path=root, prefetch_batches=2))
     ds = data.train_dataset(global_batch_size=2, seed=3, process_index=0, process_count=1)
-    it = iter(ds)
-    for _ in range(4):  # one epoch is 3 steps: the checkpoint lies in the second epoch
-        next(it)
-    mngr = ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",),
-                                 item_handlers={"data": grain.checkpoint.CheckpointHandler()})
-    mngr.save(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
-    mngr.wait_until_finished()
-    expected = [next(it) for _ in range(3)]
-    resumed = iter(ds)
-    mngr.restore(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
-    got = [next(resumed) for _ in range(3)]
-    mngr.close()
-    for e, g in zip(expected, got):
-        for key in e:
-            np.testing.assert_array_equal(e[key], g[key])
+    assert_iterator_resumes(ds, 4, tmp_path / "ckpt")  # one epoch is 3 steps: the checkpoint lies in the second epoch
 
 
 def test_eval_batches_padded_and_equal_across_processes(split_tree):
