@@ -218,9 +218,11 @@ def test_all_reuse_passthrough_reproduces_cached_states():
     ("clip", {}, (0, 4, 2, 1, 3)),  # the default buckets
     ("clip", {"similarity": "low_rank", "similarity_rank": 8, "restore_q": True, "capacity_buckets": BUCKETS},
      (0, 2, 1)),
-    ("clip", {"similarity": "headwise", "skip_cls": False, "capacity_buckets": BUCKETS}, (0, 2, 1)),
+    pytest.param("clip", {"similarity": "headwise", "skip_cls": False, "capacity_buckets": BUCKETS}, (0, 2, 1),
+                 marks=pytest.mark.slow),  # the suite's 15-minute budget; run with -m slow
     ("clip", {"capacity_buckets": (1.0,)}, (0, 2, 1)),
-    ("clip", {"restoration": "shared_mlp", "capacity_buckets": (0.5,)}, (0, 2, 1)),
+    pytest.param("clip", {"restoration": "shared_mlp", "capacity_buckets": (0.5,)}, (0, 2, 1),
+                 marks=pytest.mark.slow),
     ("siglip", {"capacity_buckets": BUCKETS}, (0, 2, 1)),
     ("dinov2", {"reuse_layers": (2,), "capacity_buckets": BUCKETS}, (0, 2, 1)),
 ])
