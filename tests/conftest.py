@@ -62,24 +62,33 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
 
 
-def assert_iterator_resumes(ds, steps: int, ckpt_dir, more: int = 3):
-    """Saves a grain iterator of ``ds`` after ``steps`` batches with orbax (as the trainer does) and
-    checks that a fresh iterator restored from it yields the same next ``more`` batches."""
+def save_and_resume(ds, directory, n_before: int, n_after: int):
+    """Consumes ``n_before`` batches of ``ds``, saves the grain iterator with orbax (as the trainer
+    does), consumes ``n_after``; restores a fresh iterator and returns (expected, got) batches."""
     import grain  # pylint: disable=g-import-not-at-top
-    import numpy as np  # pylint: disable=g-import-not-at-top
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     it = iter(ds)
-    for _ in range(steps):
+    for _ in range(n_before):
         next(it)
-    mngr = ocp.CheckpointManager(ckpt_dir, item_names=("data",),
+    mngr = ocp.CheckpointManager(directory, item_names=("data",),
                                  item_handlers={"data": grain.checkpoint.CheckpointHandler()})
-    mngr.save(steps, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mngr.save(n_before, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
     mngr.wait_until_finished()
-    expected = [next(it) for _ in range(more)]
+    expected = [next(it) for _ in range(n_after)]
     resumed = iter(ds)
-    mngr.restore(steps, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
-    got = [next(resumed) for _ in range(more)]
+    mngr.restore(n_before, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+    got = [next(resumed) for _ in range(n_after)]
+    for i in (it, resumed):
+        if hasattr(i, "close"):
+            i.close()
     mngr.close()
+    return expected, got
+
+
+def assert_iterator_resumes(ds, steps: int, ckpt_dir, more: int = 3):
+    """A grain iterator of ``ds`` saved after ``steps`` batches resumes with the same next batches."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    expected, got = save_and_resume(ds, ckpt_dir, steps, more)
     for e, g in zip(expected, got):
         for key in e:
             np.testing.assert_array_equal(e[key], g[key])

@@ -11,11 +11,10 @@ import re
 import subprocess
 import sys
 
-import grain
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from conftest import save_and_resume
 from vlmjax import data as data_lib
 from vlmjax.data import corpus
 from vlmjax.data import lm
@@ -231,30 +230,10 @@ def test_process_sharding_disjoint_and_local_batch(numbered_docs):
 # ---------------------------------------------------------------------------------------------
 
 
-def _save_and_resume(ds, directory, n_before, n_after):
-    """Consumes n_before, saves with orbax+grain, consumes n_after; resumes a new iterator."""
-    it = iter(ds)
-    for _ in range(n_before):
-        next(it)
-    mngr = ocp.CheckpointManager(directory, item_names=("data",),
-                                 item_handlers={"data": grain.checkpoint.CheckpointHandler()})
-    mngr.save(n_before, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
-    mngr.wait_until_finished()
-    expected = [next(it) for _ in range(n_after)]
-    it.close()
-
-    resumed = iter(ds)
-    mngr.restore(n_before, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
-    got = [next(resumed) for _ in range(n_after)]
-    resumed.close()
-    mngr.close()
-    return expected, got
-
-
 def test_iterator_checkpoint_round_trip_through_orbax(embedded_bytes, tmp_path):
     ds = embedded_bytes.train_dataset(global_batch_size=4, seed=0, process_index=0,
                                       process_count=1)
-    expected, got = _save_and_resume(ds, tmp_path / "ckpt", n_before=5, n_after=4)
+    expected, got = save_and_resume(ds, tmp_path / "ckpt", n_before=5, n_after=4)
     for e, g in zip(expected, got):
         for key in e:
             np.testing.assert_array_equal(e[key], g[key])
@@ -271,7 +250,7 @@ def test_iterator_checkpoint_at_document_boundary(tmp_path):
                         train_documents=docs, eval_tokens=docs.flat,
                         num_train_tokens=docs.num_tokens, description="synthetic")
     ds = lm_data.train_dataset(global_batch_size=1, seed=0, process_index=0, process_count=1)
-    expected, got = _save_and_resume(ds, tmp_path / "ckpt", n_before=3, n_after=3)
+    expected, got = save_and_resume(ds, tmp_path / "ckpt", n_before=3, n_after=3)
     for e, g in zip(expected, got):
         np.testing.assert_array_equal(e["inputs"], g["inputs"])
 
