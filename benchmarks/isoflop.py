@@ -4,7 +4,7 @@ r"""IsoFLOP comparison: dense vs MoD vs DTF (optionally TDTF) trained for the SA
   python benchmarks/isoflop.py --models=dense,mod,dtf,tdtf --budget_tflop=2000 --hidden=512 --layers=8
 
 Each model is trained from scratch on the embedded corpus by the real trainer
-(``vlmjax.train.run(config, workdir)``), from ``configs/lm.py`` (dense), ``configs/mod.py``,
+(``vlmjax.run.run(config, workdir)``), from ``configs/lm.py`` (dense), ``configs/mod.py``,
 ``configs/dtf.py`` and ``configs/tdtf.py`` loaded from their files, with the model size, sequence
 length, batch and schedule overridden by the flags below (the same for every model).
 
@@ -43,7 +43,7 @@ sys.path.insert(0, ROOT)
 from benchmarks import common  # noqa: E402
 from vlmjax import flops as flops_lib  # noqa: E402
 from vlmjax import tasks  # noqa: E402
-from vlmjax import train  # noqa: E402
+from vlmjax import run as runner  # noqa: E402
 from vlmjax.data import tokenizers as tokenizers_lib  # noqa: E402
 from vlmjax.models import routing as R  # noqa: E402
 from vlmjax.train import metrics as metrics_lib  # noqa: E402
@@ -162,7 +162,7 @@ def run_model(kind: str, args, root: str, tok_dir: str, model_config, budget: fl
     print(f"\n=== {kind}: {per_step / 1e9:.3f} GFLOP/step (analytic) x {steps} steps = "
           f"{steps * per_step / 1e12:.1f} TFLOP (budget {budget / 1e12:.1f}) ===", flush=True)
     t0 = time.perf_counter()
-    summary = train.run(c, workdir)
+    summary = runner.run(c, workdir)
     total_s = time.perf_counter() - t0
     end = summary.get("eval_end", {})
     evals = metrics_lib.read_metrics(workdir, "eval")

@@ -1,19 +1,57 @@
-r"""Dense decoder LM trained from scratch on the embedded English corpus.
+r"""Dense decoder LM trained from scratch on the embedded English corpus (the routing baseline).
 
-Runs on a laptop CPU as written (2 cores: under 10 minutes), and on a GPU/TPU with a bigger
-model by overriding fields or by the variants below.
+The routed experiments (configs/mod.py, dtf.py, tdtf.py) start from this file's model, data and
+schedule, so their comparisons are at the same sizes.
 
-  python -m vlmjax.main --config=configs/lm.py --workdir=/tmp/lm
-  python -m vlmjax.main --config=configs/lm.py:smoke --workdir=/tmp/lm_smoke   # seconds, for tests
+  python -m vlmjax.main --config=configs/lm.py --workdir=/tmp/lm              # 2-core CPU: ~6 min
+  python -m vlmjax.main --config=configs/lm.py:smoke --workdir=/tmp/lm_smoke  # seconds, for tests
   python -m vlmjax.main --config=configs/lm.py:smollm2_135m --workdir=/tmp/lm135 \
-      --config.data.source=jsonl --config.data.path='/data/*.jsonl'        # accelerator-sized
+      --config.data.source=jsonl --config.data.path='/data/*.jsonl'          # accelerator-sized
+
+Fine-tune a pretrained checkpoint (architecture and tokenizer from the directory):
+  python -m vlmjax.main --config=configs/lm.py --workdir=/tmp/ft \
+      --config.init_from=/ckpt/SmolLM2-135M --config.data.tokenizer=hf --config.optim.lr=1e-4
 """
 
+from configs import common
+from vlmjax import data
+from vlmjax.models import decoder
 from vlmjax.tasks import lm
 
-VARIANTS = lm.LM_VARIANTS
+VARIANTS = ("default", "smoke", "smollm2_135m")
 
 
 def get_config(arg: str | None = None):
-    """Variants: default (CPU, ~5 min), smoke (seconds, tests), smollm2_135m (accelerator)."""
-    return lm.lm_config(arg or "default")
+    v = common.variant(arg, VARIANTS, __file__)
+    c = common.trainer(
+        "lm", total_steps=500, batch_size=32, log_every=50, eval_every=200, ckpt_every=200,
+        eval=dict(max_batches=16), optim=dict(lr=3e-3, warmup_steps=50, weight_decay=0.1))
+
+    c.data = data.default_config()
+    c.data.update(dict(source="embedded", tokenizer="bpe", bpe_vocab_size=2048, seq_len=128))
+
+    # A 4-layer Llama-style decoder (RMSNorm, RoPE, GQA 4:2, SwiGLU, tied embeddings): 3.2M params.
+    c.model = decoder.default_config()
+    c.model.update(dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                        rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=2048))
+
+    # A continuation of this prompt is sampled at the end of the run.
+    c.sample = lm.sample_config()
+    c.sample.update(dict(prompt="The", max_new_tokens=96, temperature=0.7, top_p=0.9))
+
+    if v == "smoke":
+        c.data.update(dict(tokenizer="bytes", seq_len=32))
+        c.model.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+        c.update(dict(total_steps=6, batch_size=8, log_every=1, eval_every=3, ckpt_every=3))
+        c.eval.max_batches = 2
+        c.optim.warmup_steps = 2
+        c.sample.max_new_tokens = 8
+    elif v == "smollm2_135m":
+        c.model = decoder.default_config()  # the SmolLM2-135M shape: d576, 30 layers, 9:3 heads
+        c.model.dtype = "bfloat16"
+        c.data.update(dict(tokenizer="bpe", bpe_vocab_size=49152, seq_len=2048))
+        c.update(dict(total_steps=20000, batch_size=256, log_every=100, eval_every=1000, ckpt_every=1000))
+        c.optim.update(dict(lr=3e-3, warmup_steps=1000))
+    return c

@@ -1,19 +1,39 @@
-r"""TDTF: the temporal DTF variant (teacher dense block + transition network, scheduled betas,
-student causal router; at inference only the selected tokens update the stream and write K/V).
+r"""TDTF: temporal DTF, a teacher dense block and a transition network with a student causal router.
 
-Same sizes as configs/lm.py and configs/dtf.py.
+Scheduled betas; at inference only the tokens the causal router picks update the stream and write K/V.
+
+Model, data and schedule are the dense baseline's (configs/lm.py); this file adds the routing.
+docs/routing.md.
 
   python -m vlmjax.main --config=configs/tdtf.py --workdir=/tmp/tdtf
   python -m vlmjax.main --config=configs/tdtf.py:smoke --workdir=/tmp/tdtf_smoke
+  python -m vlmjax.main --config=configs/tdtf.py:smollm2_135m --workdir=/tmp/tdtf135  # accelerator-sized
 """
 
-from vlmjax.tasks import routed_lm
+from configs import common
+from configs import lm
+from vlmjax.models import routing
 
 VARIANTS = ("default", "smoke", "smollm2_135m")
 
 
 def get_config(arg: str | None = None):
-    variant = arg or "default"
-    if variant not in VARIANTS:
-        raise ValueError(f"configs/tdtf.py:{variant} is not a variant; choose one of {VARIANTS}.")
-    return routed_lm.config_for("tdtf", variant)
+    v = common.variant(arg, VARIANTS, __file__)
+    c = lm.get_config(v)
+    c.task = "routed_lm"
+    c.routing = routing.default_config()
+    c.routing.update(dict(
+        kind="tdtf",
+        every=2, offset=1,
+        capacity=0.5,                  # gamma
+        causal_capacity=1.0,
+        gate="prob_or",
+        beta="scheduled",              # the spec schedules beta_ce / beta_cu (cosine 0.1 -> 100)
+        beta_start=0.1, beta_end=100.0,
+        prior_ffn_factor=0.125,        # transition-network width
+        ma_window=100,
+        lambda_causal=0.01,
+        lambda_tpn=0.05,
+    ))
+    c.optim.lr_groups = ((r"^routers_\d+/causal/", 10.0),)  # as configs/dtf.py
+    return c

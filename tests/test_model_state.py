@@ -9,6 +9,7 @@ import numpy as np
 
 from conftest import smoke_config
 from vlmjax import sharding as shd
+from vlmjax import run as runner
 from vlmjax import tasks, train
 from vlmjax.tasks.base import Task
 
@@ -97,9 +98,9 @@ def test_state_collection_is_updated_not_differentiated_and_accumulated():
 
 def test_state_collection_is_checkpointed_and_resumed(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    train.run(_cfg(), full)
-    train.run(_cfg(stop_after=3), part)
-    s = train.run(_cfg(), part)
+    runner.run(_cfg(), full)
+    runner.run(_cfg(stop_after=3), part)
+    s = runner.run(_cfg(), part)
     assert s["step"] == 6
     from vlmjax.train.checkpoint import Checkpointer
     states = []

@@ -12,8 +12,8 @@ from conftest import load_config
 
 
 def _run(config, workdir):
-    from vlmjax.train import trainer  # pylint: disable=g-import-not-at-top
-    return trainer.run(config, str(workdir))
+    from vlmjax import run as runner  # pylint: disable=g-import-not-at-top
+    return runner.run(config, str(workdir))
 
 
 def _final_params(workdir):
@@ -30,37 +30,42 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_trains_backbone_then_reuse(smoke_run, capsys):
     workdir, summary = smoke_run
+    # Two stages, each in its own workdir: the backbone (configs/video_cls.py) and the reuse modules.
     assert os.path.isdir(workdir / "backbone" / "checkpoints")
-    assert summary["step"] == 4
+    assert os.path.isdir(workdir / "reuse" / "checkpoints")
+    assert summary["step"] == 4 and summary["finished"]
     end = summary["eval_end"]
     for key in ("reuse_rate", "reuse/1", "reuse/2", "pooled_cos", "pooled_cos_min", "patch_cos", "sloss",
                 "hloss_1", "rloss", "compute_reuse_rate", "flops_ratio"):
         assert key in end and np.isfinite(end[key]), key
     assert 0.0 <= end["reuse_rate"] <= 1.0
     assert set(summary["probe"]) == {"acc_original", "acc_reuse", "acc_reuse_own_probe", "clip_cos"}
-    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    records = [json.loads(line) for line in open(workdir / "reuse" / "metrics.jsonl")]
     train = [r for r in records if r.get("kind", "train") == "train" and "reuse_gate/1" in r]
     assert train and "tau" in train[-1] and "pooled_cos" in train[-1]
     # The backbone did not move: the reuse run's ViT params are the backbone run's.
     bb, _ = _final_params(workdir / "backbone")
-    params, _ = _final_params(workdir)
+    params, _ = _final_params(workdir / "reuse")
     for k in bb["vit"]:
         for a, b in zip(jax.tree.leaves(bb["vit"][k]), jax.tree.leaves(params[k])):
             np.testing.assert_array_equal(a, b)
-    # Resuming a finished run trains nothing more and does not retrain the backbone.
+    # Rerunning a finished experiment trains nothing, skips both stages and writes no duplicate records.
+    capsys.readouterr()
     again = _run(load_config("reuse", "smoke"), workdir)
-    assert again["step"] == 4
-    assert "Resumed from checkpoint step 4" in capsys.readouterr().out
+    assert again["step"] == 4 and again["eval_end"] == summary["eval_end"]
+    out = capsys.readouterr().out
+    assert out.count("Already finished") == 2 and "Resumed" not in out
+    assert [json.loads(line) for line in open(workdir / "reuse" / "metrics.jsonl")] == records
 
 
 def test_init_from_vlmjax_workdir(smoke_run, tmp_path):
     workdir, _ = smoke_run
     config = load_config("reuse", "smoke", init_from=str(workdir / "backbone"), total_steps=2)
     summary = _run(config, tmp_path / "w")
-    assert not os.path.exists(tmp_path / "w" / "backbone")
+    assert not os.path.exists(tmp_path / "w" / "backbone")  # init_from replaces the backbone stage
     assert summary["step"] == 2
     bb, _ = _final_params(workdir / "backbone")
-    params, _ = _final_params(tmp_path / "w")
+    params, _ = _final_params(tmp_path / "w" / "reuse")
     np.testing.assert_array_equal(bb["vit"]["layers_1"]["mlp"]["fc1"]["kernel"],
                                   params["layers_1"]["mlp"]["fc1"]["kernel"])
 

@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from vlmjax import train
+from vlmjax import run as runner
 from vlmjax.train.metrics import read_metrics
 
 
 def test_dtf_smoke_trains_logs_telemetry_resumes_and_generates(tmp_path, capsys):
     wd = str(tmp_path / "dtf")
-    s1 = train.run(load_config("dtf", "smoke", stop_after=3), wd)
+    s1 = runner.run(load_config("dtf", "smoke", stop_after=3), wd)
     assert s1["step"] == 3
-    s2 = train.run(load_config("dtf", "smoke"), wd)
+    s2 = runner.run(load_config("dtf", "smoke"), wd)
     out = capsys.readouterr().out
     assert "Resumed from checkpoint step 3" in out and "| lm " in out and " sel 0.500 G " in out
     assert s2["step"] == 6 and s2["sample"]
@@ -33,7 +33,7 @@ def test_causal_router_bce_falls_during_training(tmp_path, name, fall):
     """DTF: the linear causal router on [x_t; x_{t-1}] chasing top-k of G (a moving target);
     MoD: the aux BCE on the router logits themselves (self-consistent, so it falls much faster)."""
     wd = str(tmp_path / name)
-    train.run(load_config(name, "smoke", total_steps=60, eval_every=0, ckpt_every=0, log_every=1,
+    runner.run(load_config(name, "smoke", total_steps=60, eval_every=0, ckpt_every=0, log_every=1,
                           **{"sample.max_new_tokens": 0, "eval.max_batches": 1}), wd)
     recs = read_metrics(wd, "train")
     bce = [r["loss/causal"] for r in recs]
@@ -51,7 +51,7 @@ def test_dtf_qwen_variant_trains_only_lora_and_routers(tmp_path):
     from vlmjax import sharding as shd
     from vlmjax import tasks
     from vlmjax.train import trainer as trainer_lib
-    from vlmjax.train.optimizer import path_str
+    from vlmjax.tree import path_str
 
     _, path = _hf_model("qwen2_bias", tmp_path, vocab_size=320, num_hidden_layers=4, bos_token_id=1,
                         eos_token_id=2)
@@ -89,4 +89,4 @@ def test_dtf_qwen_variant_trains_only_lora_and_routers(tmp_path):
 
 def test_qwen_variant_without_a_checkpoint_says_what_to_set(tmp_path):
     with pytest.raises(ValueError, match="set --config.init_from="):
-        train.run(load_config("dtf", "qwen"), str(tmp_path))
+        runner.run(load_config("dtf", "qwen"), str(tmp_path))

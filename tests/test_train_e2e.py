@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import run_module, smoke_config
-from vlmjax import train
+from vlmjax import run as runner
 from vlmjax.train.metrics import read_metrics
 
 
@@ -38,11 +38,11 @@ def test_main_smoke_cli_runs_and_writes_everything(tmp_path):
 
 def test_resume_gives_identical_losses(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    train.run(smoke_config(), full)
+    runner.run(smoke_config(), full)
     # "Preempted" after step 3 (the checkpoint interval), then resumed from the workdir.
-    s1 = train.run(smoke_config(stop_after=3), part)
+    s1 = runner.run(smoke_config(stop_after=3), part)
     assert s1["step"] == 3
-    s2 = train.run(smoke_config(), part)
+    s2 = runner.run(smoke_config(), part)
     assert s2["step"] == 6
     a, b = _losses(full), _losses(part)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
@@ -54,14 +54,14 @@ def test_resume_gives_identical_losses(tmp_path):
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
     wd = str(tmp_path / "run")
-    train.run(smoke_config(), wd)  # checkpoints at 3 and 6
+    runner.run(smoke_config(), wd)  # checkpoints at 3 and 6
     files = [f for f in glob.glob(os.path.join(wd, "checkpoints", "6", "state", "**", "*"), recursive=True)
              if os.path.isfile(f)]
     assert files
     for f in files:  # truncate every file of the latest state: unreadable, but still listed
         with open(f, "wb") as fh:
             fh.write(b"\0garbage")
-    s = train.run(smoke_config(total_steps=8), wd)
+    s = runner.run(smoke_config(total_steps=8), wd)
     out = capsys.readouterr().out
     assert "step 6" in out and "unreadable" in out
     assert "Resumed from checkpoint step 3" in out
@@ -88,21 +88,21 @@ def test_config_typo_fails_with_hint(tmp_path):
 ])
 def test_bad_config_values_name_the_field(tmp_path, field, value, expect):
     with pytest.raises(ValueError, match=expect.replace("(", r"\(")):
-        train.run(smoke_config(**{field: value}), str(tmp_path))
+        runner.run(smoke_config(**{field: value}), str(tmp_path))
 
 
 def test_nonfinite_updates_are_skipped_then_stop(tmp_path):
     # An absurd learning rate blows the loss up; updates with non-finite grads are skipped and
     # counted, and after max_consecutive_nonfinite the run stops with a message naming the fix.
     with pytest.raises(FloatingPointError, match="config.optim.lr"):
-        train.run(smoke_config(**{"optim.lr": 1e30, "optim.clip_norm": 0.0, "optim.warmup_steps": 0,
+        runner.run(smoke_config(**{"optim.lr": 1e30, "optim.clip_norm": 0.0, "optim.warmup_steps": 0,
                                   "optim.max_consecutive_nonfinite": 2, "total_steps": 12,
                                   "ckpt_every": 0}), str(tmp_path))
 
 
 def test_wandb_offline_logs_and_disabled_never_imports_it(tmp_path):
     code = ("import sys; sys.path.insert(0, 'tests'); from conftest import smoke_config; "
-            "from vlmjax import train; train.run(smoke_config(**{'total_steps': 2, 'sample.max_new_tokens': 0}), "
+            "from vlmjax import run; run.run(smoke_config(**{'total_steps': 2, 'sample.max_new_tokens': 0}), "
             f"{str(tmp_path / 'off')!r}); print('WANDB_IMPORTED', 'wandb' in sys.modules)")
     p = run_module(["-c", code])
     assert p.returncode == 0, p.stderr[-3000:]
@@ -117,10 +117,10 @@ def test_wandb_offline_logs_and_disabled_never_imports_it(tmp_path):
 
 def test_resume_with_a_different_model_is_a_clear_error_and_keeps_checkpoints(tmp_path):
     wd = str(tmp_path / "run")
-    train.run(smoke_config(), wd)
+    runner.run(smoke_config(), wd)
     with pytest.raises(ValueError, match=r"different model or optimizer config.*shape mismatches: \[params/embed_tokens/embedding: "
                        r"checkpoint \(264, 32\) vs config \(264, 48\)"):
-        train.run(smoke_config(**{"model.hidden_size": 48}), wd)
+        runner.run(smoke_config(**{"model.hidden_size": 48}), wd)
     # Nothing was moved aside: the checkpoints are still there and resumable with the right config.
     assert not os.path.exists(os.path.join(wd, "corrupt_checkpoints"))
-    assert train.run(smoke_config(total_steps=7), wd)["step"] == 7
+    assert runner.run(smoke_config(total_steps=7), wd)["step"] == 7

@@ -9,7 +9,7 @@ from conftest import smoke_config
 from vlmjax import sharding as shd
 from vlmjax import tasks
 from vlmjax.train import Trainer
-from vlmjax.train.optimizer import path_str
+from vlmjax.tree import path_str
 
 
 def _trainer(**overrides):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_iterator_resumes
+from vlmjax.data import procedural_video
 from vlmjax.data import video
 
 
@@ -113,7 +114,7 @@ def test_digit_sprites_label_is_the_main_digit(monkeypatch):
     rng = np.random.default_rng(0)
     images = (rng.uniform(size=(20, 8, 8)) > 0.4).astype(np.float32)
     targets = np.arange(20, dtype=np.int32) % 10
-    monkeypatch.setattr(video, "_load_digits", lambda: (images, targets))
+    monkeypatch.setattr(procedural_video, "_load_digits", lambda: (images, targets))
     data = video.build_video_data(make_config(sprite_kind="digits"))
     assert data.num_classes == 10
     labels = [int(data.clip(i)["label"]) for i in range(30)]

@@ -24,10 +24,10 @@ def main():
     cfg = smoke_config(**overrides)
     assert distributed.maybe_initialize(cfg.distributed)
     import jax  # pylint: disable=g-import-not-at-top
-    from vlmjax import train  # pylint: disable=g-import-not-at-top
+    from vlmjax import run as runner  # pylint: disable=g-import-not-at-top
 
     assert jax.process_count() == int(n) and jax.device_count() == int(n)
-    s = train.run(cfg, workdir)
+    s = runner.run(cfg, workdir)
     print("RESULT " + json.dumps({"process": jax.process_index(), "step": s["step"],
                                   "train_loss": s["last_train"]["loss"],
                                   "eval_loss": s["eval_end"]["loss"]}), flush=True)

@@ -19,7 +19,7 @@ from vlmjax import sharding as shd  # noqa: E402
 from vlmjax import tasks  # noqa: E402
 from vlmjax.train import Trainer  # noqa: E402
 from vlmjax.train.checkpoint import Checkpointer  # noqa: E402
-from vlmjax.train.optimizer import path_str  # noqa: E402
+from vlmjax.tree import path_str  # noqa: E402
 
 
 def spec_list(sharding):

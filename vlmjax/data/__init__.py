@@ -3,6 +3,21 @@
 Everything runs offline: the default source is an English corpus embedded in
 CPython (see `corpus`), and real data (text/JSONL files, TFDS ArrayRecord
 directories) is named in the config.
+
+Modules (each imports only those listed after it; no circles):
+
+  common            seeds, batch layout, the sharded grain train head, TFDS I/O
+  clips             the clip format, change maps, frame grouping, frame sampling
+  tfds_text         TFDS text: read (TfdsTextSource) and write      <- common
+  corpus            document sources (embedded, text, jsonl, tfds)  <- tfds_text
+  tokenizers        bytes / BPE / HF tokenizers                     <- corpus
+  lm                LM config and pipeline       <- common, corpus, tfds_text, tokenizers
+  procedural_video  the numpy clip renderer                         <- clips
+  video_files       a folder of videos as clips                     <- clips
+  tfds_video        TFDS video: read and write                      <- clips, common
+  video             video config and pipeline    <- clips, common, procedural_video,
+                                                    video_files, tfds_video
+  image_processing  CLIP-style image preprocessing (standalone)
 """
 
 from vlmjax.data.lm import build_lm_data

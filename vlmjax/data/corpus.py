@@ -3,7 +3,8 @@
 Every source returns documents as a random-access sequence of `str` (`len()` and
 integer indexing), which is exactly what `grain.MapDataset.source` needs. The
 embedded corpus and local files are read into memory; TFDS `data_source`
-directories stay on disk (ArrayRecord, random access) and are decoded lazily.
+directories stay on disk (ArrayRecord, random access) and are decoded lazily
+(`vlmjax.data.tfds_text`).
 
 The embedded corpus is real English prose that ships with every CPython, so
 experiments and tests run offline with nothing but the installed interpreter:
@@ -41,11 +42,14 @@ import json
 import os
 import sysconfig
 import tokenize
-from typing import Any
 import zlib
 
 from absl import logging
-import numpy as np
+
+from vlmjax.data import tfds_text
+# Moved to `tfds_text` (TFDS text, read and write, in one module); re-exported for old callers.
+from vlmjax.data.tfds_text import tfds_documents  # noqa: F401  pylint: disable=unused-import
+from vlmjax.data.tfds_text import TfdsTextSource  # noqa: F401  pylint: disable=unused-import
 
 SOURCES = ("embedded", "text", "jsonl", "tfds")
 
@@ -336,126 +340,6 @@ def jsonl_documents(pattern: str, text_field: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------
-# TFDS data_source (ArrayRecord) directories. TensorFlow is never imported:
-# `tfds.data_source` reads ArrayRecord files and decodes with numpy only.
-# ----------------------------------------------------------------------------
-
-
-class TfdsTextSource(Sequence[str]):
-    """Random-access `str` view of one text feature of a TFDS data source.
-
-    Records are read and decoded on access (grain calls this from its reader
-    threads), so the dataset never needs to fit in memory.
-    """
-
-    def __init__(self, data_source: Sequence[Any], text_field: str,
-                 description: str):
-        self._source = data_source
-        self._text_field = text_field
-        self._description = description
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def _decode(self, record: Any) -> str:
-        try:
-            value = record[self._text_field]
-        except KeyError as e:
-            raise ValueError(
-                f"{self._description} has no feature "
-                f"config.data.text_field={self._text_field!r} "
-                f"(features: {sorted(record)}).") from e
-        if isinstance(value, np.ndarray) and value.ndim == 0:
-            value = value.item()  # Some decoders return 0-d object/bytes arrays.
-        if isinstance(value, bytes):  # tfds Text features decode to UTF-8 bytes.
-            return value.decode("utf-8")
-        if isinstance(value, str):
-            return value
-        raise ValueError(
-            f"{self._description}: feature {self._text_field!r} is "
-            f"{type(value).__name__}, expected text.")
-
-    def __getitem__(self, index: int) -> str:  # pytype: disable=signature-mismatch
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        return self._decode(self._source[index])
-
-    def __iter__(self) -> Iterator[str]:
-        # Sequence's default __iter__ stops at IndexError, which data sources
-        # need not raise past the end.
-        for i in range(len(self)):
-            yield self[i]
-
-    def __getitems__(self, indices: Sequence[int]) -> list[str]:
-        # Batched reads let ArrayRecord fetch several records in one call.
-        getitems = getattr(self._source, "__getitems__", None)
-        records = getitems(indices) if getitems else [self._source[i]
-                                                      for i in indices]
-        return [self._decode(r) for r in records]
-
-    def __repr__(self) -> str:
-        return f"TfdsTextSource({self._description}, {len(self)} records)"
-
-
-def tfds_documents(*, name: str, data_dir: str, split: str, text_field: str,
-                   split_field: str = "train_split") -> TfdsTextSource:
-    """Opens one split of a prepared TFDS dataset as a lazy `str` sequence.
-
-    Args:
-      name: TFDS name such as 'lm1b' or 'my_text/config:1.0.0'. When empty,
-        `data_dir` must be a prepared builder directory (the folder holding
-        `dataset_info.json`, e.g. `~/tensorflow_datasets/lm1b/1.1.0`).
-      data_dir: TFDS data_dir (with `name`; '' = the TFDS default) or builder
-        directory (without `name`).
-      split: TFDS split spec, e.g. 'train', 'validation', 'train[:1%]'.
-      text_field: the feature holding the text.
-      split_field: the config field `split` came from, for error messages.
-
-    Returns:
-      A TfdsTextSource. Nothing is ever downloaded or generated: a dataset that
-      is not already prepared (as ArrayRecord) is an error.
-    """
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-    if name:
-        try:
-            builder = tfds.builder(name, data_dir=data_dir or None)
-        except tfds.core.registered.DatasetNotFoundError as e:
-            raise ValueError(
-                f"config.data.tfds_name={name!r}: no dataset of that name is "
-                f"prepared under config.data.path={data_dir!r}.") from e
-        origin = f"TFDS dataset {name!r} in {builder.data_dir}"
-    else:
-        if not data_dir:
-            raise ValueError(
-                "source='tfds' needs config.data.tfds_name (with config.data.path as "
-                "its data_dir) or config.data.path naming a prepared builder "
-                "directory.")
-        if not os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
-            raise ValueError(
-                f"config.data.path={data_dir!r} is not a prepared TFDS builder "
-                "directory (it has no dataset_info.json); set config.data.tfds_name "
-                "to use it as a data_dir instead.")
-        builder = tfds.builder_from_directory(data_dir)
-        origin = f"TFDS builder directory {data_dir!r}"
-    if not builder.is_prepared():
-        raise ValueError(
-            f"{origin} is not prepared; run download_and_prepare with "
-            "file_format='array_record' on a machine with the data (downloads "
-            "are disabled here).")
-    try:
-        data_source = builder.as_data_source(split=split)
-    except ValueError as e:  # Unknown split names are ValueErrors in tfds.
-        raise ValueError(
-            f"config.data.{split_field}={split!r} for {origin}: {e}") from e
-    source = TfdsTextSource(data_source, text_field,
-                            f"{origin} split {split!r}")
-    if len(source):
-        source[0]  # Fails early, naming text_field, if the feature is missing.
-    return source
-
-
-# ----------------------------------------------------------------------------
 # Dispatch from the data config.
 # ----------------------------------------------------------------------------
 
@@ -497,15 +381,14 @@ def load_documents(data_cfg) -> Documents:
     source = data_cfg.source
     check_source(source)
     if source == "tfds":
-        train = tfds_documents(name=data_cfg.tfds_name, data_dir=data_cfg.path,
-                               split=data_cfg.train_split,
-                               text_field=data_cfg.text_field,
-                               split_field="train_split")
-        validation = tfds_documents(name=data_cfg.tfds_name,
-                                    data_dir=data_cfg.path,
-                                    split=data_cfg.eval_split,
-                                    text_field=data_cfg.text_field,
-                                    split_field="eval_split")
+        train = tfds_text.tfds_documents(name=data_cfg.tfds_name, data_dir=data_cfg.path,
+                                         split=data_cfg.train_split,
+                                         text_field=data_cfg.text_field,
+                                         split_field="train_split")
+        validation = tfds_text.tfds_documents(name=data_cfg.tfds_name, data_dir=data_cfg.path,
+                                              split=data_cfg.eval_split,
+                                              text_field=data_cfg.text_field,
+                                              split_field="eval_split")
         return Documents(train, validation, repr(train))
 
     if source == "embedded":

@@ -1,6 +1,7 @@
 """Language-model data: documents -> tokens -> packed fixed-length batches.
 
-Training pipeline (grain, per process):
+Training pipeline (grain, per process; the head and the tail are the ones of
+every pipeline, `common.sharded_train_dataset` / `common.batch_and_prefetch`):
 
   MapDataset.source(documents)          random access, str or pre-tokenized
     .shuffle(seed).repeat()             grain reshuffles every epoch (seed+epoch)
@@ -41,15 +42,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 import dataclasses
 import math
-import os
 from typing import Any
 
 from absl import logging
+from etils import epath
 import grain
 import ml_collections
 import numpy as np
 
+from vlmjax.data import common
 from vlmjax.data import corpus
+from vlmjax.data import tfds_text
 from vlmjax.data import tokenizers
 
 
@@ -128,26 +131,6 @@ def _check_config(cfg) -> None:
         value = cfg[field]
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"config.data.{field}={value!r} must be an int >= 0.")
-
-
-def _check_batching(global_batch_size: int, process_index: int,
-                    process_count: int) -> int:
-    """Validates the batch layout and returns the per-process batch size."""
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(
-            f"process_index={process_index} must be in [0, process_count="
-            f"{process_count}).")
-    if global_batch_size < 1 or global_batch_size % process_count:
-        raise ValueError(
-            f"global batch size {global_batch_size} must be a positive multiple "
-            f"of process_count={process_count}: every process loads "
-            "global_batch_size // process_count examples.")
-    return global_batch_size // process_count
-
-
-def mix_seeds(seed: int, shuffle_seed: int) -> int:
-    """A well-mixed 32-bit shuffle seed from the trainer's and the data seed."""
-    return int(np.random.SeedSequence([seed, shuffle_seed]).generate_state(1)[0])
 
 
 class TokenizedDocuments(Sequence[np.ndarray]):
@@ -297,8 +280,7 @@ class LMData:
           `grain.checkpoint.CheckpointSave`.
         """
         cfg = self.config
-        local_batch = _check_batching(global_batch_size, process_index,
-                                      process_count)
+        local_batch = common.check_batching(global_batch_size, process_index, process_count)
         if not len(self.train_documents):
             raise ValueError(
                 f"The training split of {self.description} is empty; lower "
@@ -313,30 +295,19 @@ class LMData:
                 f"{global_batch_size * window}); use more data (config.data.source/"
                 "path) or lower config.data.seq_len or the batch size.")
 
-        ds = grain.MapDataset.source(self.train_documents)
-        # Shuffle before repeat: grain's shuffle then sees indices beyond one epoch
-        # and reshuffles each epoch with seed + epoch.
-        ds = ds.shuffle(seed=mix_seeds(seed, cfg.shuffle_seed)).repeat()
-        # Strided slicing of the one global order: in every epoch each document
-        # goes to exactly one process, and which one changes between epochs.
-        ds = ds[process_index::process_count]
-        ds = ds.map(_AsTokens(self.tokenizer))
         # Reader threads pay off when a document costs I/O or tokenization; for
         # pre-tokenized in-memory documents they only contend for the GIL (half
         # the throughput on 2 cores), so those are read inline.
         lazy = not isinstance(self.train_documents, TokenizedDocuments)
-        ds = ds.to_iter_dataset(grain.ReadOptions(
-            num_threads=cfg.num_threads if lazy else 0,
-            prefetch_buffer_size=cfg.prefetch_buffer_size))
+        ds = common.sharded_train_dataset(
+            self.train_documents, seed=seed, shuffle_seed=cfg.shuffle_seed,
+            process_index=process_index, process_count=process_count,
+            transform=_AsTokens(self.tokenizer),
+            read_options=grain.ReadOptions(num_threads=cfg.num_threads if lazy else 0,
+                                           prefetch_buffer_size=cfg.prefetch_buffer_size))
         ds = _PackedExamples(ds, self.seq_len)
-        ds = ds.batch(local_batch, drop_remainder=True)
-        if cfg.prefetch_batches:
-            # Packing and batching are Python work; a background thread overlaps
-            # them with the train step. Its state is the state of the last batch
-            # handed out, so checkpoints stay exact.
-            ds = grain.experimental.ThreadPrefetchIterDataset(
-                ds, prefetch_buffer_size=cfg.prefetch_batches)
-        return ds
+        # Packing and batching are Python work; the prefetch thread overlaps them with the step.
+        return common.batch_and_prefetch(ds, local_batch, cfg.prefetch_batches)
 
     def num_eval_windows(self) -> int:
         """Windows of T+1 tokens (stride T) covering the evaluation stream."""
@@ -364,8 +335,7 @@ class LMData:
           A list of dicts {inputs, targets: int32 [B, T], loss_mask: float32
           [B, T]}; loss_mask is 0 on padded targets (pad_id).
         """
-        local_batch = _check_batching(global_batch_size, process_index,
-                                      process_count)
+        local_batch = common.check_batching(global_batch_size, process_index, process_count)
         if max_batches < 0:
             raise ValueError(f"max_batches={max_batches} must be >= 0 (0 = the whole split).")
         seq_len = self.seq_len
@@ -402,14 +372,13 @@ def _leading(documents: Sequence[str], limit: int) -> list[str]:
     return [documents[i] for i in range(count)]
 
 
-def build_lm_data(data_cfg, *, workdir: str | os.PathLike[str] | None
-                  ) -> LMData:
+def build_lm_data(data_cfg, *, workdir: epath.PathLike | None) -> LMData:
     """Loads documents, builds the tokenizer and tokenizes what fits in memory.
 
     Args:
       data_cfg: the data section of the experiment config (`default_config()`).
-      workdir: experiment directory, where a BPE tokenizer is cached; None or ''
-        keeps everything in memory.
+      workdir: experiment directory, where a BPE tokenizer is cached (any
+        `etils.epath` path, e.g. gs://...); None or '' keeps everything in memory.
 
     Returns:
       LMData. In-memory sources (embedded/text/jsonl) are tokenized here once;
@@ -432,7 +401,7 @@ def build_lm_data(data_cfg, *, workdir: str | os.PathLike[str] | None
     num_bytes = sum(len(d.encode("utf-8")) for d in validation) + len(validation)
     bytes_per_token = num_bytes / eval_docs.num_tokens
 
-    if isinstance(documents.train, corpus.TfdsTextSource):
+    if isinstance(documents.train, tfds_text.TfdsTextSource):
         train_documents, num_train_tokens = documents.train, None
     else:
         train_documents = TokenizedDocuments.from_texts(documents.train, tokenizer)

@@ -22,22 +22,21 @@ dtype=uint8, encoding='zlib')` instead (or as [T] png/jpeg bytes), which
 TFDS encodes and decodes with numpy only.
 
 Frames are sampled, resized and centre-cropped exactly as the folder source
-does (`vlmjax.data.video_files`), and change maps are computed from the
-decoded frames.
+does (`vlmjax.data.video_files`; both use `vlmjax.data.clips`), and change
+maps are computed from the decoded frames.
 """
 
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from vlmjax.data import video
-from vlmjax.data import video_files
+from vlmjax.data import clips
+from vlmjax.data import common
 
 FRAME_FORMATS = ("raw", "png", "jpeg")
 
@@ -80,8 +79,6 @@ def write_video_dataset(data_dir: str, splits: Mapping[str, Sequence[tuple[np.nd
       accepted as ``config.data.path`` without ``tfds_name``. Record i of a
       split is ``splits[split][i]``.
     """
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy; only here)
-
     if frame_format not in FRAME_FORMATS:
         raise ValueError(f"frame_format={frame_format!r} is not one of {FRAME_FORMATS}.")
     examples = {name: [(np.asarray(f), int(y)) for f, y in items] for name, items in splits.items()}
@@ -95,44 +92,33 @@ def write_video_dataset(data_dir: str, splits: Mapping[str, Sequence[tuple[np.nd
         top = max((y for items in examples.values() for _, y in items), default=0)
         class_names = [str(c) for c in range(top + 1)]
     class_names = list(class_names)
-    if frame_format == "raw":
-        # Multiple unknown dimensions need an explicit encoding in TFDS.
-        frames_feature = tfds.features.Tensor(shape=(None, None, None, 3), dtype=np.uint8,
-                                              encoding="zlib")
-    else:
-        frames_feature = tfds.features.Tensor(shape=(None,), dtype=np.object_)
+
+    def features(tfds):
+        if frame_format == "raw":
+            # Multiple unknown dimensions need an explicit encoding in TFDS.
+            frames_feature = tfds.features.Tensor(shape=(None, None, None, 3), dtype=np.uint8,
+                                                  encoding="zlib")
+        else:
+            frames_feature = tfds.features.Tensor(shape=(None,), dtype=np.object_)
+        return tfds.features.FeaturesDict({
+            video_key: frames_feature,
+            label_key: tfds.features.ClassLabel(names=class_names),
+        })
 
     def encode(frames: np.ndarray):
         if frame_format == "raw":
             return frames
         return np.array([_encode_frame(f, frame_format) for f in frames], dtype=object)
 
-    with tfds.core.registered.skip_registration():
-        class VlmjaxVideo(tfds.core.GeneratorBasedBuilder):
-            VERSION = tfds.core.Version("1.0.0")
+    def records(split):  # Encoded lazily, one video at a time.
+        for frames, label in examples[split]:
+            yield {video_key: encode(frames), label_key: label}
 
-            def _info(self):
-                return tfds.core.DatasetInfo(
-                    builder=self,
-                    # Record i of a split is splits[split][i] (TFDS otherwise
-                    # orders records by a hash of their keys).
-                    disable_shuffling=True,
-                    features=tfds.features.FeaturesDict({
-                        video_key: frames_feature,
-                        label_key: tfds.features.ClassLabel(names=class_names),
-                    }))
-
-            def _split_generators(self, dl_manager):
-                del dl_manager  # nothing is downloaded
-                return {name: self._generate_examples(name) for name in examples}
-
-            def _generate_examples(self, split):
-                for i, (frames, label) in enumerate(examples[split]):
-                    yield i, {video_key: encode(frames), label_key: label}
-
-    builder = VlmjaxVideo(data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare()
-    return str(builder.data_dir)
+    # disable_shuffling: record i of a split is splits[split][i] (TFDS otherwise orders records
+    # by a hash of their keys).
+    return common.write_tfds_dataset(
+        data_dir, "VlmjaxVideo", features, {name: records(name) for name in examples},
+        disable_shuffling=True, module=__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,13 +132,13 @@ def decode_frames(value: Any, *, num_frames: int, size: int, stride: int = 0) ->
     Args:
       value: uint8 [T, H, W, C] / [T, H, W] frames, or a [T] sequence of
         encoded images (bytes).
-      num_frames / size / stride: as `video_files.decode_video`.
+      num_frames / size / stride: as `video_files.decode_video` (`clips.sample_frame_indices`).
     """
     encoded = isinstance(value, (list, tuple)) or (
         isinstance(value, np.ndarray) and value.dtype == object)
     if encoded:
-        indices = video_files.sample_frame_indices(len(value), num_frames, stride)
-        decoded = {i: video_files.open_frame(io.BytesIO(value[i]), size)
+        indices = clips.sample_frame_indices(len(value), num_frames, stride)
+        decoded = {i: clips.open_frame(io.BytesIO(value[i]), size)
                    for i in set(indices.tolist())}
         return np.stack([decoded[i] for i in indices.tolist()])
     frames = np.asarray(value)
@@ -164,13 +150,13 @@ def decode_frames(value: Any, *, num_frames: int, size: int, stride: int = 0) ->
             "or [T] encoded images.")
     if frames.dtype != np.uint8:
         raise ValueError(f"frames have dtype {frames.dtype}; expected uint8.")
-    indices = video_files.sample_frame_indices(len(frames), num_frames, stride)
+    indices = clips.sample_frame_indices(len(frames), num_frames, stride)
     out = frames[indices]
     if out.shape[-1] == 1:
         out = np.repeat(out, 3, axis=-1)
     out = out[..., :3]
     if out.shape[1:3] != (size, size):
-        out = np.stack([video_files.resize_crop(Image.fromarray(f), size) for f in out])
+        out = np.stack([clips.resize_crop(Image.fromarray(f), size) for f in out])
     return np.ascontiguousarray(out)
 
 
@@ -206,54 +192,19 @@ class TfdsClips:
             raise ValueError(
                 f"cannot decode feature {cfg.video_key!r} of record {index} of "
                 f"{self._description}: {type(e).__name__}: {e}") from e
-        return video_files.finish_clip(frames, int(np.asarray(record[cfg.label_key])), cfg)
+        return clips.finish_clip(frames, int(np.asarray(record[cfg.label_key])), cfg)
 
     def __repr__(self) -> str:
         return f"TfdsClips({self._description}, {len(self)} clips)"
 
 
-def _open_builder(name: str, data_dir: str):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-    try:
-        if name:
-            try:
-                builder = tfds.builder(name, data_dir=data_dir or None)
-            except tfds.core.registered.DatasetNotFoundError as e:
-                raise ValueError(
-                    f"config.data.tfds_name={name!r}: no dataset of that name is prepared "
-                    f"under config.data.path={data_dir!r}.") from e
-            origin = f"TFDS dataset {name!r} in {builder.data_dir}"
-        else:
-            if not os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
-                raise ValueError(
-                    f"config.data.path={data_dir!r} is not a prepared TFDS builder directory "
-                    "(it has no dataset_info.json); set config.data.tfds_name to use it as a "
-                    "data_dir instead.")
-            builder = tfds.builder_from_directory(data_dir)
-            origin = f"TFDS builder directory {data_dir!r}"
-        features = builder.info.features
-    except ModuleNotFoundError as e:
-        if e.name and e.name.split(".")[0] == "tensorflow":
-            raise ValueError(
-                f"loading TFDS dataset {name or data_dir!r} needs TensorFlow: one of its "
-                "features (e.g. tfds.features.Video) cannot be built without it. Install "
-                "tensorflow (CPU is enough), or re-write the data with "
-                "vlmjax.data.tfds_video.write_video_dataset (numpy-only features).") from e
-        raise
-    if not builder.is_prepared():
-        raise ValueError(
-            f"{origin} is not prepared; run download_and_prepare with "
-            "file_format='array_record' on a machine with the data (downloads are "
-            "disabled here).")
-    return builder, features, origin
-
-
-def tfds_clip_sources(cfg) -> video.ClipSources:
+def tfds_clip_sources(cfg) -> clips.ClipSources:
     """The train/eval `ClipSources` of `config.data.source='tfds'`."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-    builder, features, origin = _open_builder(cfg.tfds_name, cfg.path)
+    builder, origin = common.open_tfds_builder(
+        cfg.tfds_name, cfg.path, writer="vlmjax.data.tfds_video.write_video_dataset")
+    features = builder.info.features
     for key, field in ((cfg.video_key, "video_key"), (cfg.label_key, "label_key")):
         if key not in features:
             raise ValueError(
@@ -262,20 +213,16 @@ def tfds_clip_sources(cfg) -> video.ClipSources:
     available = sorted(builder.info.splits.keys())
     eval_split = cfg.eval_split
     if not eval_split:
-        found = [s for s in video.EVAL_SPLIT_CANDIDATES if s in available]
+        found = [s for s in clips.EVAL_SPLIT_CANDIDATES if s in available]
         if not found:
             raise ValueError(
                 f"{origin} has none of the evaluation splits "
-                f"{video.EVAL_SPLIT_CANDIDATES} (splits: {available}); set "
+                f"{clips.EVAL_SPLIT_CANDIDATES} (splits: {available}); set "
                 "config.data.eval_split (e.g. 'train[90%:]' with train_split='train[:90%]').")
         eval_split = found[0]
     sources = {}
     for split, field in ((cfg.train_split, "train_split"), (eval_split, "eval_split")):
-        try:
-            data_source = builder.as_data_source(split=split)
-        except ValueError as e:  # Unknown split names are ValueErrors in tfds.
-            raise ValueError(
-                f"config.data.{field}={split!r} for {origin} (splits: {available}): {e}") from e
+        data_source = common.tfds_split(builder, split, field=field, origin=origin)
         sources[field] = TfdsClips(data_source, cfg, f"{origin} split {split!r}")
         if not len(sources[field]):
             raise ValueError(f"config.data.{field}={split!r} of {origin} holds no records.")
@@ -286,7 +233,7 @@ def tfds_clip_sources(cfg) -> video.ClipSources:
         num_classes = cfg.num_classes
         class_names = tuple(str(c) for c in range(num_classes))
     sources["train_split"][0]  # Fails early, naming the feature, on a bad record layout.
-    return video.ClipSources(
+    return clips.ClipSources(
         train=sources["train_split"],
         eval=sources["eval_split"],
         num_classes=num_classes,

@@ -257,7 +257,9 @@ def _take_bytes(texts: Iterable[str], max_bytes: int) -> list[str]:
 
 def _atomic_write(path: epath.Path, text: str) -> None:
     # Several processes may write the same (deterministic) file concurrently;
-    # write-then-rename means a reader never sees a partial file.
+    # write-then-rename means a reader never sees a partial file. `replace`, not
+    # `rename`: epath's rename refuses an existing destination (another process's
+    # copy), replace overwrites it (os.replace locally, a rename on gs://).
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     tmp.write_text(text)
     tmp.replace(path)
@@ -280,15 +282,16 @@ def _load_cached_bpe(workdir: epath.Path, vocab_size: int) -> BPETokenizer:
     return tokenizer
 
 
-def build_tokenizer(data_cfg, workdir: str | os.PathLike[str] | None,
+def build_tokenizer(data_cfg, workdir: epath.PathLike | None,
                     train_texts: Iterable[str]) -> Tokenizer:
     """Returns the tokenizer that `data_cfg.tokenizer` names.
 
     Args:
       data_cfg: data config; reads `tokenizer`, `bpe_vocab_size` and
         `bpe_train_bytes`.
-      workdir: experiment directory where the BPE is cached (`tokenizer.json`).
-        None or '' trains in memory every time.
+      workdir: experiment directory where the BPE is cached (`tokenizer.json`);
+        any `etils.epath` path (local or gs://...). None or '' trains in memory
+        every time.
       train_texts: training documents (only read for 'bpe'); the leading ones up
         to `bpe_train_bytes` UTF-8 bytes are used.
 

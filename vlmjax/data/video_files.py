@@ -22,9 +22,9 @@ frames are sampled (`sample_frame_indices`: uniform over the video, or every
 frame_stride-th frame of a centred window; short videos repeat their last
 frame), and each is resized so its shorter side is image_size (bilinear,
 antialiased) and centre-cropped. change_energy / changed_patches are computed
-from the decoded frames with `video.change_energy`, so they are the real
+from the decoded frames with `clips.change_energy`, so they are the real
 pixel-change energy (codec noise included) in place of the procedural exact
-maps; the example format is the one of `vlmjax.data.video`.
+maps; the example format is the one of `vlmjax.data.clips` / `vlmjax.data.video`.
 
 Clip i of a split is always the same video decoded the same way (no random
 crops or offsets), so any host can reproduce any clip; decoding happens in
@@ -33,7 +33,6 @@ grain's reader threads (`config.data.num_threads`), ahead of the step.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import zlib
@@ -42,7 +41,13 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from vlmjax.data import video
+from vlmjax.data import clips
+# Frame sampling and resizing live in `clips` (shared with tfds_video); re-exported here, where
+# they were defined before.
+from vlmjax.data.clips import finish_clip
+from vlmjax.data.clips import open_frame
+from vlmjax.data.clips import resize_crop
+from vlmjax.data.clips import sample_frame_indices
 
 # Frame images of a frame-folder video.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -51,78 +56,6 @@ PIL_EXTENSIONS = (".gif", ".webp", ".apng")
 # Video files decoded with PyAV (FFmpeg).
 AV_EXTENSIONS = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".mpg", ".mpeg", ".ogv",
                  ".flv", ".wmv", ".3gp", ".ts")
-
-
-# ---------------------------------------------------------------------------------------------
-# Frame sampling and resizing (shared with vlmjax.data.tfds_video).
-# ---------------------------------------------------------------------------------------------
-
-
-def sample_frame_indices(num_available: int, num_frames: int, stride: int = 0) -> np.ndarray:
-    """Which of a video's frames make the clip.
-
-    Args:
-      num_available: T, frames in the video (>= 1).
-      num_frames: F, frames in the clip.
-      stride: 0 = F frames spread uniformly over the video (frame i is the
-        centre of the i-th of F equal segments); k >= 1 = every k-th frame of
-        a window of (F - 1) k + 1 frames centred in the video.
-
-    Returns:
-      int64 [F] non-decreasing indices in [0, T). When the video is too short
-      the indices past its end are T - 1: the last frame repeats (its
-      change_energy is 0).
-    """
-    if num_available < 1:
-        raise ValueError("the video has no frames.")
-    steps = np.arange(num_frames, dtype=np.int64)
-    if stride == 0:
-        if num_available >= num_frames:
-            return (2 * steps + 1) * num_available // (2 * num_frames)
-        return np.minimum(steps, num_available - 1)
-    span = (num_frames - 1) * stride + 1
-    start = max(0, (num_available - span) // 2)
-    return np.minimum(start + stride * steps, num_available - 1)
-
-
-def resize_crop(image: Image.Image, size: int) -> np.ndarray:
-    """Shorter side to `size`, centre crop: uint8 [size, size, 3].
-
-    One PIL resize of the centred square (`box`), bilinear; Pillow widens the
-    filter when downscaling, so it is antialiased (no aliasing of fine
-    texture that would show up as spurious change energy).
-    """
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    width, height = image.size
-    if (width, height) == (size, size):
-        return np.asarray(image, dtype=np.uint8)
-    side = min(width, height)
-    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
-    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=box),
-                      dtype=np.uint8)
-
-
-def open_frame(file, size: int) -> np.ndarray:
-    """Decodes one image file (path or file object) to uint8 [size, size, 3].
-
-    JPEGs are decoded with DCT scaling (`Image.draft`) to the smallest size
-    whose shorter side is still >= `size`: up to 8x less decoding work.
-    """
-    with Image.open(file) as image:
-        if image.format == "JPEG":
-            width, height = image.size
-            scale = size / min(width, height)
-            image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-        return resize_crop(image, size)
-
-
-def finish_clip(frames: np.ndarray, label: int, cfg) -> dict[str, np.ndarray]:
-    """uint8 [F, H, W, 3] decoded frames -> the per-clip arrays of `video.clip_example`."""
-    if cfg.dtype == "float32":
-        frames = frames.astype(np.float32) * np.float32(1.0 / 255.0)
-    return video.clip_example(frames, label, patch_size=cfg.patch_size,
-                              change_threshold=cfg.change_threshold)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +198,7 @@ class FolderClips:
 
     `clips[i]` decodes video i (in grain's reader threads when used by the
     pipeline) and returns frames, changed_patches, change_energy and label
-    (`video.clip_example`); nothing is cached, so memory stays flat.
+    (`clips.clip_example`); nothing is cached, so memory stays flat.
     """
 
     def __init__(self, videos: Sequence[tuple[str, int]], cfg, description: str):
@@ -354,7 +287,7 @@ def scan_video_folder(root: str, *, train_split: str = "train", eval_split: str 
       train_split / eval_split: split sub-directory names. When
         root/<train_split> exists the splits are those sub-directories (an
         empty eval_split picks the first existing of
-        `video.EVAL_SPLIT_CANDIDATES`); otherwise root holds the classes and
+        `clips.EVAL_SPLIT_CANDIDATES`); otherwise root holds the classes and
         a video goes to eval when CRC32("<class>/<video>") / 2^32 <
         eval_fraction.
       eval_fraction: see above.
@@ -370,7 +303,7 @@ def scan_video_folder(root: str, *, train_split: str = "train", eval_split: str 
             "root of root/<class>/<video>.")
     train_root = os.path.join(root, train_split)
     if os.path.isdir(train_root):
-        candidates = (eval_split,) if eval_split else video.EVAL_SPLIT_CANDIDATES
+        candidates = (eval_split,) if eval_split else clips.EVAL_SPLIT_CANDIDATES
         found = [s for s in candidates if os.path.isdir(os.path.join(root, s))]
         if not found:
             raise ValueError(
@@ -419,7 +352,7 @@ def scan_video_folder(root: str, *, train_split: str = "train", eval_split: str 
     return tuple(classes), train, evals, layout
 
 
-def folder_clip_sources(cfg) -> video.ClipSources:
+def folder_clip_sources(cfg) -> clips.ClipSources:
     """The train/eval `ClipSources` of `config.data.source='folder'`."""
     root = os.path.abspath(os.path.expanduser(cfg.path))
     classes, train, evals, layout = scan_video_folder(
@@ -428,7 +361,7 @@ def folder_clip_sources(cfg) -> video.ClipSources:
     if any(_ext(p) in AV_EXTENSIONS for p, _ in train + evals):
         import_av()  # Fail here, not later in a reader thread, when PyAV is missing.
     description = f"video folder {root!r} ({layout})"
-    return video.ClipSources(
+    return clips.ClipSources(
         train=FolderClips(train, cfg, description + " train"),
         eval=FolderClips(evals, cfg, description + " eval"),
         num_classes=len(classes),

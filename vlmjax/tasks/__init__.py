@@ -1,4 +1,8 @@
-"""Experiment families. Each builds a model, a loss and evaluators from the config."""
+"""Experiment families. Each builds a model, a loss and evaluators from the config.
+
+``build`` is the one place a task is made from ``config.task``; the runner (``vlmjax.run``) calls it
+and hands the task to the trainer, which never imports this package.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,15 @@ import difflib
 
 from vlmjax.tasks.base import Task, load_pretrained
 
+_EXTRA: dict[str, type[Task]] = {}
 
-_EXTRA: dict[str, type] = {}
 
-
-def register(name: str, cls: type) -> None:
+def register(name: str, cls: type[Task]) -> None:
     """Adds a task family defined outside vlmjax (a research fork, a test)."""
     _EXTRA[name] = cls
 
 
-def _registry():
+def _registry() -> dict[str, type[Task]]:
     # Imported lazily so that `import vlmjax.tasks` stays light.
     from vlmjax.tasks import lm, reuse, routed_lm, video_cls  # pylint: disable=g-import-not-at-top
 
@@ -23,13 +26,19 @@ def _registry():
             "reuse": reuse.ReuseTask, **_EXTRA}
 
 
-def build(config, workdir: str | None) -> Task:
+def task_class(name: str) -> type[Task]:
+    """The Task class registered as ``name`` (``config.task``); a typo fails with a hint."""
     reg = _registry()
-    if config.task not in reg:
-        hint = difflib.get_close_matches(config.task, reg, n=1)
-        raise ValueError(f"config.task={config.task!r} is not one of {sorted(reg)}"
+    if name not in reg:
+        hint = difflib.get_close_matches(name, reg, n=1)
+        raise ValueError(f"config.task={name!r} is not one of {sorted(reg)}"
                          + (f"; did you mean {hint[0]!r}?" if hint else "."))
-    return reg[config.task](config, workdir)
+    return reg[name]
 
 
-__all__ = ["Task", "build", "load_pretrained", "register"]
+def build(config, workdir, stage_dirs=None) -> Task:
+    """The task of ``config`` writing in ``workdir``; ``stage_dirs``: finished earlier stages' workdirs."""
+    return task_class(config.task)(config, workdir, stage_dirs)
+
+
+__all__ = ["Task", "build", "load_pretrained", "register", "task_class"]

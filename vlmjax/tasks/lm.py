@@ -1,4 +1,4 @@
-"""Causal language modelling with the dense decoder (``configs/lm.py``).
+"""Causal language modelling with the dense decoder (experiment: ``configs/lm.py``).
 
 Loss: mean next-token cross-entropy over non-padding targets. Evaluation reports validation loss
 (nats/token), perplexity, bits per byte (loss / ln 2 / UTF-8 bytes per token of the validation
@@ -25,75 +25,15 @@ from vlmjax.models import decoder as decoder_lib
 from vlmjax.models import generate as generate_lib
 from vlmjax.models import lora as lora_lib
 from vlmjax.tasks.base import Task, load_pretrained
-from vlmjax.train.config import base_config
-
-LM_VARIANTS = ("default", "smoke", "smollm2_135m")
-
 
 def sample_config() -> ml_collections.ConfigDict:
+    """Schema of ``config.sample``: the continuation sampled at the end of a run."""
     return ml_collections.ConfigDict(dict(
         prompt="The",            # text to continue at the end of training ('' disables)
         max_new_tokens=96,
         temperature=0.7,         # 0 = greedy
         top_p=0.9,
     ))
-
-
-def lm_config(variant: str = "default") -> ml_collections.ConfigDict:
-    """The ``configs/lm.py`` experiment (routed configs start from the same sizes)."""
-    if variant not in LM_VARIANTS:
-        raise ValueError(f"configs/lm.py:{variant} is not a variant; choose one of {LM_VARIANTS}.")
-    c = base_config()
-    c.task = "lm"
-    c.data = data_lib.default_config()
-    c.data.source = "embedded"
-    c.data.tokenizer = "bpe"
-    c.data.bpe_vocab_size = 2048
-    c.data.seq_len = 128
-
-    c.model = decoder_lib.default_config()
-    c.model.update(dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                        rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=2048))
-    c.sample = sample_config()
-
-    c.total_steps = 500
-    c.batch_size = 32
-    c.log_every = 50
-    c.eval_every = 200
-    c.ckpt_every = 200
-    c.eval.max_batches = 16
-    c.optim.lr = 3e-3
-    c.optim.warmup_steps = 50
-    c.optim.weight_decay = 0.1
-
-    if variant == "smoke":
-        c.data.tokenizer = "bytes"
-        c.data.seq_len = 32
-        c.model.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=8))
-        c.total_steps = 6
-        c.batch_size = 8
-        c.log_every = 1
-        c.eval_every = 3
-        c.ckpt_every = 3
-        c.eval.max_batches = 2
-        c.optim.warmup_steps = 2
-        c.sample.max_new_tokens = 8
-    elif variant == "smollm2_135m":
-        c.model = decoder_lib.default_config()  # SmolLM2-135M shape
-        c.model.dtype = "bfloat16"
-        c.data.tokenizer = "bpe"
-        c.data.bpe_vocab_size = 49152
-        c.data.seq_len = 2048
-        c.total_steps = 20000
-        c.batch_size = 256
-        c.optim.lr = 3e-3
-        c.optim.warmup_steps = 1000
-        c.eval_every = 1000
-        c.ckpt_every = 1000
-        c.log_every = 100
-    return c
 
 
 # Decoder config fields that describe how to train, not the architecture: they apply on top of a
@@ -120,8 +60,8 @@ def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array):
 class LMTask(Task):
     units = "tokens"
 
-    def __init__(self, config, workdir):
-        super().__init__(config, workdir)
+    def __init__(self, config, workdir, stage_dirs=None):
+        super().__init__(config, workdir, stage_dirs)
         self.init_from = init_from(config)
         if not self.init_from and int(config.model.get("lora_rank", 0)) > 0:
             raise ValueError(

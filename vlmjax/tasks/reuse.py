@@ -1,6 +1,7 @@
-"""Token reuse for video ViTs (``configs/reuse.py``): distil ReuseViT against its frozen backbone.
+"""Token reuse for video ViTs (experiment: ``configs/reuse.py``): distil ReuseViT against its frozen
+backbone.
 
-Spec ``shared/specs/token-reuse.md``. Only the ``reuse_*`` modules (decision and restoration MLPs)
+Spec: ``docs/token-reuse.md``. Only the ``reuse_*`` modules (decision and restoration MLPs)
 train; the backbone's params are stop-gradient inside the loss (no weight gradients are even
 computed for them) and frozen by ``optim.trainable=('^reuse_',)``. Targets are the same backbone
 without reuse, every frame encoded alone.
@@ -8,8 +9,8 @@ without reuse, every frame encoded alone.
 Backbone (``init_from``):
 - an HF directory (CLIP / SigLIP vision or two-tower, DINOv2): its vision tower;
 - a vlmjax workdir: the ``vit`` params of its latest checkpoint (e.g. a ``video_cls`` run);
-- '' (default): ``config.backbone`` (a ``video_cls`` experiment) is first trained in
-  ``WORKDIR/backbone`` by the same trainer, then loaded. Interrupted, it resumes on the next start.
+- '' (default): the experiment's stage 'backbone' (``config.stages.backbone``, a ``video_cls``
+  experiment), which the runner trains first in its own workdir; its workdir is then loaded as above.
 
 Training runs the soft path (Gumbel gates, all tokens computed); evaluation runs the hard path
 (argmax decisions, recompute tokens gathered), so the reported reuse and fidelity are those of the
@@ -21,13 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from vlmjax import convert
 from vlmjax import data as data_lib
@@ -35,6 +36,7 @@ from vlmjax import flops as flops_lib
 from vlmjax.models import reuse as reuse_lib
 from vlmjax.tasks import video_cls
 from vlmjax.tasks.base import Task
+from vlmjax.train import checkpoint
 
 
 def probe_config() -> ml_collections.ConfigDict:
@@ -47,36 +49,41 @@ def probe_config() -> ml_collections.ConfigDict:
 
 
 def _is_hf_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints"))
+    path = epath.Path(path)
+    return (path / "config.json").exists() and not (path / "checkpoints").exists()
 
 
 class ReuseTask(Task):
     units = "clips"
 
-    def __init__(self, config, workdir):
-        super().__init__(config, workdir)
-        if not config.init_from and "backbone" not in config:
-            raise ValueError("This config has no backbone to train (config.backbone) and no init_from: set "
-                             "--config.init_from=<HF CLIP/SigLIP/DINOv2 directory or vlmjax workdir>.")
+    @classmethod
+    def needed_stages(cls, config) -> tuple[str, ...]:
+        # The backbone stage stands in for init_from: with a pretrained backbone it is not trained.
+        return () if config.init_from else super().needed_stages(config)
+
+    def __init__(self, config, workdir, stage_dirs=None):
+        super().__init__(config, workdir, stage_dirs)
+        if not config.init_from and "backbone" not in self.stage_dirs:
+            raise ValueError("No backbone: set --config.init_from=<HF CLIP/SigLIP/DINOv2 directory or vlmjax "
+                             "workdir of a video_cls run>, or declare a 'backbone' stage in config.stages "
+                             "(configs/reuse.py:default does) and run through vlmjax.run / vlmjax.main.")
         self.data = data_lib.build_video_data(config.data)
         self.groupings = {
             split: reuse_lib.Grouping.from_arrays(g["process_order"], g["ref_mask"], g["ref_type"])
             for split, g in (("train", self.data.train_grouping), ("eval", self.data.eval_grouping))}
-        self.init_from = config.init_from
+        # The backbone: a pretrained checkpoint, else the finished 'backbone' stage's workdir.
+        self.init_from = config.init_from or self.stage_dirs["backbone"]
         dtype = config.model.get("dtype", "float32")
         if self.init_from and _is_hf_dir(self.init_from):
             self.spec = convert.vision_tower(self.init_from, dtype=dtype)
             vit_cfg = self.spec.module.config
-        elif self.init_from:
-            saved = os.path.join(self.init_from, "config.json")
-            if not os.path.isfile(saved):
+        else:
+            saved = epath.Path(self.init_from) / "config.json"
+            if not saved.exists():
                 raise FileNotFoundError(f"init_from={self.init_from!r} is neither an HF checkpoint directory "
                                         "(config.json + safetensors) nor a vlmjax workdir (config.json + "
                                         "checkpoints/).")
-            with open(saved) as f:
-                vit_cfg = video_cls.build_vit_config(ml_collections.ConfigDict(json.load(f)["model"]))
-        else:
-            vit_cfg = video_cls.build_vit_config(config.backbone.model)
+            vit_cfg = video_cls.build_vit_config(ml_collections.ConfigDict(json.loads(saved.read_text())["model"]))
         self.vit_config = dataclasses.replace(vit_cfg, dtype=dtype) if dtype else vit_cfg
         if self.vit_config.patch_size != config.data.patch_size:
             raise ValueError(f"config.data.patch_size={config.data.patch_size} must equal the backbone's "
@@ -104,12 +111,11 @@ class ReuseTask(Task):
 
     # ---- backbone -----------------------------------------------------------------------
     def pretrained_params(self, abstract_params, shardings):
-        path = self.init_from or self._pretrain_backbone()
+        path = self.init_from
         backbone = {k: v for k, v in abstract_params.items() if not k.startswith("reuse_")}
         backbone_sh = None if shardings is None else {k: shardings[k] for k in backbone}
         if _is_hf_dir(path):
             return convert.load_params(path, self.spec, backbone, shardings=backbone_sh)
-        from vlmjax.train import checkpoint  # pylint: disable=g-import-not-at-top
         loaded, step = checkpoint.load_params(path, "vit")
         missing = sorted(set(backbone) - set(loaded))
         if missing:
@@ -121,25 +127,6 @@ class ReuseTask(Task):
             lambda x, s: jnp.asarray(x))
         return jax.tree.map(put, {k: loaded[k] for k in backbone},
                             backbone_sh if backbone_sh is not None else {k: loaded[k] for k in backbone})
-
-    def _pretrain_backbone(self) -> str:
-        """Trains ``config.backbone`` in WORKDIR/backbone (resuming it if interrupted); its workdir."""
-        from vlmjax.train import trainer  # pylint: disable=g-import-not-at-top  (trainer imports tasks)
-        if self.workdir is None:
-            raise ValueError("Training the backbone needs a workdir; or set config.init_from.")
-        bdir = os.path.join(self.workdir, "backbone")
-        bcfg = self.config.backbone
-        if jax.process_index() == 0:
-            print(f"No init_from: training the {bcfg.model.variant} backbone ({bcfg.task}, {bcfg.total_steps} "
-                  f"steps) in {bdir} first", flush=True)
-        summary = trainer.run(bcfg, bdir)
-        if summary["step"] < bcfg.total_steps:
-            raise SystemExit(f"Backbone training stopped at step {summary['step']} of {bcfg.total_steps} "
-                             "(preempted); run the same command again to resume it.")
-        if jax.process_index() == 0:
-            acc = summary.get("eval_end", {}).get("accuracy")
-            print(f"Backbone ready (frame accuracy {acc:.4f}); now training the reuse modules", flush=True)
-        return bdir
 
     # ---- model --------------------------------------------------------------------------
     def init_variables(self, rng):
@@ -316,83 +303,3 @@ def linear_probe(task: ReuseTask, params, cfg) -> dict[str, float]:
             "acc_reuse_own_probe": float((probe_r(ev_r) == ev_y).mean()),
             "clip_cos": float(np.mean(np.sum(ev_o * ev_r, -1) / (np.linalg.norm(ev_o, axis=-1)
                                                                  * np.linalg.norm(ev_r, axis=-1) + 1e-9)))}
-
-
-REUSE_VARIANTS = ("default", "smoke", "clip_b16")
-
-
-def get_config(variant: str = "default") -> ml_collections.ConfigDict:
-    """The ``configs/reuse.py`` experiment."""
-    from vlmjax.data import image_processing  # pylint: disable=g-import-not-at-top
-    from vlmjax.train.config import base_config  # pylint: disable=g-import-not-at-top
-
-    if variant not in REUSE_VARIANTS:
-        raise ValueError(f"configs/reuse.py:{variant} is not a variant; choose one of {REUSE_VARIANTS}.")
-    c = base_config()
-    c.task = "reuse"
-    c.data = data_lib.video.default_config()
-    c.data.image_size = 64
-    c.data.patch_size = 16
-    c.data.num_frames = 5
-    # Train in the evaluation order. The decision MLP keys on ref_type (I/P/B), and the spec's train
-    # order (0, 4, 2, 1, 3) has one far P frame and three B frames while the test order (3, 1, 0, 2)
-    # has two near P frames and one B: trained on the former, the evaluated decisions reused 22% of
-    # the tokens against a 50% target (measured); trained on the latter, 47%.
-    c.data.train_ref_order = c.data.eval_ref_order
-    # The backbone trained first when init_from is empty (a video_cls experiment on the same clips).
-    c.backbone = video_cls.get_config("smoke" if variant == "smoke" else "default")
-    c.model = ml_collections.ConfigDict(dict(dtype="float32"))  # architecture: backbone / checkpoint
-    c.reuse = reuse_lib.default_config()
-    c.reuse_loss = reuse_lib.loss_config()
-    c.probe = probe_config()
-    c.image_mean = image_processing.OPENAI_CLIP_MEAN
-    c.image_std = image_processing.OPENAI_CLIP_STD
-    c.total_steps = 600
-    c.batch_size = 16
-    c.log_every = 50
-    c.eval_every = 0
-    c.ckpt_every = 200
-    c.eval.max_batches = 8
-    c.optim.lr = 3e-3
-    c.optim.warmup_steps = 20
-    c.optim.weight_decay = 0.0
-    c.optim.trainable = ("^reuse_",)  # the backbone stays frozen
-    if variant == "smoke":
-        c.data.image_size = 32
-        c.data.patch_size = 8
-        c.data.num_frames = 3
-        c.data.train_ref_order = (0, 2, 1)
-        c.data.eval_ref_order = (1, 0)
-        c.reuse.capacity_buckets = (0.5, 1.0)  # fewer nn.switch branches to compile
-        c.data.num_threads = 0
-        c.data.prefetch_batches = 0
-        c.total_steps = 4
-        c.batch_size = 2
-        c.log_every = 2
-        c.ckpt_every = 2
-        c.eval.max_batches = 1
-        c.optim.warmup_steps = 1
-        c.probe.update(dict(num_train=8, num_eval=4, batch_size=4))
-    elif variant == "clip_b16":
-        # A real CLIP ViT-B/16 (vision or two-tower HF directory) via --config.init_from.
-        del c.backbone
-        c.data.image_size = 224
-        c.data.patch_size = 16
-        c.data.num_frames = 8
-        c.data.dtype = "uint8"
-        c.total_steps = 2000
-        c.batch_size = 8
-        c.eval_every = 500
-        c.ckpt_every = 500
-        c.log_every = 50
-        c.optim.lr = 1e-3
-        c.optim.warmup_steps = 100
-        c.reuse_loss.target_reuse_rate = 0.7
-    # The backbone sees the same clips.
-    if "backbone" in c:
-        frames = c.backbone.data.num_frames
-        c.backbone.data = ml_collections.ConfigDict(c.data.to_dict())
-        c.backbone.data.num_frames = frames
-        c.backbone.model.image_size = c.data.image_size
-        c.backbone.model.patch_size = c.data.patch_size
-    return c

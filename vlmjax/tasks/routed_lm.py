@@ -20,7 +20,6 @@ import math
 from typing import Any
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from vlmjax.models import lora as lora_lib
@@ -35,9 +34,11 @@ _LINE_STATS = (("selected_frac", "sel"), ("g_cont", "G"), ("causal_acc", "c-acc"
 class RoutedLMTask(lm.LMTask):
     state_collections = (routing.ROUTER_STATE,)
 
-    def __init__(self, config, workdir):
+    loss_label = "total-loss"  # LM loss + router losses; log_summary shows the LM loss as lm-loss
+
+    def __init__(self, config, workdir, stage_dirs=None):
         self.routing_config = routing.RoutingConfig.from_config(config.routing)
-        super().__init__(config, workdir)
+        super().__init__(config, workdir, stage_dirs)
 
     def build_model(self, model_config):
         return routed_decoder.build(model_config, self.routing_config)
@@ -97,7 +98,7 @@ class RoutedLMTask(lm.LMTask):
         return res
 
     def log_summary(self, metrics: dict[str, float]) -> str:
-        parts = [f"lm {metrics['lm_loss']:.4f}"] if "lm_loss" in metrics else []
+        parts = [f"lm-loss {metrics['lm_loss']:.4f}"] if "lm_loss" in metrics else []
         for stat, short in _LINE_STATS:
             vals = [v for k, v in metrics.items() if k.startswith("router/") and k.endswith("/" + stat)]
             if vals:
@@ -111,20 +112,3 @@ class RoutedLMTask(lm.LMTask):
     # ---- end of run ---------------------------------------------------------------------
     def on_end(self, state, mesh) -> dict[str, Any]:
         return self.sample(state.params, {routing.ROUTER_STATE: state.model_state[routing.ROUTER_STATE]})
-
-
-def config_for(kind: str, variant: str) -> ml_collections.ConfigDict:
-    """``configs/{mod,dtf,tdtf}.py``: the LM config of the same size plus ``config.routing``."""
-    c = lm.lm_config(variant if variant in lm.LM_VARIANTS else "default")  # e.g. dtf.py:qwen -> default
-    c.task = "routed_lm"
-    c.routing = routing.default_config()
-    c.routing.kind = kind
-    if kind == "mod":
-        c.routing.capacity = 0.125  # MoD paper: 12.5% capacity, every other block
-    if kind == "tdtf":
-        c.routing.beta = "scheduled"
-    if kind in ("dtf", "tdtf"):
-        # The causal router is a linear probe on stop-gradient states chasing a moving top-k target:
-        # at the LM's lr it barely moves in a short run (tests/test_routed_train.py).
-        c.optim.lr_groups = ((r"^routers_\d+/causal/", 10.0),)
-    return c

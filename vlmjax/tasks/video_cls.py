@@ -19,7 +19,6 @@ from vlmjax import data as data_lib
 from vlmjax.data import image_processing
 from vlmjax.models import layers, vit
 from vlmjax.tasks.base import Task
-from vlmjax.train.config import base_config
 
 
 def vit_config() -> ml_collections.ConfigDict:
@@ -35,41 +34,6 @@ def normalize(frames, mean=image_processing.OPENAI_CLIP_MEAN, std=image_processi
     if frames.dtype == jnp.uint8:
         frames = frames.astype(jnp.float32) / 255.0
     return (frames.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-
-
-def get_config(variant: str = "default") -> ml_collections.ConfigDict:
-    c = base_config()
-    c.task = "video_cls"
-    c.data = data_lib.video.default_config()
-    c.model = vit_config()
-    # Frames of one clip are near-duplicates: one frame of more clips per step learns much faster. A
-    # ViT from scratch sits at chance for a few hundred steps on this data before it learns the
-    # shapes (measured with 64 clips x 2 frames per step: still 35% after 1000 steps; 128 x 1: loss
-    # 1.0 by step 400).
-    c.data.num_frames = 1
-    c.data.num_threads = 3
-    c.total_steps = 1000
-    c.batch_size = 128
-    c.log_every = 50
-    c.eval_every = 0
-    c.ckpt_every = 0
-    c.eval.max_batches = 4
-    c.optim.lr = 1e-3
-    c.optim.warmup_steps = 20
-    c.optim.weight_decay = 0.0
-    if variant == "smoke":
-        c.model.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                            patch_size=8, image_size=32))
-        c.data.image_size = 32
-        c.data.patch_size = 8
-        c.data.num_threads = 0
-        c.data.prefetch_batches = 0
-        c.total_steps = 4
-        c.batch_size = 4
-        c.log_every = 2
-        c.eval.max_batches = 1
-        c.optim.warmup_steps = 1
-    return c
 
 
 def build_vit_config(model_cfg) -> vit.ViTConfig:
@@ -95,8 +59,8 @@ class FrameClassifier(nn.Module):
 class VideoClsTask(Task):
     units = "frames"
 
-    def __init__(self, config, workdir):
-        super().__init__(config, workdir)
+    def __init__(self, config, workdir, stage_dirs=None):
+        super().__init__(config, workdir, stage_dirs)
         self.data = data_lib.build_video_data(config.data)
         self.vit_config = build_vit_config(config.model)
         if config.model.image_size != config.data.image_size or config.model.patch_size != config.data.patch_size:

@@ -11,12 +11,15 @@ Groups are chosen by regular expressions on the parameter path ``"layers_0/attn/
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import jax
 import ml_collections
 import optax
+
+from vlmjax import tree
+
+path_str = tree.path_str  # REMOVE once checkpoint.py imports vlmjax.tree
 
 FROZEN = "frozen"
 DEFAULT = "default"
@@ -49,32 +52,8 @@ def default_config() -> ml_collections.ConfigDict:
     ))
 
 
-def path_str(path) -> str:
-    """'layers_0/attn/q_proj/kernel' from a jax key path."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-    return "/".join(parts)
-
-
-def compile_regexes(patterns, where: str) -> list[re.Pattern]:
-    """Compiles a tuple of regexes; ``where`` names the setting in errors ("config.optim.frozen")."""
-    if isinstance(patterns, str):
-        raise TypeError(f"{where}={patterns!r} must be a tuple of regexes, e.g. ({patterns!r},).")
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except re.error as e:
-            raise ValueError(f"{where}: {p!r} is not a valid regular expression ({e}).") from e
-    return out
-
-
 def _compile(patterns, field):
-    return compile_regexes(patterns, f"config.optim.{field}")
+    return tree.compile_regexes(patterns, f"config.optim.{field}")
 
 
 def param_labels(params, optim_cfg) -> Any:
@@ -87,8 +66,7 @@ def param_labels(params, optim_cfg) -> Any:
             raise ValueError(f"config.optim.lr_groups[{i}]={item!r}: each entry is (regex, lr_multiplier).")
         groups.append((_compile([item[0]], "lr_groups")[0], float(item[1])))
 
-    def label(path, _):
-        name = path_str(path)
+    def label(name, _):
         if any(r.search(name) for r in frozen):
             return FROZEN
         if trainable and not any(r.search(name) for r in trainable):
@@ -98,9 +76,9 @@ def param_labels(params, optim_cfg) -> Any:
                 return f"group_{i}"
         return DEFAULT
 
-    labels = jax.tree_util.tree_map_with_path(label, params)
+    labels = tree.map_with_names(label, params)
     # A frozen pattern that matches nothing is almost always a typo; say so instead of training all.
-    paths = [path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    paths = list(tree.flat_with_paths(params))
     for field, patterns in (("frozen", frozen), ("trainable", trainable)):
         for r in patterns:
             if not any(r.search(n) for n in paths):

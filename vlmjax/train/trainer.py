@@ -10,25 +10,26 @@ orbax checkpoints of state + grain iterator + config with automatic resume (MaxT
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlmjax import sharding as shd
-from vlmjax import tasks as tasks_lib
+from vlmjax import tree
 from vlmjax.train import checkpoint as ckpt_lib
 from vlmjax.train import config as config_lib
 from vlmjax.train import metrics as metrics_lib
 from vlmjax.train import optimizer as opt_lib
 from vlmjax.train.state import TrainState
+from vlmjax.train.task import Task
 
 
 # ------------------------------------------------------------------------------------------------
@@ -41,7 +42,7 @@ class Trainer:
     Importable on its own (tests, benchmarks) without the loop in ``run``.
     """
 
-    def __init__(self, config, task: tasks_lib.Task, mesh):
+    def __init__(self, config, task: Task, mesh):
         self.config = config
         self.task = task
         self.mesh = mesh
@@ -111,10 +112,10 @@ class Trainer:
                 (loss, aux), grads = grad_fn(state.params, state.model_state, batch, rng, state.step)
                 metrics, model_state = aux["metrics"], aux["model_state"]
             else:
-                # Micro-batch i takes rows i, i+A, i+2A, ...: every device keeps an equal share of
-                # each micro-batch (a contiguous split would leave most devices idle).
+                # Micro-batch a takes rows a, a+A, a+2A, ... (b = row // A): every device keeps an
+                # equal share of each micro-batch (a contiguous split would leave most idle).
                 def split(x):
-                    x = x.reshape((x.shape[0] // self.accum, self.accum) + x.shape[1:]).swapaxes(0, 1)
+                    x = einops.rearrange(x, "(b a) ... -> a b ...", a=self.accum)
                     return jax.lax.with_sharding_constraint(
                         x, NamedSharding(self.mesh, P(None, shd.BATCH_AXES)))
                 micro = jax.tree.map(split, batch)
@@ -139,6 +140,7 @@ class Trainer:
         consecutive, total = opt_lib.nonfinite_counts(opt_state)
         out = {
             "loss": loss,
+            "lr": self.schedule(state.step),
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(params),
             "nonfinite_consecutive": consecutive,
@@ -167,7 +169,10 @@ class Trainer:
     def evaluate(self, state: TrainState, batches) -> dict[str, float]:
         sums: dict[str, float] = {}
         for b in batches:
-            out = jax.device_get(self.eval_step(state.params, state.model_state, self.put(b)))
+            b = self.put(b)
+            with jax.transfer_guard("disallow"):  # a silent host<->device copy in the step is a bug
+                out = self.eval_step(state.params, state.model_state, b)
+            out = jax.device_get(out)
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         return self.task.finalize_eval(sums)
@@ -181,9 +186,7 @@ def _opt_state_shardings(abstract_opt, abstract_params, param_shardings, replica
     states) and whose shape matches. Path matching, unlike ``optax.tree_map_params``, copes with
     the ``MaskedNode`` holes that frozen groups leave in masked states.
     """
-    def dict_path(path):
-        return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
-
+    dict_path = tree.dict_path
     flat_p = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
     flat_s = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
     by_path = {dict_path(k): (v.shape, s) for (k, v), s in zip(flat_p, flat_s)}
@@ -216,24 +219,12 @@ class _Stack:
         return False
 
 
+
 # ------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------
 
-def _override(params, loaded):
-    """``params`` with the leaves present in the (possibly partial) nested dict ``loaded`` replaced."""
-    if not isinstance(loaded, dict):
-        return loaded
-    out = dict(params)
-    for k, v in loaded.items():
-        if k not in params:
-            raise ValueError(f"Pretrained param {k!r} does not exist in the model (have {sorted(params)}).")
-        out[k] = _override(params[k], v)
-    return out
-
-
-def _config_dict(config) -> dict[str, Any]:
-    return json.loads(config.to_json_best_effort())
+SUMMARY = "summary.json"
 
 
 class _Preempted:
@@ -254,24 +245,80 @@ class _Preempted:
             signal.signal(signal.SIGTERM, self._prev)
 
 
-def run(config, workdir: str) -> dict[str, Any]:
-    """Trains ``config`` in ``workdir``, resuming from its latest checkpoint. Returns a summary."""
-    config_lib.validate(config)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    is_main = jax.process_index() == 0
+class _StepClock:
+    """Step time and ETA from the training steps alone.
 
-    task = tasks_lib.build(config, workdir)
+    Evaluation and checkpoint time inside a log interval is subtracted (``pause``), and the ETA uses
+    the mean step time since warm-up (every interval after the first, which holds the compile), so
+    it does not jump after evals and checkpoints.
+    """
+
+    def __init__(self):
+        self.t_last = time.perf_counter()
+        self.wait_s = self.pause_s = 0.0
+        self.steps = 0
+        self.warm_s, self.warm_steps, self.warmed = 0.0, 0, False
+
+    def interval(self) -> tuple[float, float, float]:
+        """Ends a log interval: (seconds per step, data-wait fraction, mean seconds per step since warm-up)."""
+        busy = max(time.perf_counter() - self.t_last - self.pause_s, 1e-9)
+        dt = busy / max(self.steps, 1)
+        if self.warmed:
+            self.warm_s += busy
+            self.warm_steps += self.steps
+        self.warmed = True
+        mean = self.warm_s / self.warm_steps if self.warm_steps else dt
+        wait = self.wait_s / busy
+        self.t_last, self.wait_s, self.pause_s, self.steps = time.perf_counter(), 0.0, 0.0, 0
+        return dt, wait, mean
+
+
+def finished_summary(config, workdir) -> dict[str, Any] | None:
+    """The saved summary of a run in ``workdir`` that already reached ``config.total_steps`` (said on
+    stdout), else None."""
+    workdir = epath.Path(workdir)
+    path = workdir / SUMMARY
+    if not path.exists():
+        return None
+    done = metrics_lib.read_json(path)
+    if int(done.get("step", -1)) < int(config.total_steps):
+        return None  # e.g. total_steps was raised to train on
+    if jax.process_index() == 0:
+        print(f"Already finished: step {done['step']} of {config.total_steps} in {workdir}"
+              f"{_describe_end(done)} (summary: {path}). Nothing to do.", flush=True)
+    return done
+
+
+def _describe_end(summary: dict[str, Any]) -> str:
+    start = summary.get("eval_start", {}).get("loss")
+    end = summary.get("eval_end", {}).get("loss")
+    if start is not None and end is not None:
+        return f", eval loss {start:.4f} -> {end:.4f}"
+    return f", eval loss {end:.4f}" if end is not None else ""
+
+
+def run(config, workdir, task: Task) -> dict[str, Any]:
+    """Trains ``task`` as ``config`` says in ``workdir`` (a local path or ``gs://...``), resuming from
+    its latest checkpoint. Returns the run's summary (also in ``workdir/summary.json`` and as the
+    ``summary`` record of ``metrics.jsonl``). A run that already finished is not run again: its saved
+    summary is returned. Build ``task`` with ``vlmjax.run`` (the trainer never imports tasks)."""
+    config_lib.validate(config)
+    workdir = epath.Path(workdir)
+    is_main = jax.process_index() == 0
+    done = finished_summary(config, workdir)
+    if done is not None:
+        return done
+
     mesh = shd.make_mesh(config.mesh)
     config_lib.validate_for_mesh(config, shd.data_parallel_size(mesh), jax.process_count())
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        workdir.mkdir(parents=True, exist_ok=True)
+        metrics_lib.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
         print(f"vlmjax: task={config.task} devices={jax.device_count()} processes={jax.process_count()} "
               f"mesh={dict(mesh.shape)} workdir={workdir}", flush=True)
 
     trainer = Trainer(config, task, mesh)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
+    n_params = tree.num_params(trainer.abstract_state.params)
     ds = task.train_dataset(global_batch_size=config.batch_size, seed=config.seed,
                             process_index=jax.process_index(), process_count=jax.process_count())
     data_iter = iter(ds)
@@ -279,7 +326,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count())
 
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts,
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_ckpts,
                                  every=config.ckpt_every or config.total_steps,
                                  async_save=config.async_ckpt)
     restored = ckpt.restore_latest(trainer.abstract_state, data_iter)
@@ -291,72 +338,70 @@ def run(config, workdir: str) -> dict[str, Any]:
         state, start = trainer.init(), 0
         loaded = task.pretrained_params(trainer.abstract_state.params, trainer.state_shardings.params)
         if loaded is not None:
-            state = state.replace(params=_override(state.params, loaded))
+            state = state.replace(params=tree.merge(state.params, loaded, "pretrained param"))
             if is_main:
-                n = len(jax.tree.leaves(loaded))
-                print(f"Initialised {n} of {len(jax.tree.leaves(state.params))} param arrays from "
-                      "pretrained checkpoints", flush=True)
+                print(f"Initialised {len(jax.tree.leaves(loaded))} of {len(jax.tree.leaves(state.params))} "
+                      "param arrays from pretrained checkpoints", flush=True)
     if is_main:
         print(f"params: {n_params:,} ({n_params / 1e6:.2f}M)", flush=True)
 
     writer = metrics_lib.MetricWriter(workdir, config)
-    cfg_dict = _config_dict(config)
+    cfg_dict = json.loads(config.to_json_best_effort())
     units_per_step = task.units_per_step(config.batch_size)
-    summary: dict[str, Any] = {"params": n_params}
+    summary: dict[str, Any] = {"params": n_params, "total_steps": int(config.total_steps)}
+    clock = _StepClock()
 
     def do_eval(step):
         t0 = time.perf_counter()
         res = trainer.evaluate(state, eval_batches)
         res["eval_time_s"] = time.perf_counter() - t0
         writer.write(step, res, kind="eval")
+        clock.pause_s += res["eval_time_s"]
         return res
 
     if start == 0 and config.eval_at_start:
         summary["eval_start"] = do_eval(0)
 
     preempt = _Preempted()
-    stop_at = config.total_steps
-    if config.stop_after:
-        stop_at = min(stop_at, config.stop_after)
+    stop_at = min(config.total_steps, config.stop_after) if config.stop_after else config.total_steps
     t_run = time.perf_counter()
-    t_last, wait_s, steps_since = time.perf_counter(), 0.0, 0
     step = start
     last_train: dict[str, Any] = {}
     try:
         while step < stop_at:
             t0 = time.perf_counter()
             batch = trainer.put(next(data_iter))
-            wait_s += time.perf_counter() - t0
-            state, m = trainer.train_step(state, batch)
+            clock.wait_s += time.perf_counter() - t0
+            # A silent host<->device copy inside the step (a Python scalar or numpy array captured
+            # where a device array was meant) is an error, not a slow step (big_vision).
+            with jax.transfer_guard("disallow"):
+                state, m = trainer.train_step(state, batch)
             step += 1
-            steps_since += 1
+            clock.steps += 1
 
             if step % config.log_every == 0 or step == stop_at:
                 m = jax.device_get(m)  # blocks: the interval's time now covers its device work
-                now = time.perf_counter()
-                dt = (now - t_last) / steps_since
+                dt, wait, mean_dt = clock.interval()
                 loss = float(m["loss"])
                 rec = {
                     "loss": loss,
-                    "lr": float(trainer.schedule(step - 1)),
+                    "lr": float(m["lr"]),
                     "grad_norm": float(m["grad_norm"]),
                     f"{task.units}_per_s": units_per_step / dt,
                     "step_time_s": dt,
-                    "data_wait_frac": wait_s / max(now - t_last, 1e-9),
+                    "data_wait_frac": wait,
                     "nonfinite_skipped": int(m["nonfinite_total"]),
                     **{k: float(v) for k, v in m.items()
-                       if k not in ("loss", "grad_norm", "nonfinite_total", "nonfinite_consecutive")},
+                       if k not in ("loss", "lr", "grad_norm", "nonfinite_total", "nonfinite_consecutive")},
                 }
-                eta = (config.total_steps - step) * dt
-                line = (f"step {step}/{config.total_steps} loss {loss:.4f} lr {rec['lr']:.2e} "
+                line = (f"step {step}/{config.total_steps} {task.loss_label} {loss:.4f} lr {rec['lr']:.2e} "
                         f"gnorm {rec['grad_norm']:.3f} {units_per_step / dt:,.0f} {task.units}/s "
-                        f"step {dt * 1e3:.1f}ms data-wait {100 * rec['data_wait_frac']:.1f}% "
-                        f"ETA {metrics_lib.format_eta(eta)}")
+                        f"step {dt * 1e3:.1f}ms data-wait {100 * wait:.1f}% "
+                        f"ETA {metrics_lib.format_eta((config.total_steps - step) * mean_dt)}")
                 extra = task.log_summary(rec)
                 line += f" | {extra}" if extra else ""
                 writer.write(step, rec, line=line)
                 last_train = rec
-                t_last, wait_s, steps_since = time.perf_counter(), 0.0, 0
                 if int(m["nonfinite_consecutive"]) >= config.optim.max_consecutive_nonfinite:
                     raise FloatingPointError(
                         f"Non-finite loss or gradients for {int(m['nonfinite_consecutive'])} consecutive "
@@ -366,7 +411,9 @@ def run(config, workdir: str) -> dict[str, Any]:
 
             if config.eval_every and step % config.eval_every == 0 and step != stop_at:
                 do_eval(step)
+            t0 = time.perf_counter()
             ckpt.save(step, state, data_iter, cfg_dict)
+            clock.pause_s += time.perf_counter() - t0
             if preempt.flag:
                 if is_main:
                     print(f"SIGTERM received: checkpointing at step {step} and exiting.", flush=True)
@@ -377,17 +424,31 @@ def run(config, workdir: str) -> dict[str, Any]:
     if step not in ckpt.all_steps():
         ckpt.save(step, state, data_iter, cfg_dict, force=True)
     ckpt.close()
-    if step >= config.total_steps or step == stop_at:
+    finished = step >= config.total_steps
+    if finished or step == stop_at:
         summary["eval_end"] = do_eval(step)
-    summary.update(task.on_end(state, mesh) if step >= config.total_steps else {})
-    summary.update(step=step, wall_time_s=time.perf_counter() - t_run, last_train=last_train)
+    if finished:
+        summary.update(task.on_end(state, mesh))
+    summary.update(step=step, finished=finished, wall_time_s=time.perf_counter() - t_run,
+                   last_train=last_train)
     if is_main:
-        start_loss = summary.get("eval_start", {}).get("loss")
-        end_loss = summary.get("eval_end", {}).get("loss")
-        print(f"done: step {step}, wall {summary['wall_time_s']:.1f}s"
-              + (f", eval loss {start_loss:.4f} -> {end_loss:.4f}" if start_loss is not None and end_loss is not None
-                 else (f", eval loss {end_loss:.4f}" if end_loss is not None else "")), flush=True)
-    writer.write(step, {"wall_time_s": summary["wall_time_s"]}, kind="summary",
-                 line=f"summary: {json.dumps({k: v for k, v in summary.items() if k != 'last_train'}, default=str)}")
+        if finished:
+            print(f"done: step {step}, wall {summary['wall_time_s']:.1f}s{_describe_end(summary)}", flush=True)
+        else:
+            why = "SIGTERM" if preempt.flag else f"config.stop_after={config.stop_after}"
+            print(f"stopped early ({why}): step {step} of {config.total_steps}, wall "
+                  f"{summary['wall_time_s']:.1f}s{_describe_end(summary)}. Checkpoint saved; run the same "
+                  "command" + ("" if preempt.flag else " without --config.stop_after") + " to continue.",
+                  flush=True)
+    # The summary (evals at start and end, the sample, ...) goes to metrics.jsonl too, flattened to
+    # 'eval_end/loss' style keys; summary.json marks a finished run, so a rerun does not repeat it.
+    writer.write(step, tree.flatten({k: v for k, v in summary.items() if k != "last_train"}),
+                 kind="summary", line=f"summary: {json.dumps({k: v for k, v in summary.items() if k != 'last_train'}, default=str)}")
     writer.close()
+    if is_main and finished:
+        metrics_lib.write_json(workdir / SUMMARY, json.loads(json.dumps(summary, default=_jsonable)))
     return summary
+
+
+def _jsonable(v):
+    return v.item() if hasattr(v, "item") else str(v)

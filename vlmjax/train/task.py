@@ -1,0 +1,102 @@
+"""The ``Task`` contract: what an experiment family hands the one trainer core.
+
+A task never copies the trainer (docs/architecture.md). It supplies data, a model's variables, a
+``loss_fn(params, model_state, batch, rng, step) -> (loss, aux)``, evaluators and an end-of-run hook.
+The contract lives here, in ``train/``, so the trainer can type its argument without importing
+``vlmjax.tasks`` (the families in ``vlmjax/tasks/`` subclass it; the runner builds them).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+
+class Task(abc.ABC):
+    """Base class of the per-family task objects (``vlmjax/tasks/<family>.py``).
+
+    Attributes:
+      state_collections: names of non-trainable Linen collections carried in
+        ``TrainState.model_state`` and checkpointed (e.g. ``("router_state",)``).
+      units: what throughput is counted in ("tokens", "examples").
+    """
+
+    state_collections: tuple[str, ...] = ()
+    units: str = "examples"
+
+    # How the training log line labels ``loss``: "loss", or "total" where the loss the optimizer sees
+    # adds auxiliary terms to the task's own loss (routed decoders: LM + router losses; the task's
+    # ``log_summary`` then shows the LM loss separately).
+    loss_label: str = "loss"
+
+    def __init__(self, config, workdir: str | None, stage_dirs: Mapping[str, str] | None = None):
+        """config: the experiment's (locked) ConfigDict; workdir: where this run writes (None in
+        tests/benchmarks that only build steps); stage_dirs: ``{stage name: workdir}`` of the earlier
+        stages of the experiment (``config.stages``), all finished when the task is built."""
+        self.config = config
+        self.workdir = workdir
+        self.stage_dirs = dict(stage_dirs or {})
+
+    @classmethod
+    def needed_stages(cls, config) -> tuple[str, ...]:
+        """Names of ``config.stages`` this run needs before it starts (the runner trains them first,
+        each in ``WORKDIR/<name>``). Default: all of them. A task whose stage only provides what
+        ``config.init_from`` could also give (a backbone) returns () when ``init_from`` is set."""
+        return tuple(config.stages) if "stages" in config else ()
+
+    # ---- data ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def train_dataset(self, *, global_batch_size: int, seed: int, process_index: int,
+                      process_count: int):
+        """A checkpointable grain IterDataset of per-process numpy batches."""
+
+    @abc.abstractmethod
+    def eval_batches(self, *, global_batch_size: int, process_index: int,
+                     process_count: int) -> list[dict[str, np.ndarray]]:
+        """Finite, deterministic per-process eval batches, the same count on every process."""
+
+    # ---- model --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def init_variables(self, rng: jax.Array) -> dict[str, Any]:
+        """Linen variables (``params`` plus ``state_collections``), boxed with logical axes."""
+
+    @abc.abstractmethod
+    def loss_fn(self, params, model_state, batch, rng, step) -> tuple[jax.Array, dict[str, Any]]:
+        """Returns ``(loss, {"metrics": {name: scalar}, "model_state": new_model_state})``.
+
+        ``step`` is the optimizer step being computed (a traced int32 scalar), for schedules inside
+        the loss (e.g. DTF's scheduled router temperatures).
+        """
+
+    @abc.abstractmethod
+    def eval_fn(self, params, model_state, batch) -> dict[str, jax.Array]:
+        """Per-batch SUMS (e.g. summed NLL and token count), so batches combine exactly."""
+
+    @abc.abstractmethod
+    def finalize_eval(self, sums: dict[str, float]) -> dict[str, float]:
+        """Turns summed eval statistics into reported metrics (loss, perplexity, ...)."""
+
+    def pretrained_params(self, abstract_params, shardings) -> dict[str, Any] | None:
+        """Weights from checkpoints the config names (``init_from``), placed with ``shardings``.
+
+        A partial tree replaces only the leaves it has (e.g. a pretrained decoder inside a VLM).
+        Called once on a fresh run, never on resume. None: keep the random init.
+        """
+        del abstract_params, shardings
+        return None
+
+    def log_summary(self, metrics: dict[str, float]) -> str:
+        """Extra text for the training log line from this interval's metrics (e.g. router stats)."""
+        del metrics
+        return ""
+
+    def units_per_step(self, global_batch_size: int) -> int:
+        return global_batch_size
+
+    def on_end(self, state, mesh) -> dict[str, Any]:
+        """Hook after the last step (e.g. print a sample). Returns extra summary fields."""
+        return {}

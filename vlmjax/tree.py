@@ -1,0 +1,128 @@
+"""Param-tree helpers shared by the optimizer, the trainer, the converters and the tasks.
+
+Every place in vlmjax that names a parameter uses one spelling: the '/'-joined path of dict keys,
+``'layers_0/self_attn/q_proj/kernel'`` (what flax's ``traverse_util.flatten_dict(sep='/')`` gives and
+what the ``config.optim.{frozen,trainable,lr_groups}`` regexes match). Built on
+``flax.traverse_util`` and ``jax.tree_util`` key paths; nothing here imports the rest of vlmjax.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+from flax import traverse_util
+
+SEP = "/"
+
+
+def key_name(key) -> str:
+    """One jax key-path entry (``DictKey``, ``GetAttrKey``, ``SequenceKey``, ...) as a string."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_str(path) -> str:
+    """'layers_0/self_attn/q_proj/kernel' from a jax key path (``tree_flatten_with_path``)."""
+    return SEP.join(key_name(k) for k in path)
+
+
+def dict_path(path) -> tuple[str, ...]:
+    """Only the dict keys of a jax key path: the param path inside optax states (which nest params-
+    shaped trees under named tuples and lists)."""
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dict -> ``{'a/b/c': leaf}`` (empty sub-dicts are dropped)."""
+    return traverse_util.flatten_dict(tree, sep=SEP) if tree else {}
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{'a/b/c': leaf}`` -> nested dict."""
+    return traverse_util.unflatten_dict(dict(flat), sep=SEP) if flat else {}
+
+
+def flat_with_paths(tree) -> dict[str, Any]:
+    """Any pytree -> ``{path_str: leaf}`` (also for dataclasses and lists, unlike ``flatten``)."""
+    return {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def map_with_names(fn: Callable[[str, Any], Any], tree):
+    """``jax.tree.map`` whose function also gets each leaf's path string."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree)
+
+
+def subtree(tree: Mapping[str, Any], path: str, what: str = "params") -> Any:
+    """``tree['a']['b']`` for ``path='a/b'`` ('' = the whole tree); a clear error names what exists."""
+    for k in [p for p in path.split(SEP) if p]:
+        if not isinstance(tree, Mapping) or k not in tree:
+            have = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
+            raise ValueError(f"{path!r}: no {k!r} in {what} (have {have}).")
+        tree = tree[k]
+    return tree
+
+
+def filter_paths(tree: Mapping[str, Any] | None, patterns: Iterable[re.Pattern], prefix: str = ""):
+    """``tree`` without the leaves whose full path (``prefix/...``) matches any of ``patterns``."""
+    patterns = list(patterns)
+    if tree is None or not patterns:
+        return tree
+    flat = flatten(tree)
+    full = (lambda k: f"{prefix}{SEP}{k}") if prefix else (lambda k: k)
+    return unflatten({k: v for k, v in flat.items() if not any(r.search(full(k)) for r in patterns)})
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any], what: str = "params") -> dict[str, Any]:
+    """``base`` with the leaves present in the (possibly partial) nested ``update`` replaced.
+
+    Every path of ``update`` must exist in ``base``: a pretrained tensor without a home is an error.
+    """
+    flat = flatten(base)
+    new = flatten(update)
+    unknown = sorted(set(new) - set(flat))
+    if unknown:
+        raise ValueError(f"{len(unknown)} {what} array(s) do not exist in the model, e.g. {unknown[:3]}.")
+    flat.update(new)
+    return unflatten(flat)
+
+
+def set_subtree(tree: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """Puts ``value`` at ``path`` ('a/b') in the nested dict ``tree`` (in place; '' merges the top)."""
+    keys = [p for p in path.split(SEP) if p]
+    if not keys:
+        tree.update(value)
+        return tree
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    return tree
+
+
+def compile_regexes(patterns, where: str) -> list[re.Pattern]:
+    """Compiles a tuple of regexes; ``where`` names the setting in errors ("config.optim.frozen")."""
+    if isinstance(patterns, str):
+        raise TypeError(f"{where}={patterns!r} must be a tuple of regexes, e.g. ({patterns!r},).")
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise ValueError(f"{where}: {p!r} is not a valid regular expression ({e}).") from e
+    return out
+
+
+def num_params(tree) -> int:
+    """Total element count of the array leaves (abstract or concrete)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        n = 1
+        for d in x.shape:
+            n *= int(d)
+        total += n
+    return total
