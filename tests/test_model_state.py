@@ -44,8 +44,8 @@ class _Source:
 class RegressionTask(Task):
     state_collections = ("stats",)
 
-    def __init__(self, config, workdir):
-        super().__init__(config, workdir)
+    def __init__(self, config, workdir, stage_dirs=None):
+        super().__init__(config, workdir, stage_dirs)
         self.model = CountingRegressor()
         self.source = _Source()
 

@@ -34,16 +34,27 @@ def test_main_smoke_cli_runs_and_writes_everything(tmp_path):
                    if os.path.basename(d).isdigit())
     assert steps == [3, 6]
     assert "sample" in p.stdout and "done: step 6" in p.stdout
+    # The summary (evals at start and end, the sample) is in metrics.jsonl and summary.json.
+    (summary,) = [r for r in recs if r["kind"] == "summary"]
+    assert summary["step"] == 6 and summary["finished"] and "sample" in summary
+    assert np.isfinite(summary["eval_start/loss"]) and np.isfinite(summary["eval_end/loss"])
+    assert (wd / "summary.json").exists()
+    # Running a finished run again does nothing and appends nothing.
+    again = run_module(["-m", "vlmjax.main", "--config=configs/lm.py:smoke", f"--workdir={wd}"])
+    assert again.returncode == 0 and "Already finished: step 6 of 6" in again.stdout, again.stderr[-2000:]
+    assert read_metrics(str(wd)) == recs
 
 
-def test_resume_gives_identical_losses(tmp_path):
+def test_resume_gives_identical_losses(tmp_path, capsys):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     runner.run(smoke_config(), full)
     # "Preempted" after step 3 (the checkpoint interval), then resumed from the workdir.
     s1 = runner.run(smoke_config(stop_after=3), part)
-    assert s1["step"] == 3
+    assert s1["step"] == 3 and not s1["finished"]
+    assert "stopped early (config.stop_after=3): step 3 of 6" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(part, "summary.json"))
     s2 = runner.run(smoke_config(), part)
-    assert s2["step"] == 6
+    assert s2["step"] == 6 and s2["finished"]
     a, b = _losses(full), _losses(part)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([a[s] for s in range(1, 7)], [b[s] for s in range(1, 7)], rtol=1e-5)

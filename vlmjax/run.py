@@ -21,12 +21,13 @@ from etils import epath
 
 from vlmjax import tasks
 from vlmjax.train import config as config_lib
+from vlmjax.train import metrics as metrics_lib
 from vlmjax.train import trainer
 
 
 def stage_plan(config, workdir) -> tuple[list[tuple[str, Any, epath.Path]], epath.Path]:
     """([(stage name, stage config, stage workdir), ...] in run order, the experiment's own workdir)."""
-    workdir = epath.Path(workdir)
+    workdir = metrics_lib.as_path(workdir)
     if "stages" not in config:
         return [], workdir
     declared = list(config.stages)

@@ -5,11 +5,13 @@ items, async saves, ``max_to_keep``, and automatic resume from the workdir. Orba
 to a temporary directory and renames it on commit, so a half-written step is never listed. A step
 that is listed but cannot be read (a disk error, a truncated file) is reported, moved aside (never
 deleted) and the previous step is used.
+
+Every path goes through ``etils.epath``, so the directory may be local or ``gs://bucket/...`` (orbax
+is epath-native and writes the arrays through tensorstore). ``directory`` is printed as given.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -18,9 +20,13 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
-from vlmjax.train.optimizer import path_str
+from vlmjax.train.metrics import PathLike, as_path, read_json
+from vlmjax.tree import path_str
+
+CORRUPT_DIR = "corrupt_checkpoints"
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -31,7 +37,7 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def check_compatible(saved_metadata, abstract_state, step: int, directory: str) -> None:
+def check_compatible(saved_metadata, abstract_state, step: int, directory: PathLike) -> None:
     """Raises ValueError listing missing, unexpected and mis-shaped arrays together."""
     saved, want = _shapes(saved_metadata), _shapes(abstract_state)
     first_params = lambda k: (not k.startswith("params/"), k)  # the informative ones first
@@ -50,11 +56,46 @@ def check_compatible(saved_metadata, abstract_state, step: int, directory: str) 
         f"or run with the config saved next to it (config.json).")
 
 
-class Checkpointer:
-    """Saves and restores ``{"state", "data", "config"}`` under ``directory``."""
+def quarantine_step(directory: PathLike, step: int, reason: str = "") -> epath.Path | None:
+    """Moves step ``step`` of the checkpoint ``directory`` aside, kept for inspection (never deleted).
 
-    def __init__(self, directory: str, *, keep: int, every: int, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+    ``<directory>/<step>`` goes to ``<directory>/../corrupt_checkpoints/<step>.<unix time>``, next to it a
+    ``<step>.<unix time>.reason.txt`` with ``reason``. That note is written first: on an object store
+    (``gs://``) a folder exists only once something is in it, and etils refuses to rename into a
+    folder that does not exist. On gs:// the move is a copy and a delete per file (not atomic; the
+    source is deleted only after its copy is made). Returns the new location, or None when the step
+    directory is not there. Not multi-process aware: call it on process 0 only (the ``Checkpointer``
+    does, between barriers).
+    """
+    directory = as_path(directory)
+    src = directory / str(step)
+    if not src.exists():
+        return None
+    stamp = int(time.time())
+    dst = directory.parent / CORRUPT_DIR / f"{step}.{stamp}"
+    while dst.exists():  # a second quarantine of the same step within the same second
+        stamp += 1
+        dst = directory.parent / CORRUPT_DIR / f"{step}.{stamp}"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    note = dst.parent / f"{dst.name}.reason.txt"
+    note.write_text(f"Checkpoint step {step} of {os.fspath(directory)} was moved here by vlmjax at "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(stamp))} because it could "
+                    f"not be read:\n{reason}\n")
+    src.rename(dst)
+    return dst
+
+
+class Checkpointer:
+    """Saves and restores ``{"state", "data", "config"}`` under ``directory``.
+
+    ``directory``: a ``str`` or ``epath.Path``, local (made absolute) or ``gs://``. ``.directory`` is
+    its string form for messages (``gs://bucket/run/checkpoints`` stays that); ``.path`` the
+    ``epath.Path``.
+    """
+
+    def __init__(self, directory: PathLike, *, keep: int, every: int, async_save: bool = True):
+        self.path = as_path(directory)
+        self.directory = os.fspath(self.path)
         self.every = int(every)
         # The save interval is decided here, not by orbax, whose default policy also saves the first
         # step it sees (a resumed run would checkpoint off-interval).
@@ -67,7 +108,7 @@ class Checkpointer:
 
     def _open(self):
         self.manager = ocp.CheckpointManager(
-            self.directory,
+            self.path,
             item_names=("state", "data", "config"),
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
@@ -131,26 +172,21 @@ class Checkpointer:
             print(f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
                   f"({type(e).__name__}: {str(e)[:300]}); falling back to the previous checkpoint.",
                   flush=True)
-        self._quarantine(step)
+        self._quarantine(step, f"{type(e).__name__}: {e}")
 
-    def _quarantine(self, step: int):
+    def _quarantine(self, step: int, reason: str = ""):
         """Moves an unreadable step aside (kept for inspection) so the step can be saved again."""
         multihost_utils.sync_global_devices(f"vlmjax_ckpt_quarantine_{step}")
         if jax.process_index() == 0:
-            src = os.path.join(self.directory, str(step))
-            if os.path.exists(src):
-                dst = os.path.join(os.path.dirname(self.directory),
-                                   f"corrupt_checkpoints/{step}.{int(time.time())}")
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                os.replace(src, dst)
+            dst = quarantine_step(self.path, step, reason)
+            if dst is not None:
+                logging.warning("Moved checkpoint step %d to %s.", step, os.fspath(dst))
         multihost_utils.sync_global_devices(f"vlmjax_ckpt_quarantined_{step}")
         self.manager.close()
         self._open()
 
     def saved_config(self, step: int) -> dict[str, Any]:
-        path = os.path.join(self.directory, str(step), "config", "metadata")
-        with open(path) as f:
-            return json.load(f)
+        return read_json(self.path / str(step) / "config" / "metadata")
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -160,17 +196,17 @@ class Checkpointer:
         self.manager.close()
 
 
-def load_params(workdir: str, subtree: str = "") -> tuple[dict[str, Any], int]:
+def load_params(workdir: PathLike, subtree: str = "") -> tuple[dict[str, Any], int]:
     """The params (or the ``subtree`` 'a/b' of them) of a vlmjax workdir's newest readable checkpoint.
 
     For starting another experiment from a finished run (``init_from=<vlmjax workdir>``): the whole
     saved train state is read onto the host (its structure from the checkpoint's metadata), and only
     the params are returned as numpy-backed arrays; the caller places them. Returns (params, step).
     """
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{workdir} has no checkpoints/ directory: init_from must be a vlmjax "
-                                "workdir with a finished run, or an HF directory with config.json.")
+    directory = as_path(workdir) / "checkpoints"
+    if not directory.is_dir():  # on gs:// a "directory" exists when something is in it
+        raise FileNotFoundError(f"{os.fspath(workdir)} has no checkpoints/ directory: init_from must be "
+                                "a vlmjax workdir with a finished run, or an HF directory with config.json.")
     manager = ocp.CheckpointManager(directory, item_names=("state",),
                                     item_handlers={"state": ocp.StandardCheckpointHandler()})
     cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
@@ -185,15 +221,16 @@ def load_params(workdir: str, subtree: str = "") -> tuple[dict[str, Any], int]:
                 state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
             except Exception as e:  # noqa: BLE001 - an unreadable step: try the previous one
                 logging.error("Checkpoint step %d in %s is unreadable (%s); trying the previous one.",
-                              step, directory, e)
+                              step, os.fspath(directory), e)
                 continue
             params = state["state"]["params"]
             for k in [p for p in subtree.split("/") if p]:
                 if k not in params:
-                    raise ValueError(f"{workdir} step {step}: no {k!r} in its params (have {sorted(params)}).")
+                    raise ValueError(f"{os.fspath(workdir)} step {step}: no {k!r} in its params "
+                                     f"(have {sorted(params)}).")
                 params = params[k]
             return params, step
     finally:
         logging.set_verbosity(verbosity)
         manager.close()
-    raise FileNotFoundError(f"No readable checkpoint in {directory}.")
+    raise FileNotFoundError(f"No readable checkpoint in {os.fspath(directory)}.")

@@ -19,8 +19,6 @@ import optax
 
 from vlmjax import tree
 
-path_str = tree.path_str  # REMOVE once checkpoint.py imports vlmjax.tree
-
 FROZEN = "frozen"
 DEFAULT = "default"
 

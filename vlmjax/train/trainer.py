@@ -19,7 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlmjax import sharding as shd
@@ -276,13 +275,18 @@ class _StepClock:
 def finished_summary(config, workdir) -> dict[str, Any] | None:
     """The saved summary of a run in ``workdir`` that already reached ``config.total_steps`` (said on
     stdout), else None."""
-    workdir = epath.Path(workdir)
+    workdir = metrics_lib.as_path(workdir)
     path = workdir / SUMMARY
     if not path.exists():
         return None
     done = metrics_lib.read_json(path)
     if int(done.get("step", -1)) < int(config.total_steps):
         return None  # e.g. total_steps was raised to train on
+    saved = workdir / "config.json"
+    ignore = ("stop_after",)  # does not change what a finished run is
+    mine = {k: v for k, v in json.loads(config.to_json_best_effort()).items() if k not in ignore}
+    if not saved.exists() or {k: v for k, v in metrics_lib.read_json(saved).items() if k not in ignore} != mine:
+        return None  # another config: the normal path resumes it or says why it cannot
     if jax.process_index() == 0:
         print(f"Already finished: step {done['step']} of {config.total_steps} in {workdir}"
               f"{_describe_end(done)} (summary: {path}). Nothing to do.", flush=True)
@@ -303,7 +307,7 @@ def run(config, workdir, task: Task) -> dict[str, Any]:
     ``summary`` record of ``metrics.jsonl``). A run that already finished is not run again: its saved
     summary is returned. Build ``task`` with ``vlmjax.run`` (the trainer never imports tasks)."""
     config_lib.validate(config)
-    workdir = epath.Path(workdir)
+    workdir = metrics_lib.as_path(workdir)  # local paths made absolute; gs://... kept as given
     is_main = jax.process_index() == 0
     done = finished_summary(config, workdir)
     if done is not None:
@@ -446,9 +450,5 @@ def run(config, workdir, task: Task) -> dict[str, Any]:
                  kind="summary", line=f"summary: {json.dumps({k: v for k, v in summary.items() if k != 'last_train'}, default=str)}")
     writer.close()
     if is_main and finished:
-        metrics_lib.write_json(workdir / SUMMARY, json.loads(json.dumps(summary, default=_jsonable)))
+        metrics_lib.write_json(workdir / SUMMARY, summary)
     return summary
-
-
-def _jsonable(v):
-    return v.item() if hasattr(v, "item") else str(v)
