@@ -4,7 +4,7 @@ r"""Speed, FLOPs and fidelity of inter-frame token reuse (ReuseViT hard path) vs
   python benchmarks/reuse_speed.py --init_from=/ckpt/clip-vit-base-patch16   # real CLIP weights
   python benchmarks/reuse_speed.py --small --out=/tmp/reuse_small            # tiny shape (tests)
 
-Setting (shared/specs/token-reuse.md, vlmjax/models/reuse.py): a CLIP-shaped ViT (hidden 768, 12 layers,
+Setting (docs/token-reuse.md, vlmjax/models/reuse.py): a CLIP-shaped ViT (hidden 768, 12 layers,
 12 heads, MLP 3072, patch 16, 224 px: N = 197 tokens, Nr = 196 reusable patch tokens) encodes one
 procedural clip (``vlmjax.data.video.render_clip``, CLIP-normalised) of --frames frames processed in
 the codec-like group order --order (default the eval order (3, 1, 0, 2): frame 3 is the I frame,

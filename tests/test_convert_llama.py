@@ -13,7 +13,8 @@ from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from conftest import smoke_config, rel_err
-from vlmjax import convert, train
+from vlmjax import convert
+from vlmjax import run as runner
 
 SMALL = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
              num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64)
@@ -113,7 +114,7 @@ def test_finetune_from_checkpoint_starts_at_the_checkpoints_loss(tmp_path):
     cfg = smoke_config(**{"model.init_from": path, "data.tokenizer": "hf", "total_steps": 2,
                           "model.dtype": "float32", "optim.warmup_steps": 0})
     wd = str(tmp_path / "wd")
-    summary = train.run(cfg, wd)
+    summary = runner.run(cfg, wd)
     # The step-0 validation loss is the HF model's own loss on the same batches.
     from vlmjax import tasks
     task = tasks.build(cfg, wd)
@@ -127,4 +128,4 @@ def test_finetune_from_checkpoint_starts_at_the_checkpoints_loss(tmp_path):
     np.testing.assert_allclose(summary["eval_start"]["loss"], nll / count, rtol=1e-4)
     assert summary["step"] == 2 and np.isfinite(summary["eval_end"]["loss"])
     with pytest.raises(ValueError, match="config.data.tokenizer='hf'"):
-        train.run(smoke_config(**{"model.init_from": path}), str(tmp_path / "wd2"))
+        runner.run(smoke_config(**{"model.init_from": path}), str(tmp_path / "wd2"))

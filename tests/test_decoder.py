@@ -138,14 +138,7 @@ def test_block_on_gathered_subset_keeps_original_positions():
     """MoD contract: a block on gathered tokens [B, k, D] with their original positions equals the
     block on the full sequence where only those tokens are visible as keys."""
     cfg = tiny_config()
-    block = layers.DecoderBlock(
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_heads=cfg.num_attention_heads,
-        num_kv_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim,
-        rope_theta=cfg.rope_theta,
-    )
+    block = layers.DecoderBlock(dataclasses.replace(cfg, rms_norm_eps=1e-6))
     x = jax.random.normal(jax.random.key(0), (2, 9, cfg.hidden_size))
     positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
     params = {"params": random_params(block, x, positions)}

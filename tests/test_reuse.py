@@ -1,12 +1,15 @@
 """ReuseViT (token reuse for video ViTs): masks, exactness limits, hard == soft, loss, gradients."""
 
 import dataclasses
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import load_config
 from vlmjax.data import video
 from vlmjax.models import reuse, vit
 
@@ -352,10 +355,18 @@ def test_reuse_loss_matches_numpy():
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
 
 
+def _backbone_stage_dir(config, path):
+    """A stand-in for the finished 'backbone' stage's workdir: its config.json names the ViT."""
+    os.makedirs(os.path.join(path, "checkpoints"), exist_ok=True)  # what makes it a vlmjax workdir
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"model": config.stages.backbone.model.to_dict()}, f)
+    return str(path)
+
+
 def test_only_reuse_modules_get_gradients(tmp_path):
     from vlmjax.tasks import reuse as reuse_task
-    config = reuse_task.get_config("smoke")
-    task = reuse_task.ReuseTask(config, str(tmp_path))
+    config = load_config("reuse", "smoke")
+    task = reuse_task.ReuseTask(config, str(tmp_path), {"backbone": _backbone_stage_dir(config, tmp_path / "bb")})
     params = jax.jit(task.init_variables)(jax.random.PRNGKey(0))["params"]
     params = jax.tree.map(lambda x: getattr(x, "value", x), params,
                           is_leaf=lambda x: hasattr(x, "value"))
@@ -383,18 +394,16 @@ def test_only_reuse_modules_get_gradients(tmp_path):
 
 def test_config_errors(tmp_path):
     from vlmjax.tasks import reuse as reuse_task
-    config = reuse_task.get_config("clip_b16")
+    config = load_config("reuse", "clip_b16")
     with pytest.raises(ValueError, match="init_from"):
         reuse_task.ReuseTask(config, str(tmp_path))
-    config = reuse_task.get_config("smoke")
-    config.data.patch_size = 4
+    config = load_config("reuse", "smoke", **{"data.patch_size": 4})
     with pytest.raises(ValueError, match="patch_size"):
-        reuse_task.ReuseTask(config, str(tmp_path))
+        reuse_task.ReuseTask(config, str(tmp_path), {"backbone": _backbone_stage_dir(config, tmp_path / "bb")})
     with pytest.raises(ValueError, match="not a variant"):
-        reuse_task.get_config("clip_b32")
+        load_config("reuse", "clip_b32")
     with pytest.raises(FileNotFoundError, match="neither"):
-        config = reuse_task.get_config("smoke")
-        config.init_from = str(tmp_path)
+        config = load_config("reuse", "smoke", init_from=str(tmp_path))
         reuse_task.ReuseTask(config, str(tmp_path))
 
 

@@ -110,8 +110,7 @@ def test_dtf_layer_intermediates_match_numpy_reference():
 
     pos = jnp.broadcast_to(jnp.arange(toks.shape[1])[None], toks.shape)
     h = np.asarray(jnp.take(params["embed_tokens"]["embedding"], toks, axis=0), np.float64)
-    block = layers.DecoderBlock(hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2,
-                                head_dim=8, rope_theta=CFG.rope_theta, rms_norm_eps=CFG.rms_norm_eps)
+    block = layers.DecoderBlock(CFG)
     post = np.asarray(block.apply({"params": params["layers_0"]}, jnp.asarray(h, jnp.float32), pos)[0],
                       np.float64)
     head = R.SwiGLUHead(0.125, eps=CFG.rms_norm_eps)
@@ -150,9 +149,9 @@ def test_dtf_layer_intermediates_match_numpy_reference():
 # ------------------------------------------------------------------------------------------------
 
 def test_routed_block_equals_dense_block_on_the_subsequence_with_original_positions():
-    kw = dict(hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8)
-    dense = layers.DecoderBlock(**kw)
-    upd_block = layers.DecoderBlock(**kw, return_update=True)
+    cfg = dataclasses.replace(CFG, rope_theta=10000.0, rms_norm_eps=1e-6)
+    dense = layers.DecoderBlock(cfg)
+    upd_block = layers.DecoderBlock(cfg, return_update=True)
     x = jax.random.normal(jax.random.key(0), (2, 16, 32))
     pos = jnp.broadcast_to(jnp.arange(16)[None], (2, 16))
     params = nn.meta.unbox(dense.init(jax.random.key(1), x, pos))

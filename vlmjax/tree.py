@@ -58,11 +58,13 @@ def map_with_names(fn: Callable[[str, Any], Any], tree):
 
 
 def subtree(tree: Mapping[str, Any], path: str, what: str = "params") -> Any:
-    """``tree['a']['b']`` for ``path='a/b'`` ('' = the whole tree); a clear error names what exists."""
+    """``tree['a']['b']`` for ``path='a/b'`` ('' = the whole tree); a clear error names what exists.
+
+    what: how the error names ``path`` (e.g. "init_from" -> "init_from path 'a/b': no 'b' ...")."""
     for k in [p for p in path.split(SEP) if p]:
         if not isinstance(tree, Mapping) or k not in tree:
             have = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
-            raise ValueError(f"{path!r}: no {k!r} in {what} (have {have}).")
+            raise ValueError(f"{what} path {path!r}: no {k!r} in params (have {have}).")
         tree = tree[k]
     return tree
 

@@ -19,13 +19,16 @@ import dataclasses
 import glob
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 from safetensors import safe_open
+
+from vlmjax import tree as tree_lib
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -105,10 +108,10 @@ class Conv2D(Transform):
     """torch ``Conv2d.weight [out, in, kh, kw]`` <-> Flax ``nn.Conv`` kernel ``[kh, kw, in, out]``."""
 
     def to_flax(self, x, flax_shape):
-        return np.ascontiguousarray(x.transpose(2, 3, 1, 0)).reshape(flax_shape)
+        return np.ascontiguousarray(rearrange(x, "o i kh kw -> kh kw i o")).reshape(flax_shape)
 
     def to_hf(self, y):
-        return np.ascontiguousarray(y.transpose(3, 2, 0, 1))
+        return np.ascontiguousarray(rearrange(y, "kh kw i o -> o i kh kw"))
 
     def hf_shape(self, flax_shape):
         kh, kw, cin, cout = flax_shape
@@ -206,27 +209,6 @@ class TensorIndex:
             return sf.get_tensor(name)
 
 
-def _flat(tree, prefix=()) -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, prefix + (k,)))
-        else:
-            out["/".join(prefix + (k,))] = v
-    return out
-
-
-def _unflat(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, v in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
-
-
 def strip_prefix(index: TensorIndex, rules: Sequence[Rule], prefixes: Sequence[str]) -> str:
     """Finds which of ``prefixes`` ('' , 'model.', 'vision_model.', ...) the file's names use."""
     names = set(index.where)
@@ -257,8 +239,8 @@ def load_params(
       ``rotary_emb.inv_freq``, ``position_ids``, heads the module doesn't have).
     Raises one ValueError listing every missing, unexpected and mis-shaped tensor.
     """
-    want = _flat(abstract_params)
-    sh = _flat(shardings) if shardings is not None else {}
+    want = tree_lib.flatten(abstract_params)
+    sh = tree_lib.flatten(shardings) if shardings is not None else {}
     rules = list(rules)
     by_flax = {r.flax: r for r in rules}
     missing, mis_shaped, no_param = [], [], []
@@ -305,12 +287,12 @@ def load_params(
             out[r.flax] = jax.make_array_from_callback(arr.shape, sharding, lambda idx, a=arr: a[idx])
         else:
             out[r.flax] = jnp.asarray(arr)
-    return _unflat(out)
+    return tree_lib.unflatten(out)
 
 
 def hf_tensors(params, rules: Sequence[Rule], *, prefix: str = "") -> dict[str, np.ndarray]:
     """Flax params -> {HF name: numpy array} with the same table (for ``save_hf``)."""
-    flat = _flat(jax.device_get(params))
+    flat = tree_lib.flatten(jax.device_get(params))
     out = {}
     for r in rules:
         if r.flax in flat:
@@ -325,4 +307,4 @@ def hf_tensors(params, rules: Sequence[Rule], *, prefix: str = "") -> dict[str, 
 
 def map_tree(fn: Callable[[str, Any], Any], tree) -> dict[str, Any]:
     """Applies ``fn(path, leaf)`` over a nested dict with 'a/b/c' paths."""
-    return _unflat({k: fn(k, v) for k, v in _flat(tree).items()})
+    return tree_lib.unflatten({k: fn(k, v) for k, v in tree_lib.flatten(tree).items()})

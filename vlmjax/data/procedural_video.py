@@ -1,6 +1,6 @@
 """Procedural video clips with exact per-patch change maps (config.data.source='procedural').
 
-Data for the ReuseViT experiments (`shared/specs/token-reuse.md`, Hwang et al.,
+Data for the ReuseViT experiments (`docs/token-reuse.md`, Hwang et al.,
 "Déjà Vu", PVLDB 2025) that needs no download: every clip is rendered with
 numpy from (config.seed, split, clip index), so any clip can be reproduced on
 any host, and the ground truth of "which patches changed" is exact.

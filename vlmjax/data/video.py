@@ -1,6 +1,6 @@
 """Video clips for token-reuse ViTs: the data config, its checks and the grain pipeline.
 
-Data for the ReuseViT experiments (`shared/specs/token-reuse.md`, Hwang et al.,
+Data for the ReuseViT experiments (`docs/token-reuse.md`, Hwang et al.,
 "Déjà Vu", PVLDB 2025). Each example is a dict of numpy arrays (F =
 num_frames, H = W = image_size, p = patch_size, N = (H / p) * (W / p) patches
 in row-major order, the order of a ViT's patch embedding):

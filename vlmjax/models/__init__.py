@@ -11,12 +11,13 @@ from vlmjax.models.layers import (
     Attention,
     DecoderBlock,
     Embed,
+    EncoderAttention,
     RMSNorm,
     apply_rope,
     attention_mask_from_positions,
     dot_product_attention,
 )
-from vlmjax.models.lora import merge_lora
+from vlmjax.models.lora import LoraConfig, merge_lora
 from vlmjax.models.routed_decoder import RoutedDecoder
 from vlmjax.models.routing import RoutingConfig
 
@@ -27,6 +28,8 @@ __all__ = [
     "DecoderBlock",
     "DecoderConfig",
     "Embed",
+    "EncoderAttention",
+    "LoraConfig",
     "RMSNorm",
     "RoutedDecoder",
     "RoutingConfig",

@@ -14,6 +14,11 @@ Parameter tree (HF name in brackets; see ``layers.py`` for the per-layer layouts
 With ``lora_rank = r > 0`` each projection named in ``lora_targets`` (e.g.
 ``layers_{i}/self_attn/q_proj``) also holds ``lora_a [*in, r]`` and ``lora_b [r, *out]`` (no HF
 tensor: ``vlmjax.models.lora.merge_lora`` folds them into ``kernel``; ``convert.save_hf`` does so).
+The four flat ``lora_*`` fields are the experiment-file spelling (``config.model.lora_rank=16``);
+``DecoderConfig.lora`` turns them into the one ``lora.LoraConfig`` the layers receive.
+
+``DecoderConfig`` is the one source of the defaults: ``default_config()`` (the ``config.model``
+section an experiment edits) is derived from it.
 
 Layers are a python loop of separately named modules (no ``nn.scan``) so routing variants can
 replace individual layers.
@@ -22,7 +27,6 @@ replace individual layers.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -30,80 +34,51 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vlmjax import config_util
 from vlmjax.models import layers
+from vlmjax.models import lora as lora_lib
 
 Array = jax.Array
-
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Decoder hyper-parameters; names follow HF ``config.json``. Defaults: SmolLM2-135M shape."""
-    return ml_collections.ConfigDict(
-        dict(
-            vocab_size=0,  # 0 = take it from the tokenizer (DecoderConfig.from_config(vocab_size=)).
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            head_dim=0,  # 0 = hidden_size // num_attention_heads (Qwen3 sets it explicitly).
-            rope_theta=100000.0,
-            rms_norm_eps=1e-5,
-            # Bias on the q/k/v projections, as Qwen2/2.5 (whose config.json omits the field). o_proj
-            # never has a bias: HF Llama/Qwen3 checkpoints with attention_bias=True (o_proj bias too)
-            # are not supported.
-            attention_bias=False,
-            qk_norm=False,  # True for Qwen3 (RMSNorm on each q/k head before RoPE).
-            tie_word_embeddings=True,
-            max_position_embeddings=8192,  # Longest sequence the checkpoint was trained for.
-            dtype="float32",  # Compute dtype: float32 | bfloat16 | float16.
-            param_dtype="float32",  # Storage dtype of the parameters.
-            remat=False,  # Rematerialise each decoder layer in the backward pass (nn.remat).
-            initializer_range=0.02,  # Std of the N(0, s^2) init of all matrices (HF convention).
-            # LoRA (Hu et al. 2021, arXiv 2106.09685) adapters on the projections named in
-            # lora_targets: W x + (lora_alpha / lora_rank) * B A dropout(x), B initialised to zero.
-            # lora_rank=0: none. Train only the adapters with config.optim.trainable=("lora_",); a
-            # pretrained checkpoint loads with the adapters skipped (tasks.base.load_pretrained).
-            lora_rank=0,
-            lora_alpha=0.0,  # Required > 0 when lora_rank > 0 (peft's default is 8; 2 * rank is common).
-            lora_dropout=0.0,  # Dropout on the adapter input, active when a "dropout" rng is passed.
-            lora_targets=layers.LORA_TARGETS,  # any of q/k/v/o_proj, gate/up/down_proj
-            # A local HF checkpoint directory (llama / qwen2 / qwen3). When set, the architecture
-            # fields above are taken from its config.json and the weights are loaded from it (the
-            # task reads this field; it is not part of DecoderConfig). dtype still applies.
-            init_from="",
-        )
-    )
-
 
 _parse_dtype = layers.parse_dtype
 
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-    """Static decoder hyper-parameters (hashable, so it can be a Linen attribute / jit static arg)."""
+    """Static decoder hyper-parameters (hashable, so it can be a Linen attribute / jit static arg).
 
-    vocab_size: int
+    Names follow HF ``config.json``. Defaults: the SmolLM2-135M shape.
+    """
+
+    vocab_size: int = 0  # 0 = take it from the tokenizer (``from_config(cd, vocab_size=)``).
     hidden_size: int = 576
     intermediate_size: int = 1536
     num_hidden_layers: int = 30
     num_attention_heads: int = 9
     num_key_value_heads: int = 3
-    head_dim: int = 0
+    head_dim: int = 0  # 0 = hidden_size // num_attention_heads (Qwen3 sets it explicitly).
     rope_theta: float = 100000.0
     rms_norm_eps: float = 1e-5
+    # Bias on the q/k/v projections, as Qwen2/2.5 (whose config.json omits the field). o_proj never
+    # has a bias: HF Llama/Qwen3 checkpoints with attention_bias=True (o_proj bias too) are not
+    # supported.
     attention_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: bool = False  # True for Qwen3 (RMSNorm on each q/k head before RoPE).
     tie_word_embeddings: bool = True
-    max_position_embeddings: int = 8192
-    dtype: Any = jnp.dtype(jnp.float32)
-    param_dtype: Any = jnp.dtype(jnp.float32)
-    remat: bool = False
-    initializer_range: float = 0.02
+    max_position_embeddings: int = 8192  # Longest sequence the checkpoint was trained for.
+    dtype: Any = jnp.dtype(jnp.float32)  # Compute dtype: float32 | bfloat16 | float16.
+    param_dtype: Any = jnp.dtype(jnp.float32)  # Storage dtype of the parameters.
+    remat: bool = False  # Rematerialise each decoder layer in the backward pass (nn.remat).
+    initializer_range: float = 0.02  # Std of the N(0, s^2) init of all matrices (HF convention).
+    # LoRA (Hu et al. 2021, arXiv 2106.09685) adapters on the projections named in lora_targets:
+    # W x + (lora_alpha / lora_rank) * B A dropout(x), B initialised to zero. lora_rank=0: none.
+    # Train only the adapters with config.optim.trainable=("lora_",); a pretrained checkpoint loads
+    # with the adapters skipped (tasks.base.load_pretrained). The layers get them as one
+    # ``lora.LoraConfig`` (the ``lora`` property).
     lora_rank: int = 0
-    lora_alpha: float = 0.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = layers.LORA_TARGETS
+    lora_alpha: float = 0.0  # Required > 0 when lora_rank > 0 (peft's default is 8; 2 * rank is common).
+    lora_dropout: float = 0.0  # Dropout on the adapter input, active when a "dropout" rng is passed.
+    lora_targets: tuple[str, ...] = lora_lib.LORA_TARGETS  # any of q/k/v/o_proj, gate/up/down_proj
 
     def __post_init__(self):
         # Resolve head_dim=0 (HF default: hidden_size // num_attention_heads) once, here.
@@ -116,44 +91,37 @@ class DecoderConfig:
         targets = self.lora_targets
         object.__setattr__(self, "lora_targets", (targets,) if isinstance(targets, str) else tuple(targets))
 
+    @property
+    def lora(self) -> lora_lib.LoraConfig:
+        """The LoRA settings as the layers take them (``rank == 0``: no adapters)."""
+        return lora_lib.LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                                   targets=self.lora_targets)
+
     @classmethod
     def from_config(
         cls, cd: ml_collections.ConfigDict | Mapping[str, Any], vocab_size: int | None = None
     ) -> "DecoderConfig":
         """Builds a validated config from a ConfigDict/mapping with the fields of ``default_config``.
 
-        Missing fields take the ``default_config`` values; unknown fields are an error (typo guard).
-        ``vocab_size`` is the tokenizer's size: it is used when ``cd.vocab_size == 0``; otherwise
-        ``cd.vocab_size`` must be at least that large (checkpoints often pad the embedding table).
+        Missing fields take the dataclass defaults; unknown fields are an error (typo guard);
+        ``init_from`` (a loading instruction for the task) is ignored. ``vocab_size`` is the
+        tokenizer's size: it is used when ``cd.vocab_size == 0``; otherwise ``cd.vocab_size`` must be
+        at least that large (checkpoints often pad the embedding table).
         """
-        values = dict(default_config().to_dict())
-        given = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
-        given.pop("init_from", None)  # a loading instruction for the task, not an architecture field
-        values.pop("init_from", None)
-        unknown = sorted(set(given) - set(values))
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, values, n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ValueError(
-                f"Unknown decoder config field(s): {', '.join(hints)}. Valid fields: {sorted(values)}."
-            )
-        values.update(given)
-        if values["vocab_size"] == 0:
+        config = config_util.from_config(cls, cd, "decoder config", ignore=("init_from",))
+        if config.vocab_size == 0:
             if vocab_size is None:
                 raise ValueError(
                     "vocab_size=0 means 'take it from the tokenizer', but no tokenizer vocab_size "
                     "was passed to DecoderConfig.from_config(cd, vocab_size=...); set config "
                     "vocab_size > 0."
                 )
-            values["vocab_size"] = int(vocab_size)
-        elif vocab_size is not None and values["vocab_size"] < vocab_size:
+            config = dataclasses.replace(config, vocab_size=int(vocab_size))
+        elif vocab_size is not None and config.vocab_size < vocab_size:
             raise ValueError(
-                f"vocab_size={values['vocab_size']} is smaller than the tokenizer's vocabulary "
+                f"vocab_size={config.vocab_size} is smaller than the tokenizer's vocabulary "
                 f"({vocab_size}); set vocab_size >= {vocab_size} or 0 to use the tokenizer's."
             )
-        config = cls(**values)
         config.validate()
         return config
 
@@ -187,29 +155,25 @@ class DecoderConfig:
         for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}.")
-        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be a non-negative integer (0 = no LoRA), got {self.lora_rank!r}.")
-        unknown = [t for t in self.lora_targets if t not in layers.LORA_TARGETS]
-        if unknown:
-            raise ValueError(f"lora_targets has unknown projection(s) {unknown}; valid names: "
-                             f"{list(layers.LORA_TARGETS)}.")
-        if self.lora_rank > 0:
-            if not self.lora_alpha > 0:
-                raise ValueError(
-                    f"lora_rank={self.lora_rank} needs lora_alpha > 0 (adapters are scaled by "
-                    f"lora_alpha / lora_rank), got lora_alpha={self.lora_alpha!r}; e.g. set "
-                    f"lora_alpha={2 * self.lora_rank}.")
-            if not self.lora_targets:
-                raise ValueError(f"lora_rank={self.lora_rank} with empty lora_targets adds no adapter; "
-                                 f"name projections from {list(layers.LORA_TARGETS)} or set lora_rank=0.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        self.lora.validate()
         allowed = {jnp.dtype(d) for d in layers.DTYPES.values()}
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in allowed:
                 raise ValueError(
                     f"{name}={getattr(self, name)} is not supported; use one of {sorted(layers.DTYPES)}."
                 )
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The ``config.model`` section: every ``DecoderConfig`` field at its default, plus ``init_from``.
+
+    ``init_from``: a local HF checkpoint directory (llama / qwen2 / qwen3). When set, the
+    architecture fields are taken from its config.json and the weights are loaded from it (the task
+    reads this field; it is not part of DecoderConfig). dtype still applies.
+    """
+    cd = config_util.config_dict(DecoderConfig)
+    cd.init_from = ""
+    return cd
 
 
 class _DecodePosition(nn.Module):
@@ -263,27 +227,9 @@ class Decoder(nn.Module):
 
     def block_kwargs(self, index: int) -> dict[str, Any]:
         """Constructor arguments of ``layers.DecoderBlock`` for layer ``index`` (routed decoders
-        subclass ``Decoder`` and build their blocks from the same arguments)."""
+        subclass ``Decoder`` and add to them, e.g. ``return_update=True``)."""
         del index  # every layer has the same shape
-        c = self.config
-        return dict(
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_heads=c.num_attention_heads,
-            num_kv_heads=c.num_key_value_heads,
-            head_dim=c.head_dim,
-            rope_theta=c.rope_theta,
-            rms_norm_eps=c.rms_norm_eps,
-            attention_bias=c.attention_bias,
-            qk_norm=c.qk_norm,
-            initializer_range=c.initializer_range,
-            dtype=c.dtype,
-            param_dtype=c.param_dtype,
-            lora_rank=c.lora_rank,
-            lora_alpha=c.lora_alpha,
-            lora_dropout=c.lora_dropout,
-            lora_targets=c.lora_targets,
-        )
+        return dict(config=self.config)
 
     def embed(self, tokens: Array) -> Array:
         """tokens: [B, T] int -> embeddings [B, T, D] in the compute dtype."""

@@ -26,10 +26,13 @@ Conventions (followed by every module here):
 - Sharding follows the flax logical-rules model: meshes with ``AxisType.Auto`` axes (jit
     in/out shardings + ``with_sharding_constraint``). ``AxisType.Explicit`` meshes are not supported:
     flax's ``with_logical_constraint`` asserts instead of resharding there.
-- LoRA (Hu et al. 2021, arXiv 2106.09685): with ``lora_rank > 0`` a ``DenseGeneral`` keeps its
-    ``kernel`` (so HF weights still load into it) and adds ``lora_a [*in_dims, r]`` and
-    ``lora_b [r, *features]`` (HF peft ``lora_A.weight.T`` / ``lora_B.weight.T``); the decoder picks
-    which projections get adapters by name (``LORA_TARGETS``). ``vlmjax/models/lora.py`` merges them.
+- LoRA (Hu et al. 2021, arXiv 2106.09685): a ``DenseGeneral`` given a ``lora.LoraConfig`` with
+    ``rank > 0`` keeps its ``kernel`` (so HF weights still load into it) and adds
+    ``lora_a [*in_dims, r]`` and ``lora_b [r, *features]`` (HF peft ``lora_A.weight.T`` /
+    ``lora_B.weight.T``). ``Attention`` and ``MLP`` take one ``lora`` field and hand it to the
+    projections named in its ``targets`` (``LORA_TARGETS``); ``DecoderBlock`` takes the whole
+    ``DecoderConfig`` (as MaxText passes ``config`` to every layer). ``vlmjax/models/lora.py`` holds
+    the settings and merges the adapters.
 - Attention masks are built from *position ids*, not from array indices: a query at position p sees
     the keys at positions <= p. A block can therefore run on a gathered subset of tokens
     (Mixture-of-Depths: ``[B, k, D]`` with their original positions) and stay causal.
@@ -43,6 +46,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from einops import rearrange
+
+from vlmjax.models.lora import LORA_TARGETS, LoraConfig, lora_a_init
 
 Array = jax.Array
 Dtype = Any
@@ -76,29 +82,13 @@ def _normal(stddev: float) -> nn.initializers.Initializer:
     return nn.initializers.normal(stddev=stddev)
 
 
-# Projections of a decoder layer that can carry LoRA adapters (HF peft ``target_modules`` names).
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# LORA_TARGETS (projection names that can carry adapters) and lora_a_init (peft's lora_A init) live in
+# vlmjax.models.lora with LoraConfig; imported above and re-exported here.
 
 
-def lora_a_init(key: Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> Array:
-    """HF peft's default ``lora_A`` init (``init_lora_weights=True``): ``kaiming_uniform_(a=sqrt(5))``.
-
-    For a torch weight ``[r, fan_in]`` that is U(-1/sqrt(fan_in), 1/sqrt(fan_in)); here ``shape`` is
-    ``[*in_dims, r]`` and ``fan_in = prod(in_dims)``.
-    """
-    fan_in = 1
-    for d in shape[:-1]:
-        fan_in *= d
-    bound = 1.0 / fan_in**0.5
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-def _lora_kwargs(module: nn.Module, name: str) -> dict[str, Any]:
-    """The ``DenseGeneral`` LoRA arguments for projection ``name`` of ``module`` (which has the
-    ``lora_*`` fields): its rank/alpha/dropout if ``name`` is in ``lora_targets``, else none."""
-    if not module.lora_rank or name not in module.lora_targets:
-        return {}
-    return {"lora_rank": module.lora_rank, "lora_alpha": module.lora_alpha, "lora_dropout": module.lora_dropout}
+def _lora_for(lora: LoraConfig | None, name: str) -> LoraConfig | None:
+    """The ``DenseGeneral(lora=...)`` of projection ``name``: ``lora`` if it targets ``name``, else None."""
+    return None if lora is None else lora.for_target(name)
 
 
 class DenseGeneral(nn.Module):
@@ -109,14 +99,15 @@ class DenseGeneral(nn.Module):
     name per kernel axis stays valid while a mesh and logical rules are active (as MaxText's
     ``DenseGeneral``). Bias, if any, has shape ``features``.
 
-    LoRA (Hu et al. 2021), when ``lora_rank = r > 0``: two more params, ``lora_a [*in_dims, r]``
-    (logical axes: the kernel's input axes + None; HF peft's kaiming-uniform init, ``lora_a_init``)
-    and ``lora_b [r, *features]`` (None + the kernel's output axes; zeros, so a fresh adapter is an
-    exact no-op), and the output becomes
+    LoRA (Hu et al. 2021), when ``lora`` is given with ``rank = r > 0``: two more params,
+    ``lora_a [*in_dims, r]`` (logical axes: the kernel's input axes + None; HF peft's kaiming-uniform
+    init, ``lora.lora_a_init``) and ``lora_b [r, *features]`` (None + the kernel's output axes; zeros,
+    so a fresh adapter is an exact no-op), and the output becomes
     ``x W (+ bias) + (alpha / r) * dropout(x) A B``, the low-rank term computed in ``dtype``.
-    The dropout (rate ``lora_dropout``, on the adapter input only, as peft) is active only when the
+    The dropout (rate ``lora.dropout``, on the adapter input only, as peft) is active only when the
     caller passes a "dropout" rng (``apply(..., rngs={"dropout": key})``); without one the layer is
     deterministic. ``kernel`` keeps its name and shape, so HF checkpoints load unchanged.
+    ``lora.targets`` is not read here: the caller decides which projections get ``lora``.
     """
 
     features: int | tuple[int, ...]
@@ -128,9 +119,7 @@ class DenseGeneral(nn.Module):
     param_dtype: Dtype = jnp.float32
     # fp32 for the output logits: bf16 inputs, fp32 accumulation and result.
     preferred_element_type: Dtype | None = None
-    lora_rank: int = 0  # r; 0 = no adapter
-    lora_alpha: float = 0.0  # the adapter's output is scaled by lora_alpha / lora_rank
-    lora_dropout: float = 0.0  # dropout on the adapter's input (needs a "dropout" rng)
+    lora: LoraConfig | None = None  # None or rank 0 = no adapter
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -166,20 +155,15 @@ class DenseGeneral(nn.Module):
                 self.param_dtype,
             )
             y = y + bias.astype(y.dtype)
-        if self.lora_rank:
+        if self.lora is not None and self.lora.rank:
             y = y + self._lora(x, axis, features, y.dtype)
         return y
 
     def _lora(self, x: Array, axis: tuple[int, ...], features: tuple[int, ...], out_dtype: Dtype) -> Array:
         """The LoRA term ``(alpha / r) * dropout(x) A B``: [..., *features] in ``out_dtype``."""
-        r = self.lora_rank
-        if not isinstance(r, int) or r < 0:
-            raise ValueError(f"lora_rank must be a non-negative integer, got {r!r}.")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"lora_rank={r} needs lora_alpha > 0 (the adapter is scaled by alpha / r), "
-                             f"got {self.lora_alpha!r}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        lora = self.lora
+        lora.validate()
+        r = lora.rank
         n_in = len(axis)
         in_dims = tuple(x.shape[a] for a in axis)
         # HF peft lora_A.weight [r, in] -> lora_a [*in_dims, r]; lora_B.weight [out, r] -> lora_b [r, *out].
@@ -195,8 +179,8 @@ class DenseGeneral(nn.Module):
             (r,) + features,
             self.param_dtype,
         )
-        if self.lora_dropout > 0:
-            x = nn.Dropout(rate=self.lora_dropout, name="lora_dropout")(
+        if lora.dropout > 0:
+            x = nn.Dropout(rate=lora.dropout, name="lora_dropout")(
                 x, deterministic=not self.has_rng("dropout")
             )
         h = jax.lax.dot_general(  # [..., r]
@@ -204,7 +188,7 @@ class DenseGeneral(nn.Module):
             lora_a.astype(self.dtype),
             ((axis, tuple(range(n_in))), ((), ())),
         )
-        h = h * jnp.asarray(self.lora_alpha / r, h.dtype)  # scale the rank-r side: cheapest place
+        h = h * jnp.asarray(lora.scale, h.dtype)  # scale the rank-r side: cheapest place
         out = jax.lax.dot_general(  # [..., *features]
             h,
             lora_b.astype(self.dtype),
@@ -371,10 +355,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, dtype: Dtyp
     Returns:
         [B, T, H, Dh] in ``dtype``.
     """
-    b, t, h, dh = q.shape
-    kv_heads = k.shape[2]
-    groups = h // kv_heads
-    q = q.reshape(b, t, kv_heads, groups, dh)
+    dh = q.shape[-1]
+    q = rearrange(q, "b t (k g) d -> b t k g d", k=k.shape[2])  # query head h = k * G + g
     # HF `scaling = head_dim ** -0.5`; scale q before the matmul (cheaper than scaling [.., T, S]).
     q = q * jnp.asarray(dh**-0.5, q.dtype)
     logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
@@ -383,7 +365,65 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, dtype: Dtyp
     logits = jnp.where(mask[:, None, None, :, :], logits, big_neg)
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype))
-    return out.reshape(b, t, h, dh)
+    return rearrange(out, "b t k g d -> b t (k g) d")
+
+
+def bidirectional_attention(q: Array, k: Array, v: Array, dtype: Dtype) -> Array:
+    """Full (non-causal) attention: q [B, T, H, Dh], k/v [B, S, H, Dh] -> [B, T, H, Dh]."""
+    mask = jnp.ones((q.shape[0], q.shape[1], k.shape[1]), jnp.bool_)  # constant: XLA drops the select
+    return dot_product_attention(q, k, v, mask, dtype)
+
+
+class EncoderAttention(nn.Module):
+    """Multi-head self-attention with biased projections and no RoPE (positions are added at the
+    input), shared by the ViT towers (``vit.VisionAttention``) and the text towers
+    (``text_encoder.EncoderAttention``).
+
+    HF ``CLIPAttention`` / ``SiglipAttention`` (q_proj/k_proj/v_proj/out_proj) and
+    ``Dinov2Attention`` (legacy names attention.query/key/value, output.dense): weight [H*Dh, D] ->
+    kernel [D, H, Dh], bias [H*Dh] -> [H, Dh]; out weight [D, H*Dh] -> kernel [H, Dh, D], bias [D].
+
+    ``project`` and ``output`` are the two halves of ``__call__``, so callers that compute the
+    attention themselves (token reuse runs the queries of a gathered subset against keys/values
+    partly restored from a cache) use the same parameters.
+    """
+
+    num_heads: int
+    head_dim: int
+    hidden_size: int
+    qkv_bias: bool = True  # DINOv2 ``qkv_bias``; always True for CLIP / SigLIP
+    initializer_range: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        dense = functools.partial(DenseGeneral, initializer_range=self.initializer_range,
+                                  dtype=self.dtype, param_dtype=self.param_dtype)
+        qkv = lambda: dense(features=(self.num_heads, self.head_dim), kernel_axes=("embed", "q_heads", "head_dim"),
+                            use_bias=self.qkv_bias)
+        self.q_proj, self.k_proj, self.v_proj = qkv(), qkv(), qkv()
+        self.out_proj = dense(features=self.hidden_size, kernel_axes=("q_heads", "head_dim", "embed"),
+                              axis=(-2, -1), use_bias=True)
+
+    def project(self, x: Array) -> tuple[Array, Array, Array]:
+        """x: [B, N, D] (already layer-normed) -> q, k, v, each [B, N, H, Dh]."""
+        return tuple(nn.with_logical_constraint(proj(x), (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM))
+                     for proj in (self.q_proj, self.k_proj, self.v_proj))
+
+    def output(self, out: Array) -> Array:
+        """Attention output [B, N, H, Dh] -> [B, N, D] (``out_proj``)."""
+        out = nn.with_logical_constraint(out, (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM))
+        return self.out_proj(out)
+
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+        """x: [B, N, D]; mask: [B, N, N] bool (True = attend; None = bidirectional) -> [B, N, D].
+
+        K = H: plain multi-head attention through the shared GQA kernel (scale Dh^-0.5, fp32 softmax).
+        """
+        q, k, v = self.project(x)
+        if mask is None:
+            return self.output(bidirectional_attention(q, k, v, self.dtype))
+        return self.output(dot_product_attention(q, k, v, mask, self.dtype))
 
 
 class Attention(nn.Module):
@@ -411,11 +451,8 @@ class Attention(nn.Module):
     initializer_range: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    # LoRA adapters on the projections named in lora_targets (see DenseGeneral); rank 0 = none.
-    lora_rank: int = 0
-    lora_alpha: float = 0.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = LORA_TARGETS
+    # LoRA adapters on the projections named in lora.targets (see DenseGeneral); None = none.
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(
@@ -437,7 +474,7 @@ class Attention(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=name,
-                **_lora_kwargs(self, name),
+                lora=_lora_for(self.lora, name),
             )
 
         # HF q_proj/k_proj/v_proj: weight [heads*Dh, D] -> kernel [D, heads, Dh]; bias [heads, Dh].
@@ -476,7 +513,7 @@ class Attention(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="o_proj",
-            **_lora_kwargs(self, "o_proj"),
+            lora=_lora_for(self.lora, "o_proj"),
         )(out)
 
     def _update_cache(
@@ -527,11 +564,8 @@ class MLP(nn.Module):
     initializer_range: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    # LoRA adapters on the projections named in lora_targets (see DenseGeneral); rank 0 = none.
-    lora_rank: int = 0
-    lora_alpha: float = 0.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = LORA_TARGETS
+    # LoRA adapters on the projections named in lora.targets (see DenseGeneral); None = none.
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -544,7 +578,7 @@ class MLP(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=name,
-                **_lora_kwargs(self, name),
+                lora=_lora_for(self.lora, name),
             )
 
         gate = dense("gate_proj", self.intermediate_size, ("embed", "mlp"))(x)
@@ -557,30 +591,17 @@ class MLP(nn.Module):
 class DecoderBlock(nn.Module):
     """Pre-norm decoder layer (HF ``LlamaDecoderLayer``): ``x + attn(norm(x))``, ``x + mlp(norm(x))``.
 
-    The block only needs positions and a key-validity mask, so a routing wrapper can call it on a
-    gathered subset ``[B, k, D]`` with the subset's original positions. With ``return_update=True``
-    it returns the residual update ``Block(x) = attn + mlp`` instead of ``x + Block(x)`` (routed
-    layers scale it by a gate; subtracting ``x`` afterwards would lose precision in bf16).
+    Takes the whole ``decoder.DecoderConfig`` (its head counts, RoPE, norms, dtypes and LoRA settings,
+    ``config.lora``). The block only needs positions and a key-validity mask, so a routing wrapper
+    can call it on a gathered subset ``[B, k, D]`` with the subset's original positions. With
+    ``return_update=True`` it returns the residual update ``Block(x) = attn + mlp`` instead of
+    ``x + Block(x)`` (routed layers scale it by a gate; subtracting ``x`` afterwards would lose
+    precision in bf16).
     """
 
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    attention_bias: bool = False
-    qk_norm: bool = False
-    initializer_range: float = 0.02
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    # A ``decoder.DecoderConfig`` (typed Any: decoder.py imports this module, not the reverse).
+    config: Any
     return_update: bool = False
-    # LoRA adapters on the projections named in lora_targets (see DenseGeneral); rank 0 = none.
-    lora_rank: int = 0
-    lora_alpha: float = 0.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     @nn.compact
     def __call__(
@@ -594,34 +615,31 @@ class DecoderBlock(nn.Module):
 
         The output is ``x + Block(x)``, or ``Block(x)`` alone when ``return_update``.
         """
-        norm = lambda name: RMSNorm(
-            eps=self.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name
-        )
+        c = self.config
+        norm = lambda name: RMSNorm(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, name=name)
         x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
-        lora = {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
-                "lora_targets": tuple(self.lora_targets)}
         h = Attention(
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            rope_theta=self.rope_theta,
-            use_bias=self.attention_bias,
-            qk_norm=self.qk_norm,
-            rms_norm_eps=self.rms_norm_eps,
-            initializer_range=self.initializer_range,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
+            num_heads=c.num_attention_heads,
+            num_kv_heads=c.num_key_value_heads,
+            head_dim=c.head_dim,
+            rope_theta=c.rope_theta,
+            use_bias=c.attention_bias,
+            qk_norm=c.qk_norm,
+            rms_norm_eps=c.rms_norm_eps,
+            initializer_range=c.initializer_range,
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+            lora=c.lora,
             name="self_attn",
-            **lora,
         )(norm("input_layernorm")(x), positions, attention_mask, decode)
         h_attn, x = h, x + h
         h = MLP(
-            self.intermediate_size,
-            initializer_range=self.initializer_range,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
+            c.intermediate_size,
+            initializer_range=c.initializer_range,
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+            lora=c.lora,
             name="mlp",
-            **lora,
         )(norm("post_attention_layernorm")(x))
         x = h_attn + h if self.return_update else x + h
         x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))

@@ -44,7 +44,6 @@ earlier ones), or frame by frame for streaming by carrying the collection betwee
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from typing import Any
 
@@ -53,7 +52,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from einops import einsum, rearrange
 
+from vlmjax import config_util
 from vlmjax.models import layers, vit
 
 Array = jax.Array
@@ -67,89 +68,41 @@ NUM_REF_TYPES = 3  # I / P / B (vlmjax.data.video.REF_TYPES)
 _BIG = 1e4
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """The ``config.reuse`` section (model) and ``config.reuse_loss`` defaults live together here."""
-    return ml_collections.ConfigDict(dict(
-        # Layers whose tokens may reuse; () = every layer but 0 (layer 0 never reuses).
-        reuse_layers=(),
-        # CLS (and DINOv2 registers) are split off before the decision and always recomputed.
-        skip_cls=True,
-        similarity="local_cosine",   # local_cosine | low_rank | headwise
-        similarity_rank=64,          # low_rank: project to r dims (learned, no bias) first
-        # Decision MLP inputs that can be switched off (their input is then 0).
-        use_importance=True,
-        use_compressed_map=True,
-        decision_hidden=64,
-        decision_init_std=1e-3,      # spec: weights N(0, 0.001), zero bias
-        policy="mlp",                # mlp | topk_similarity (reuse the most similar fraction; no training)
-        topk_reuse_fraction=0.5,     # topk_similarity only
-        tau=0.025,                   # Gumbel-softmax temperature
-        tau_end=0.0,                 # > 0: linear schedule tau -> tau_end over training
-        hard_gumbel=False,           # straight-through: one-hot forward, soft gradient
-        # mlp (one D -> r -> D MLP per state, the spec) | shared_mlp (one shared D -> r layer, an
-        # r -> D output per state: 2/3 of the FLOPs) | passthrough (cached states as they are)
-        restoration="mlp",
-        restoration_dim=64,          # D -> 64 -> D, no bias
-        restore_q=False,             # see module docstring
-        # Hard path: static capacities (fraction of the reusable tokens) to gather recompute tokens
-        # into; the smallest that holds every batch row's recompute tokens is run. If the largest is
-        # < 1, tokens beyond it are reused anyway (reported as overflow).
-        capacity_buckets=(0.125, 0.25, 0.5, 0.75, 1.0),
-    ))
-
-
-def loss_config() -> ml_collections.ConfigDict:
-    """``config.reuse_loss``: the spec's ReuseLoss weights."""
-    return ml_collections.ConfigDict(dict(
-        sloss_scaler=1.0,
-        # One weight per layer for the LAST len(hloss_scaler) layers, earliest first.
-        hloss_scaler=(0.0, 1.5),
-        rloss_scaler=0.35,
-        target_reuse_rate=0.5,
-        max_layer_rate=0.95,         # per-layer rates are capped before averaging (spec)
-        # The rate rloss reads: 'argmax_st' (noise-free decisions, straight-through; see
-        # reuse.reuse_rates) or 'gate' (the mean Gumbel gate).
-        rate_estimator="argmax_st",
-        # Optional per-token MSE on the last layer's patch tokens (the brief's fix for patch drift).
-        patch_mse_scaler=0.0,
-    ))
-
-
 @dataclasses.dataclass(frozen=True)
 class ReuseConfig:
-    """Static reuse hyper-parameters (hashable Linen attribute); fields as ``default_config``."""
+    """Static reuse hyper-parameters (hashable Linen attribute); the one source of the
+    ``config.reuse`` defaults (``default_config``)."""
 
+    # Layers whose tokens may reuse; () = every layer but 0 (layer 0 never reuses).
     reuse_layers: tuple[int, ...] = ()
+    # CLS (and DINOv2 registers) are split off before the decision and always recomputed.
     skip_cls: bool = True
-    similarity: str = "local_cosine"
-    similarity_rank: int = 64
+    similarity: str = "local_cosine"   # local_cosine | low_rank | headwise
+    similarity_rank: int = 64          # low_rank: project to r dims (learned, no bias) first
+    # Decision MLP inputs that can be switched off (their input is then 0).
     use_importance: bool = True
     use_compressed_map: bool = True
     decision_hidden: int = 64
-    decision_init_std: float = 1e-3
-    policy: str = "mlp"
-    topk_reuse_fraction: float = 0.5
-    tau: float = 0.025
-    tau_end: float = 0.0
-    hard_gumbel: bool = False
+    decision_init_std: float = 1e-3    # spec: weights N(0, 0.001), zero bias
+    policy: str = "mlp"                # mlp | topk_similarity (reuse the most similar fraction; no training)
+    topk_reuse_fraction: float = 0.5   # topk_similarity only
+    tau: float = 0.025                 # Gumbel-softmax temperature
+    tau_end: float = 0.0               # > 0: linear schedule tau -> tau_end over training
+    hard_gumbel: bool = False          # straight-through: one-hot forward, soft gradient
+    # mlp (one D -> r -> D MLP per state, the spec) | shared_mlp (one shared D -> r layer, an
+    # r -> D output per state: 2/3 of the FLOPs) | passthrough (cached states as they are)
     restoration: str = "mlp"
-    restoration_dim: int = 64
-    restore_q: bool = False
+    restoration_dim: int = 64          # D -> 64 -> D, no bias
+    restore_q: bool = False            # see module docstring
+    # Hard path: static capacities (fraction of the reusable tokens) to gather recompute tokens
+    # into; the smallest that holds every batch row's recompute tokens is run. If the largest is
+    # < 1, tokens beyond it are reused anyway (reported as overflow).
     capacity_buckets: tuple[float, ...] = (0.125, 0.25, 0.5, 0.75, 1.0)
 
     @classmethod
     def from_config(cls, cfg) -> ReuseConfig:
-        d = dict(cfg)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        for k in d:
-            if k not in fields:
-                hint = difflib.get_close_matches(k, fields, n=1)
-                raise ValueError(f"config.reuse.{k} is not a reuse option"
-                                 + (f"; did you mean {hint[0]!r}?" if hint else f"; options: {sorted(fields)}."))
-        for k in ("reuse_layers", "capacity_buckets"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
+        """``config.reuse`` -> ReuseConfig; unknown fields are an error with a did-you-mean hint."""
+        return config_util.from_config(cls, cfg, "config.reuse")
 
     def layers(self, num_layers: int) -> tuple[int, ...]:
         return tuple(self.reuse_layers) if self.reuse_layers else tuple(range(1, num_layers))
@@ -176,6 +129,29 @@ class ReuseConfig:
         for name in ("similarity_rank", "decision_hidden", "restoration_dim"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"config.reuse.{name} must be a positive integer.")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The ``config.reuse`` section (the model's ``ReuseConfig`` defaults); ``config.reuse_loss``
+    is ``loss_config()``."""
+    return config_util.config_dict(ReuseConfig)
+
+
+def loss_config() -> ml_collections.ConfigDict:
+    """``config.reuse_loss``: the spec's ReuseLoss weights."""
+    return ml_collections.ConfigDict(dict(
+        sloss_scaler=1.0,
+        # One weight per layer for the LAST len(hloss_scaler) layers, earliest first.
+        hloss_scaler=(0.0, 1.5),
+        rloss_scaler=0.35,
+        target_reuse_rate=0.5,
+        max_layer_rate=0.95,         # per-layer rates are capped before averaging (spec)
+        # The rate rloss reads: 'argmax_st' (noise-free decisions, straight-through; see
+        # reuse.reuse_rates) or 'gate' (the mean Gumbel gate).
+        rate_estimator="argmax_st",
+        # Optional per-token MSE on the last layer's patch tokens (the brief's fix for patch drift).
+        patch_mse_scaler=0.0,
+    ))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +227,7 @@ def cls_importance(q_cls: Array, k: Array) -> Array:
 
     q_cls: [B, H, Dh]; k: [B, N, H, Dh] -> [B, N] fp32 (sums to H over N).
     """
-    logits = jnp.einsum("bhd,bnhd->bhn", q_cls.astype(jnp.float32), k.astype(jnp.float32))
+    logits = einsum(q_cls.astype(jnp.float32), k.astype(jnp.float32), "b h d, b n h d -> b h n")
     return jax.nn.softmax(logits * q_cls.shape[-1] ** -0.5, -1).sum(1)
 
 
@@ -392,7 +368,7 @@ class ReuseModule(nn.Module):
         elif c.similarity == "low_rank":
             sim = cosine(self.low_rank(x)[:, None], self.low_rank(xr))
         else:  # headwise: mean over heads of the per-head cosine
-            split = lambda t: t.reshape(t.shape[:-1] + (v.num_attention_heads, v.head_dim))
+            split = lambda t: rearrange(t, "... (h d) -> ... h d", h=v.num_attention_heads)
             sim = cosine(split(x)[:, None], split(xr)).mean(-1)
         # [B, R, Nr]: only references that were written (processed before this frame) count.
         filled = self._cache("filled", (b, self.num_slots), jnp.bool_)[:, slots]
@@ -466,9 +442,9 @@ class ReuseViT(vit.VisionTransformer):
     def original_clip(self, frames: Array, keep_hidden: tuple[int, ...] = ()) -> dict[str, Any]:
         """frames [B, F, H, W, C] -> pooled [B, F, Dp], last_hidden_state [B, F, N, D],
         hidden {l: [B, F, N, D]} for l in keep_hidden (each frame encoded alone)."""
-        b, f = frames.shape[:2]
-        out, hiddens = self.original_frame(frames.reshape((b * f,) + frames.shape[2:]))
-        unflat = lambda t: t.reshape((b, f) + t.shape[1:])
+        b = frames.shape[0]
+        out, hiddens = self.original_frame(rearrange(frames, "b f h w c -> (b f) h w c"))
+        unflat = lambda t: rearrange(t, "(b f) ... -> b f ...", b=b)
         return {"pooled": unflat(_pooled(out)), "last_hidden_state": unflat(out["last_hidden_state"]),
                 "hidden": {l: unflat(hiddens[l]) for l in keep_hidden}}
 
@@ -511,10 +487,10 @@ class ReuseViT(vit.VisionTransformer):
             module = self.reuse.get(i)
             if module is None or not refs:
                 q, k, v = layer.qkv(x)
-                h = layer.finish(x, vit._bidirectional(q, k, v, self.config.dtype))  # pylint: disable=protected-access
+                h = layer.finish(x, layers.bidirectional_attention(q, k, v, self.config.dtype))
                 if module is not None:
-                    module.store(slot, x[:, fixed:], {"h": h[:, fixed:], "k": _flat(k[:, fixed:]),
-                                                      "v": _flat(v[:, fixed:]), "q": _flat(q[:, fixed:])})
+                    module.store(slot, x[:, fixed:], {"h": h[:, fixed:], "k": _merge_heads(k[:, fixed:]),
+                                                      "v": _merge_heads(v[:, fixed:]), "q": _merge_heads(q[:, fixed:])})
                 q_cls, k_all = q[:, 0], k
             else:
                 imp = importance[:, fixed:] if importance is not None else jnp.zeros(cmap.shape, jnp.float32)
@@ -552,7 +528,7 @@ class ReuseViT(vit.VisionTransformer):
         c = self.reuse_config
         fixed = self._fixed
         b, n, d = x.shape
-        nh, dh = self.config.num_attention_heads, self.config.head_dim
+        nh = self.config.num_attention_heads
         layer_rng = None if rng is None else jax.random.fold_in(rng, i)
         gate, margin = self._decide(dec, mode, layer_rng, tau, forced)
         gate = jnp.where(dec["valid"][..., None], gate, jnp.asarray([0.0, 1.0]))
@@ -561,7 +537,7 @@ class ReuseViT(vit.VisionTransformer):
         else:
             p_reuse = gate[..., 0]
         p_reuse = jnp.where(dec["valid"], p_reuse, 0.0)
-        heads = lambda t: t.reshape(t.shape[:2] + (nh, dh))
+        heads = lambda t: rearrange(t, "b n (h d) -> b n h d", h=nh)  # cached [B, Nr, D] -> per head
         if mode == "soft":
             rest = module.restore(dec["cached"], dec["diff"])
             g_r, g_c = gate[..., 0], gate[..., 1]
@@ -576,9 +552,9 @@ class ReuseViT(vit.VisionTransformer):
             k_m, v_m = mix(k, heads(rest["k"])), mix(v, heads(rest["v"]))
             attn = layers.dot_product_attention(q, k_m, v_m, jnp.ones((b, n, n), jnp.bool_), self.config.dtype)
             h = mix(layer.finish(x, attn), rest["h"])
-            states = {"h": h[:, fixed:], "k": _flat(k_m[:, fixed:]), "v": _flat(v_m[:, fixed:])}
+            states = {"h": h[:, fixed:], "k": _merge_heads(k_m[:, fixed:]), "v": _merge_heads(v_m[:, fixed:])}
             if c.restore_q:
-                states["q"] = _flat(mix(q, heads(rest["q"]))[:, fixed:])
+                states["q"] = _merge_heads(mix(q, heads(rest["q"]))[:, fixed:])
             q_cls = q[:, 0]
             reused = (gate[..., 0] > 0.5).astype(jnp.float32).mean(-1)
             overflow = jnp.zeros((b,), jnp.float32)
@@ -617,9 +593,9 @@ class ReuseViT(vit.VisionTransformer):
                     h_sel = layer.finish(x_sel, attn)
                     h_full = jnp.concatenate(
                         [h_sel[:, :fixed], _put_tokens(base["h"].astype(h_sel.dtype), idx, h_sel[:, fixed:], full)], 1)
-                    states = {"h": h_full[:, fixed:], "k": _flat(k_full[:, fixed:]), "v": _flat(v_full[:, fixed:])}
+                    states = {"h": h_full[:, fixed:], "k": _merge_heads(k_full[:, fixed:]), "v": _merge_heads(v_full[:, fixed:])}
                     if c.restore_q:
-                        states["q"] = _flat(merge("q", q))
+                        states["q"] = _merge_heads(merge("q", q))
                     q_cls = q[:, 0] if fixed else layer.qkv(x[:, :1])[0][:, 0]
                     computed = _put_tokens(jnp.zeros(recompute.shape, jnp.float32), idx,
                                            jnp.ones(idx.shape, jnp.float32), full)
@@ -687,9 +663,9 @@ class ReuseViT(vit.VisionTransformer):
         return outputs, stats
 
 
-def _flat(t: Array) -> Array:
-    """[B, N, H, Dh] -> [B, N, H * Dh]."""
-    return t.reshape(t.shape[:2] + (-1,))
+def _merge_heads(t: Array) -> Array:
+    """Per-head states [B, N, H, Dh] -> the cached layout [B, N, H * Dh]."""
+    return rearrange(t, "b n h d -> b n (h d)")
 
 
 def _pooled(out: dict[str, Array]) -> Array:

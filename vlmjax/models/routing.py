@@ -19,7 +19,6 @@ so the block's FLOPs scale with k, not T (checked with ``cost_analysis()`` in th
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from typing import Any, Callable, Mapping
 
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vlmjax import config_util
 from vlmjax.models import layers
 
 Array = jax.Array
@@ -37,77 +37,43 @@ KINDS = ("mod", "dtf", "tdtf")
 EPS_CE = 1e-10  # spec: CE_i = D_st - (D_ch - log(o_ce + eps)), eps = 1e-10
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """``config.routing``: which layers route and how (defaults: the spec's DTF)."""
-    return ml_collections.ConfigDict(dict(
-        kind="dtf",            # mod | dtf | tdtf
-        # Layer i is routed ("dynamic") iff i % every == offset. DTF: layer i-1 is its dense decision
-        # layer. Default: layers 1, 3, 5, ... (MoD's "every other block").
-        every=2,
-        offset=1,
-        capacity=0.5,          # k = floor(capacity * T) tokens per routed layer (MoD: 0.125; DTF gamma: 0.5)
-        # Causal-router evaluation / decoding: tokens with sigmoid(logit) > 0.5 are processed, at most
-        # the first floor(causal_capacity * T) of them (by position, so the cap stays causal).
-        causal_capacity=1.0,
-        mod_causal="aux",      # MoD causal inference: aux (BCE on router logits) | predictor (MLP on sg(x))
-        predictor_hidden=0,    # MoD predictor width; 0 = max(8, hidden_size // 8)
-        prior_ffn_factor=0.125,  # DTF PriorFFN / TDTF transition width f in {0.0625, 0.125, 0.25, 0.5}
-        ma_window=100,         # tokens in the causal moving average of D_st (VPR)
-        ma_ema=0.99,           # momentum of the long-run mean of D_st (router_state): MA with no history
-        gate="prob_or",        # prob_or: G = S_CE + S_CU - S_CE*S_CU | ce_only: G = S_CE
-        beta="learned",        # learned (softplus(beta_raw)) | scheduled (cosine beta_start -> beta_end)
-        beta_start=0.1,
-        beta_end=100.0,
-        d_ch="mse",            # mse: (1/d)||H_post - H_prior||^2 | kl: KL of isotropic Gaussians, / d
-        kl_variance=1.0,       # sigma^2 of the isotropic posterior and prior for d_ch=kl
-        beta_ce_init=-0.3,     # pre-softplus
-        beta_cu_init=-0.6,     # pre-softplus
-        o_ce_init=1.025,
-        m_cu_init=1.1,
-        lambda_prior=0.05,     # DTF: (lambda_prior / |D|) * sum of L_prior over decision layers
-        lambda_causal=0.01,    # causal router / MoD aux or predictor BCE (mean over routed layers)
-        lambda_tpn=0.05,       # TDTF transition-network MSE (mean over routed layers)
-    ))
-
-
 @dataclasses.dataclass(frozen=True)
 class RoutingConfig:
-    """Static routing hyper-parameters (hashable; fields as in ``default_config``)."""
+    """Static routing hyper-parameters (hashable); the one source of the ``config.routing`` defaults
+    (the spec's DTF), see ``default_config``."""
 
-    kind: str = "dtf"
+    kind: str = "dtf"            # mod | dtf | tdtf
+    # Layer i is routed ("dynamic") iff i % every == offset. DTF: layer i-1 is its dense decision
+    # layer. Default: layers 1, 3, 5, ... (MoD's "every other block").
     every: int = 2
     offset: int = 1
-    capacity: float = 0.5
+    capacity: float = 0.5        # k = floor(capacity * T) tokens per routed layer (MoD: 0.125; DTF gamma: 0.5)
+    # Causal-router evaluation / decoding: tokens with sigmoid(logit) > 0.5 are processed, at most
+    # the first floor(causal_capacity * T) of them (by position, so the cap stays causal).
     causal_capacity: float = 1.0
-    mod_causal: str = "aux"
-    predictor_hidden: int = 0
-    prior_ffn_factor: float = 0.125
-    ma_window: int = 100
-    ma_ema: float = 0.99
-    gate: str = "prob_or"
-    beta: str = "learned"
+    mod_causal: str = "aux"      # MoD causal inference: aux (BCE on router logits) | predictor (MLP on sg(x))
+    predictor_hidden: int = 0    # MoD predictor width; 0 = max(8, hidden_size // 8)
+    prior_ffn_factor: float = 0.125  # DTF PriorFFN / TDTF transition width f in {0.0625, 0.125, 0.25, 0.5}
+    ma_window: int = 100         # tokens in the causal moving average of D_st (VPR)
+    ma_ema: float = 0.99         # momentum of the long-run mean of D_st (router_state): MA with no history
+    gate: str = "prob_or"        # prob_or: G = S_CE + S_CU - S_CE*S_CU | ce_only: G = S_CE
+    beta: str = "learned"        # learned (softplus(beta_raw)) | scheduled (cosine beta_start -> beta_end)
     beta_start: float = 0.1
     beta_end: float = 100.0
-    d_ch: str = "mse"
-    kl_variance: float = 1.0
-    beta_ce_init: float = -0.3
-    beta_cu_init: float = -0.6
+    d_ch: str = "mse"            # mse: (1/d)||H_post - H_prior||^2 | kl: KL of isotropic Gaussians, / d
+    kl_variance: float = 1.0     # sigma^2 of the isotropic posterior and prior for d_ch=kl
+    beta_ce_init: float = -0.3   # pre-softplus
+    beta_cu_init: float = -0.6   # pre-softplus
     o_ce_init: float = 1.025
     m_cu_init: float = 1.1
-    lambda_prior: float = 0.05
-    lambda_causal: float = 0.01
-    lambda_tpn: float = 0.05
+    lambda_prior: float = 0.05   # DTF: (lambda_prior / |D|) * sum of L_prior over decision layers
+    lambda_causal: float = 0.01  # causal router / MoD aux or predictor BCE (mean over routed layers)
+    lambda_tpn: float = 0.05     # TDTF transition-network MSE (mean over routed layers)
 
     @classmethod
     def from_config(cls, cd: ml_collections.ConfigDict | Mapping[str, Any]) -> "RoutingConfig":
-        given = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(given) - fields)
-        if unknown:
-            hints = [f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, fields, 1))
-                                 else "") for k in unknown]
-            raise ValueError(f"Unknown config.routing field(s): {', '.join(hints)}.")
-        return cls(**given)
+        """``config.routing`` -> RoutingConfig; unknown fields are an error with a did-you-mean hint."""
+        return config_util.from_config(cls, cd, "config.routing")
 
     def validate(self, num_layers: int) -> None:
         """Raises ValueError naming the ``config.routing`` field and what it accepts."""
@@ -157,6 +123,11 @@ class RoutingConfig:
             else:
                 out.append("dense")
         return tuple(out)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """``config.routing``: which layers route and how (the ``RoutingConfig`` defaults: the spec's DTF)."""
+    return config_util.config_dict(RoutingConfig)
 
 
 # ------------------------------------------------------------------------------------------------

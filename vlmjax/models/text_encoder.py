@@ -49,10 +49,9 @@ import jax
 import jax.numpy as jnp
 
 from vlmjax.models import layers
-from vlmjax.models.layers import ACT_BATCH, ACT_EMBED, ACT_HEAD_DIM, ACT_HEADS, ACT_LEN
+from vlmjax.models.layers import ACT_BATCH, ACT_EMBED, ACT_LEN
 
 Array = jax.Array
-Dtype = Any
 
 VARIANTS = ("clip", "siglip")
 # HF legacy CLIP configs (before transformers PR #24773) carry eos_token_id=2 and pool at argmax(ids).
@@ -127,57 +126,9 @@ class TextEncoderConfig:
 LayerNorm = layers.LayerNorm
 
 
-class EncoderAttention(nn.Module):
-    """Multi-head self-attention with biased q/k/v/out projections (HF ``CLIPAttention``).
-
-    No RoPE (positions are added at the input); the mask decides causal vs bidirectional.
-    """
-
-    num_heads: int
-    head_dim: int
-    initializer_range: float = 0.02
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, mask: Array) -> Array:
-        """x: [B, T, D]; mask: [B, T, T] bool (True = attend) -> [B, T, D]."""
-        features = x.shape[-1]
-
-        def proj(name: str) -> layers.DenseGeneral:
-            return layers.DenseGeneral(
-                features=(self.num_heads, self.head_dim),
-                kernel_axes=("embed", "q_heads", "head_dim"),
-                use_bias=True,
-                initializer_range=self.initializer_range,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=name,
-            )
-
-        # HF {q,k,v}_proj: weight [H*Dh, D] -> kernel [D, H, Dh]; bias [H*Dh] -> [H, Dh].
-        q = proj("q_proj")(x)
-        k = proj("k_proj")(x)
-        v = proj("v_proj")(x)
-        axes = (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM)
-        q = nn.with_logical_constraint(q, axes)
-        k = nn.with_logical_constraint(k, axes)
-        v = nn.with_logical_constraint(v, axes)
-        # K = H: plain multi-head attention through the shared GQA kernel (scale Dh^-0.5, fp32 softmax).
-        out = layers.dot_product_attention(q, k, v, mask, self.dtype)  # [B, T, H, Dh]
-        out = nn.with_logical_constraint(out, axes)
-        # HF out_proj: weight [D, H*Dh] -> kernel [H, Dh, D]; bias [D].
-        return layers.DenseGeneral(
-            features=features,
-            kernel_axes=("q_heads", "head_dim", "embed"),
-            axis=(-2, -1),
-            use_bias=True,
-            initializer_range=self.initializer_range,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="out_proj",
-        )(out)
-
+# Biased q/k/v/out projections, no RoPE; the mask decides causal vs bidirectional. The same module as
+# the ViT towers' (``vit.VisionAttention``), so both keep the HF CLIPAttention param names.
+EncoderAttention = layers.EncoderAttention
 
 EncoderMLP = layers.EncoderMLP
 
@@ -194,7 +145,7 @@ class EncoderLayer(nn.Module):
         norm = lambda name: LayerNorm(eps=c.layer_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
                                       name=name)
         x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
-        h = EncoderAttention(num_heads=c.num_attention_heads, head_dim=c.head_dim,
+        h = EncoderAttention(num_heads=c.num_attention_heads, head_dim=c.head_dim, hidden_size=c.hidden_size,
                              initializer_range=c.initializer_range, dtype=c.dtype,
                              param_dtype=c.param_dtype, name="self_attn")(norm("layer_norm1")(x), mask)
         x = x + h

@@ -54,6 +54,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from vlmjax.models import layers
 from vlmjax.models.layers import ACT_BATCH, ACT_EMBED, ACT_HEAD_DIM, ACT_HEADS, ACT_LEN, ACT_MLP
@@ -256,14 +257,13 @@ def interpolate_position_embedding(
         [gh * gw, D] float32. Runs in fp32 at full matmul precision (HF interpolates in fp32 too).
     """
     gh, gw = out_hw
-    d = table.shape[-1]
     if (gh, gw) == (grid, grid):
         return table.astype(jnp.float32)
     mh = jnp.asarray(bicubic_resize_matrix(grid, gh, antialias), jnp.float32)
     mw = jnp.asarray(bicubic_resize_matrix(grid, gw, antialias), jnp.float32)
-    x = table.astype(jnp.float32).reshape(grid, grid, d)
+    x = rearrange(table.astype(jnp.float32), "(h w) d -> h w d", h=grid)
     x = jnp.einsum("oh,pw,hwd->opd", mh, mw, x, precision=jax.lax.Precision.HIGHEST)
-    return x.reshape(gh * gw, d)
+    return rearrange(x, "h w d -> (h w) d")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,55 +274,9 @@ def interpolate_position_embedding(
 LayerNorm = layers.LayerNorm
 
 
-def _bidirectional(q: Array, k: Array, v: Array, dtype: Dtype) -> Array:
-    """Full (non-causal) attention: q [B, T, H, Dh], k/v [B, S, H, Dh] -> [B, T, H, Dh]."""
-    mask = jnp.ones((q.shape[0], q.shape[1], k.shape[1]), jnp.bool_)  # constant: XLA drops the select
-    return layers.dot_product_attention(q, k, v, mask, dtype)
-
-
-class VisionAttention(nn.Module):
-    """Bidirectional multi-head self-attention with biased projections.
-
-    HF ``CLIPAttention`` / ``SiglipAttention`` (q_proj/k_proj/v_proj/out_proj) and
-    ``Dinov2Attention`` (legacy names attention.query/key/value, output.dense): weight [H*Dh, D] ->
-    kernel [D, H, Dh], bias [H*Dh] -> [H, Dh]; out weight [D, H*Dh] -> kernel [H, Dh, D].
-
-    ``project`` and ``output`` are the two halves of ``__call__``, so callers that compute the
-    attention themselves (token reuse runs the queries of a gathered subset against keys/values
-    partly restored from a cache) use the same parameters.
-    """
-
-    num_heads: int
-    head_dim: int
-    hidden_size: int
-    qkv_bias: bool = True
-    initializer_range: float = 0.02
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    def setup(self):
-        dense = functools.partial(layers.DenseGeneral, initializer_range=self.initializer_range,
-                                  dtype=self.dtype, param_dtype=self.param_dtype)
-        qkv = lambda: dense(features=(self.num_heads, self.head_dim), kernel_axes=("embed", "q_heads", "head_dim"),
-                            use_bias=self.qkv_bias)
-        self.q_proj, self.k_proj, self.v_proj = qkv(), qkv(), qkv()
-        self.out_proj = dense(features=self.hidden_size, kernel_axes=("q_heads", "head_dim", "embed"),
-                              axis=(-2, -1), use_bias=True)
-
-    def project(self, x: Array) -> tuple[Array, Array, Array]:
-        """x: [B, N, D] (already layer-normed) -> q, k, v, each [B, N, H, Dh]."""
-        return tuple(nn.with_logical_constraint(proj(x), (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM))
-                     for proj in (self.q_proj, self.k_proj, self.v_proj))
-
-    def output(self, out: Array) -> Array:
-        """Attention output [B, N, H, Dh] -> [B, N, D] (``out_proj``)."""
-        out = nn.with_logical_constraint(out, (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM))
-        return self.out_proj(out)
-
-    def __call__(self, x: Array) -> Array:
-        """x: [B, N, D] -> [B, N, D]."""
-        q, k, v = self.project(x)
-        return self.output(_bidirectional(q, k, v, self.dtype))
+# The encoder attention (q/k/v/out_proj with biases; ``project`` / ``output`` halves for token reuse)
+# is shared with the text towers: ``layers.EncoderAttention``.
+VisionAttention = layers.EncoderAttention
 
 
 MLP = layers.EncoderMLP
@@ -414,7 +368,7 @@ class EncoderLayer(nn.Module):
     def __call__(self, x: Array, deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
         """x: [B, N, D] -> ([B, N, D], aux={})."""
         q, k, v = self.qkv(x)
-        return self.finish(x, _bidirectional(q, k, v, self.config.dtype), deterministic), {}
+        return self.finish(x, layers.bidirectional_attention(q, k, v, self.config.dtype), deterministic), {}
 
 
 def _drop_path(module: nn.Module, h: Array, rate: float, deterministic: bool) -> Array:
@@ -471,7 +425,7 @@ class _PoolingAttention(nn.Module):
         k, v = kv[:, :, 0], kv[:, :, 1]
         k = nn.with_logical_constraint(k, (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM))
         v = nn.with_logical_constraint(v, (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM))
-        out = _bidirectional(q, k, v, c.dtype)  # [B, 1, H, Dh]
+        out = layers.bidirectional_attention(q, k, v, c.dtype)  # [B, 1, H, Dh]
         return layers.DenseGeneral(d, kernel_axes=("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=True,
                                    initializer_range=c.initializer_range, dtype=c.dtype,
                                    param_dtype=c.param_dtype, name="out_proj")(out)
@@ -500,12 +454,11 @@ class VisionEmbeddings(nn.Module):
         gh, gw = height // p, width // p
         if gh == 0 or gw == 0:
             raise ValueError(f"Images of {height}x{width} are smaller than one {p}x{p} patch.")
-        x = pixel_values[:, : gh * p, : gw * p].reshape(b, gh, p, gw, p, channels)
-        x = x.transpose(0, 1, 3, 2, 4, 5)  # [B, gh, gw, p, p, C]
+        x = rearrange(pixel_values[:, : gh * p, : gw * p], "b (gh ph) (gw pw) c -> b gh gw ph pw c", ph=p, pw=p)
         x = layers.DenseGeneral(d, kernel_axes=(None, None, None, "embed"), axis=(-3, -2, -1),
                                 use_bias=c.patch_bias, initializer_range=c.initializer_range, dtype=c.dtype,
                                 param_dtype=c.param_dtype, name="patch_embedding")(x)
-        x = x.reshape(b, gh * gw, d)
+        x = rearrange(x, "b gh gw d -> b (gh gw) d")
 
         vector = lambda name, shape, axes: self.param(
             name, nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range), axes), shape,

@@ -28,9 +28,9 @@ def load_pretrained(entries, abstract_params, shardings, skip=()) -> dict[str, A
     out: dict[str, Any] = {}
     for path, hf_dir in entries:
         prefix = "/".join(p for p in path.split("/") if p)
-        abstract = tree.filter_paths(tree.subtree(abstract_params, path, "init_from params"), patterns, prefix)
+        abstract = tree.filter_paths(tree.subtree(abstract_params, path, "init_from"), patterns, prefix)
         sharding = None if shardings is None else tree.filter_paths(
-            tree.subtree(shardings, path, "init_from params"), patterns, prefix)
+            tree.subtree(shardings, path, "init_from"), patterns, prefix)
         loaded = convert.load_params(hf_dir, convert.build(hf_dir), abstract, shardings=sharding)
         tree.set_subtree(out, path, loaded)
     return out

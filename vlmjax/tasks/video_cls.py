@@ -9,6 +9,7 @@ the names of vlmjax.models.vit.VisionTransformer>, 'head': linear classifier}``.
 
 from __future__ import annotations
 
+import einops
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -86,9 +87,9 @@ class VideoClsTask(Task):
 
     def _forward(self, params, batch, rng=None):
         frames = normalize(batch["frames"])
-        b, f = frames.shape[:2]
+        f = frames.shape[1]
         rngs = {"dropout": rng} if rng is not None else {}
-        logits = self.model.apply({"params": params}, frames.reshape((b * f,) + frames.shape[2:]),
+        logits = self.model.apply({"params": params}, einops.rearrange(frames, "b f h w c -> (b f) h w c"),
                                   deterministic=rng is None, rngs=rngs)
         labels = jnp.repeat(batch["label"], f)
         weight = jnp.repeat(batch["mask"].astype(jnp.float32), f)
