@@ -55,7 +55,7 @@ def vit_forward_flops(*, hidden_size: int, intermediate_size: int, num_layers: i
 
 
 # ------------------------------------------------------------------------------------------------
-# Routed decoders (MoD, DTF, TDTF): shared/specs/routing.md, vlmjax/models/routed_decoder.py
+# Routed decoders (MoD, DTF, TDTF): docs/routing.md, vlmjax/models/routed_decoder.py
 # ------------------------------------------------------------------------------------------------
 
 def _capacity_tokens(capacity: float, length: int) -> int:
@@ -162,7 +162,7 @@ def routed_decoder_train_flops(cfg, rc, batch_size: int, seq_len: int, remat: bo
 
 
 # ------------------------------------------------------------------------------------------------
-# Token reuse for video ViTs (ReuseViT): shared/specs/token-reuse.md, vlmjax/models/reuse.py
+# Token reuse for video ViTs (ReuseViT): docs/token-reuse.md, vlmjax/models/reuse.py
 # ------------------------------------------------------------------------------------------------
 
 def vit_layer_forward_flops_terms(vit_cfg, tokens: int, kv_tokens: int | None = None) -> dict[str, float]:

@@ -1,8 +1,8 @@
 """Inter-frame token reuse for video ViTs (ReuseViT).
 
 Hwang et al., "Deja Vu: Efficient Video-Language Query Engine with Learning-based Inter-Frame
-Computation Reuse", PVLDB 18(10), 2025 (arXiv 2506.14107); team spec ``shared/specs/token-reuse.md``,
-brief ``shared/seeds/000-token-reuse-decision-layer.txt``.
+Computation Reuse", PVLDB 18(10), 2025 (arXiv 2506.14107); spec ``docs/token-reuse.md`` (with
+the pitfalls of the PyTorch prototype that must not come back).
 
 A CLIP / SigLIP / DINOv2 ViT (``vit.VisionTransformer``, same parameter names, so HF checkpoints
 load unchanged) embeds the frames of a clip one at a time in a codec-like order (``Grouping``).

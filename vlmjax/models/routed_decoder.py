@@ -3,7 +3,7 @@
 ``RoutedDecoder`` is the dense ``Decoder`` (same parameter names, so HF Llama/Qwen checkpoints load
 into ``embed_tokens``, ``layers_{i}``, ``norm``, ``lm_head``) plus per-routed-layer routers
 ``routers_{i}`` and, in decode mode, per-layer stream state in the "cache" collection. Spec:
-``shared/specs/routing.md``; the primitives are in ``routing.py``.
+``docs/routing.md``; the primitives are in ``routing.py``.
 
 Selection modes (``mode=``):
   - ``"topk"``: the k = floor(capacity T) best tokens of the whole sequence (training; it looks at

@@ -1,6 +1,6 @@
 """Token routing primitives and routers: route / compute / unroute, MoD, DTF and TDTF.
 
-Spec: ``shared/specs/routing.md``. Sources: Mixture-of-Depths (Raposo et al. 2024, arXiv 2404.02258);
+Spec: ``docs/routing.md``. Sources: Mixture-of-Depths (Raposo et al. 2024, arXiv 2404.02258);
 the DTF surprise router (reviewed in ``seeds/002-dtf-router-review.txt``, whose listed prototype bugs
 are avoided here: D_st / D_ch are the squared error *divided by d*, not the L2 norm; CU uses the
 causal moving average of D_st; CE has the ``log(o_ce + eps)`` term, not an additive offset; the two
