@@ -1,16 +1,16 @@
-"""Frame classification on video clips: trains a ViT backbone (``task='video_cls'``).
+"""Frame classification on video clips: trains a ViT backbone (``task='video_cls'``; experiment:
+``configs/video_cls.py``).
 
 Every frame of a clip is one example labelled with the clip's class (the main sprite's class on the
-procedural video of ``vlmjax.data.video``). Used by ``configs/reuse.py`` to train, within the same
-run, the small ViT that token reuse is then distilled against when no pretrained backbone is given
-(``init_from``), so the default needs nothing downloaded. Its params are ``{'vit': <ViT params,
+procedural video of ``vlmjax.data.procedural_video``). ``configs/reuse.py`` runs it as its stage
+'backbone': the small ViT that token reuse is then distilled against when no pretrained backbone is
+given (``init_from``), so the default needs nothing downloaded. Its params are ``{'vit': <ViT params,
 the names of vlmjax.models.vit.VisionTransformer>, 'head': linear classifier}``.
 """
 
 from __future__ import annotations
 
 import einops
-import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
