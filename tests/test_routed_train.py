@@ -14,7 +14,9 @@ def test_dtf_smoke_trains_logs_telemetry_resumes_and_generates(tmp_path, capsys)
     assert s1["step"] == 3
     s2 = runner.run(load_config("dtf", "smoke"), wd)
     out = capsys.readouterr().out
-    assert "Resumed from checkpoint step 3" in out and "| lm " in out and " sel 0.500 G " in out
+    # The log line labels the optimised loss as the total and shows the LM loss beside the routers.
+    assert "Resumed from checkpoint step 3" in out and " total-loss " in out and "| lm-loss " in out
+    assert " sel 0.500 G " in out
     assert s2["step"] == 6 and s2["sample"]
     end = s2["eval_end"]
     for k in ("loss", "perplexity", "loss_topk", "perplexity_topk", "selected_frac", "selected_frac_topk"):
@@ -51,6 +53,7 @@ def test_dtf_qwen_variant_trains_only_lora_and_routers(tmp_path):
     from vlmjax import sharding as shd
     from vlmjax import tasks
     from vlmjax.train import trainer as trainer_lib
+    from vlmjax import tree
     from vlmjax.tree import path_str
 
     _, path = _hf_model("qwen2_bias", tmp_path, vocab_size=320, num_hidden_layers=4, bos_token_id=1,
@@ -65,7 +68,7 @@ def test_dtf_qwen_variant_trains_only_lora_and_routers(tmp_path):
     tr = trainer_lib.Trainer(cfg, task, mesh)
     state = tr.init()
     loaded = task.pretrained_params(tr.abstract_state.params, tr.state_shardings.params)
-    state = state.replace(params=trainer_lib._override(state.params, loaded))
+    state = state.replace(params=tree.merge(state.params, loaded))
     before = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
     assert all(not v.any() for k, v in before.items() if k.endswith("lora_b"))
     hf_names = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(loaded)[0]}
