@@ -4,7 +4,7 @@ docs/routing.md: decision/dynamic layer pairs, PriorFFN, D_st / D_ch, CE / CU wi
 average, probabilistic OR, top-k at gamma, causal router. Model, data and schedule are the dense
 baseline's (configs/lm.py), so the two compare at the same sizes; this file adds the routing.
 
-  python -m vlmjax.main --config=configs/dtf.py --workdir=/tmp/dtf             # 2-core CPU: ~6 min
+  python -m vlmjax.main --config=configs/dtf.py --workdir=/tmp/dtf             # 2-core CPU: 5-15 min (README)
   python -m vlmjax.main --config=configs/dtf.py:smoke --workdir=/tmp/dtf_smoke  # seconds, for tests
   python -m vlmjax.main --config=configs/dtf.py:qwen --workdir=/tmp/dtf_qwen \
       --config.init_from=/ckpt/Qwen2.5-0.5B         # LoRA fine-tune of a pretrained Qwen2.5 + DTF routers

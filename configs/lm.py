@@ -3,7 +3,7 @@ r"""Dense decoder LM trained from scratch on the embedded English corpus (the ro
 The routed experiments (configs/mod.py, dtf.py, tdtf.py) start from this file's model, data and
 schedule, so their comparisons are at the same sizes.
 
-  python -m vlmjax.main --config=configs/lm.py --workdir=/tmp/lm              # 2-core CPU: ~6 min
+  python -m vlmjax.main --config=configs/lm.py --workdir=/tmp/lm              # 2-core CPU: 5-15 min (README)
   python -m vlmjax.main --config=configs/lm.py:smoke --workdir=/tmp/lm_smoke  # seconds, for tests
   python -m vlmjax.main --config=configs/lm.py:smollm2_135m --workdir=/tmp/lm135 \
       --config.data.source=jsonl --config.data.path='/data/*.jsonl'          # accelerator-sized

@@ -8,7 +8,7 @@ Two stages when no pretrained backbone is given (config.stages): 'backbone' (con
 the same clips) trains a small ViT in WORKDIR/backbone, then the reuse modules train against it in
 WORKDIR/reuse. A finished stage is skipped on the next start; an interrupted one resumes.
 
-  python -m vlmjax.main --config=configs/reuse.py --workdir=/tmp/reuse           # 2-core CPU: ~6 min
+  python -m vlmjax.main --config=configs/reuse.py --workdir=/tmp/reuse           # 2-core CPU: 6-19 min (README)
   python -m vlmjax.main --config=configs/reuse.py:smoke --workdir=/tmp/reuse_smoke
   python -m vlmjax.main --config=configs/reuse.py:clip_b16 --config.init_from=/ckpt/clip-vit-base-patch16 \
       --workdir=/tmp/reuse_clip

@@ -4,7 +4,7 @@ Every frame of a clip is one example labelled with the clip's class (its main sp
 backbone configs/reuse.py trains first (its stage 'backbone') when no pretrained ViT is given; run
 alone it is a quick ViT training sanity check that needs nothing downloaded.
 
-  python -m vlmjax.main --config=configs/video_cls.py --workdir=/tmp/vcls          # 2-core CPU: ~3 min
+  python -m vlmjax.main --config=configs/video_cls.py --workdir=/tmp/vcls          # 2-core CPU: 3-11 min
   python -m vlmjax.main --config=configs/video_cls.py:smoke --workdir=/tmp/vcls_smoke
   python -m vlmjax.main --config=configs/video_cls.py --workdir=/tmp/vcls_real \
       --config.data.source=folder --config.data.path=/data/videos   # class sub-directories of videos

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_default_lm_config_learns(tmp_path):
-    """The README's main job (configs/lm.py default, ~6 min on 2 cores) clearly lowers val loss."""
+    """The README's main job (configs/lm.py default, 5-15 min on 2 cores) clearly lowers val loss."""
     p = run_module(["-m", "vlmjax.main", "--config=configs/lm.py", f"--workdir={tmp_path}"], timeout=1800)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     evals = read_metrics(str(tmp_path), "eval")
