@@ -24,17 +24,13 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from vlmjax.train.metrics import PathLike, as_path, read_json
-from vlmjax.tree import path_str
+from vlmjax.tree import flat_with_paths
 
 CORRUPT_DIR = "corrupt_checkpoints"
 
 
-def _shapes(tree) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if hasattr(leaf, "shape"):
-            out[path_str(path)] = tuple(leaf.shape)
-    return out
+def _shapes(state) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in flat_with_paths(state).items() if hasattr(v, "shape")}
 
 
 def check_compatible(saved_metadata, abstract_state, step: int, directory: PathLike) -> None:
