@@ -84,3 +84,25 @@ def test_bad_regex_and_unmatched_frozen_are_errors():
         _update(_cfg(frozen=("^vision/",)))
     with pytest.raises(ValueError, match="not a valid regular expression"):
         _update(_cfg(frozen=("([",)))
+
+
+def test_nonfinite_update_from_a_corrupted_optimizer_state_is_skipped():
+    # Finite gradients, but a NaN first moment (a corrupted or overflowed optimizer state): the
+    # update itself is NaN. optax.apply_if_finite checks only the gradients and would apply it.
+    params = _params()
+    tx, _ = optimizer.make_optimizer(_cfg(), params, 100)
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, state = tx.update(grads, tx.init(params), params)
+    poison = lambda path, x: (jnp.full_like(x, jnp.nan) if "mu" in jax.tree_util.keystr(path)
+                              and jnp.issubdtype(x.dtype, jnp.floating) else x)
+    state = jax.tree_util.tree_map_with_path(poison, state)
+    updates, new_state = tx.update(grads, state, params)
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(updates))
+    assert [int(x) for x in optimizer.nonfinite_counts(new_state)] == [1, 1]
+    # The old inner state is kept (not replaced by whatever the bad step computed).
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b, equal_nan=True)),
+                        new_state.inner_state, state.inner_state)
+    assert all(jax.tree.leaves(same))
+    # The state type is optax's, so checkpoints written with apply_if_finite restore into it.
+    import optax  # pylint: disable=g-import-not-at-top
+    assert isinstance(new_state, optax.ApplyIfFiniteState)

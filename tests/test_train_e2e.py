@@ -74,7 +74,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
             fh.write(b"\0garbage")
     s = runner.run(smoke_config(total_steps=8), wd)
     out = capsys.readouterr().out
-    assert "step 6" in out and "unreadable" in out
+    assert "checkpoint step 6" in out and "is unusable" in out
     assert "Resumed from checkpoint step 3" in out
     assert s["step"] == 8
     # The bad step was kept for inspection, not deleted, and training redid steps 4..8.

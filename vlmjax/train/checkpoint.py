@@ -8,16 +8,29 @@ deleted) and the previous step is used.
 
 Every path goes through ``etils.epath``, so the directory may be local or ``gs://bucket/...`` (orbax
 is epath-native and writes the arrays through tensorstore). ``directory`` is printed as given.
+
+Integrity: orbax's commit protects against a crash mid-write, not against a file that is damaged
+later (a bit flipped on disk or in transit keeps the size and the metadata). So every step carries
+``vlmjax_checksums.json``, the SHA-256 of each of its files, written inside the step BEFORE orbax
+commits it (orbax's ``post_finalization_callback`` runs between finalize and the rename), so a
+committed step always has its checksums. Restore verifies them, then checks that every restored
+float is finite; a step that fails either is quarantined like an unreadable one and the previous
+step is used. A step without checksums (written by an older vlmjax) is used after the finiteness
+check, with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import time
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -27,6 +40,82 @@ from vlmjax.train.metrics import PathLike, as_path, read_json
 from vlmjax.tree import flat_with_paths
 
 CORRUPT_DIR = "corrupt_checkpoints"
+CHECKSUMS = "vlmjax_checksums.json"
+# Files orbax may rewrite after our checksums are taken (commit markers, step metadata timestamps).
+_UNHASHED = ("commit_success.txt", "_CHECKPOINT_METADATA", CHECKSUMS)
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+class CorruptCheckpoint(Exception):
+    """A step whose files do not match its checksums, or whose restored state is not finite."""
+
+
+class NoReadableCheckpoint(RuntimeError):
+    """Every checkpoint of a workdir was unreadable (all moved to corrupt_checkpoints/)."""
+
+
+def _files(root: epath.Path, rel: str = ""):
+    """(relative path, Path) of every file under ``root``, local or gs:// (no os.walk on URIs)."""
+    for p in sorted(root.iterdir(), key=lambda q: q.name):
+        name = f"{rel}{p.name}"
+        if p.is_dir():
+            yield from _files(p, name + "/")
+        elif p.name not in _UNHASHED:
+            yield name, p
+
+
+def _sha256(path: epath.Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(step_dir: PathLike) -> int:
+    """Writes ``<step_dir>/vlmjax_checksums.json`` ({relative path: sha256}); returns the file count."""
+    step_dir = as_path(step_dir)
+    sums = {rel: _sha256(p) for rel, p in _files(step_dir)}
+    (step_dir / CHECKSUMS).write_text(json.dumps({"sha256": sums}, indent=1, sort_keys=True) + "\n")
+    return len(sums)
+
+
+def verify_checksums(step_dir: PathLike) -> bool:
+    """True when every file listed in the step's checksums is there with the same SHA-256; False when
+    the step has no checksums (an older vlmjax wrote it); raises CorruptCheckpoint naming the file."""
+    step_dir = as_path(step_dir)
+    listing = step_dir / CHECKSUMS
+    if not listing.exists():
+        return False
+    try:
+        want = json.loads(listing.read_text())["sha256"]
+    except (ValueError, KeyError) as e:
+        raise CorruptCheckpoint(f"{CHECKSUMS} is unreadable ({e})") from None
+    for rel, digest in sorted(want.items()):
+        p = step_dir / rel
+        if not p.exists():
+            raise CorruptCheckpoint(f"{rel} is missing")
+        got = _sha256(p)
+        if got != digest:
+            raise CorruptCheckpoint(f"{rel} has SHA-256 {got[:12]}... but {digest[:12]}... was written")
+    return True
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def nonfinite_paths(state, limit: int = 5) -> list[str]:
+    """Up to ``limit`` 'a/b/c' paths of float arrays in ``state`` holding NaN or Inf ([] when all are
+    finite; one fused on-device check first, so a healthy state costs one reduction)."""
+    if bool(_all_finite(state)):
+        return []
+    bad = [k for k, v in flat_with_paths(state).items()
+           if jnp.issubdtype(v.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(v)))]
+    return bad[:limit]
 
 
 def _shapes(state) -> dict[str, tuple[int, ...]]:
@@ -82,22 +171,31 @@ def quarantine_step(directory: PathLike, step: int, reason: str = "") -> epath.P
 
 
 class Checkpointer:
-    """Saves and restores ``{"state", "data", "config"}`` under ``directory``.
+    """Saves and restores ``{"state", "data", "config"}`` under ``directory``, with checksums.
 
     ``directory``: a ``str`` or ``epath.Path``, local (made absolute) or ``gs://``. ``.directory`` is
     its string form for messages (``gs://bucket/run/checkpoints`` stays that); ``.path`` the
-    ``epath.Path``.
+    ``epath.Path``. Saves are asynchronous unless ``async_save=False`` (then ``save`` returns once the
+    step is committed); one save is in flight at a time (orbax waits for the previous one).
     """
 
     def __init__(self, directory: PathLike, *, keep: int, every: int, async_save: bool = True):
         self.path = as_path(directory)
         self.directory = os.fspath(self.path)
         self.every = int(every)
+        self.async_save = bool(async_save)
+        self._sealing: int | None = None  # the step whose save is in flight
         # The save interval is decided here, not by orbax, whose default policy also saves the first
-        # step it sees (a resumed run would checkpoint off-interval).
+        # step it sees (a resumed run would checkpoint off-interval). The async checkpointer is used
+        # for synchronous saves too (followed by a wait): its post-finalization hook is where the
+        # checksums are written, before the commit.
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
-            enable_async_checkpointing=async_save,
+            enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._seal),
+            # A step left half-written by a killed process (`<step>.orbax-checkpoint-tmp`) is removed
+            # when the manager opens; it was never committed, so nothing readable is lost.
+            cleanup_tmp_directories=True,
             create=True,
         )
         self._open()
@@ -121,7 +219,9 @@ class Checkpointer:
         """Saves if ``step`` is on the save interval (or ``force``). Returns whether it saved."""
         if not force and (self.every <= 0 or step % self.every):
             return False
-        return self.manager.save(
+        self.manager.wait_until_finished()  # the previous step is sealed before _sealing moves on
+        self._sealing = step
+        saved = self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
@@ -130,24 +230,49 @@ class Checkpointer:
             ),
             force=True,
         )
+        if not self.async_save:
+            self.manager.wait_until_finished()
+        return saved
 
-    def restore_latest(self, abstract_state, data_iter) -> tuple[Any, int] | None:
-        """Restores the newest readable step onto ``abstract_state``'s shardings.
+    def _seal(self):
+        """Orbax's post-finalization hook (background thread, every process): process 0 writes the
+        checksums of the step being saved into its still-uncommitted directory."""
+        step = self._sealing
+        if step is None or jax.process_index() != 0:
+            return
+        # Local: orbax writes `<step>.orbax-checkpoint-tmp[-<time>]` and renames it on commit; object
+        # stores: the final directory, committed by a marker file written after this hook.
+        tmp = [p for p in self.path.glob(f"{step}{_TMP_SUFFIX}*") if p.is_dir()]
+        step_dir = tmp[0] if len(tmp) == 1 else self.path / str(step)
+        try:
+            write_checksums(step_dir)
+        except Exception as e:  # noqa: BLE001 - the step is still a valid (unverified) checkpoint
+            logging.error("Could not write checksums for checkpoint step %d in %s: %s", step, step_dir, e)
+
+    def restore_latest(self, abstract_state, data_iter, *, allow_fresh: bool = False) -> tuple[Any, int] | None:
+        """Restores the newest usable step onto ``abstract_state``'s shardings.
 
         ``abstract_state``: ShapeDtypeStructs with the CURRENT run's shardings, so a checkpoint written
-        on another mesh is resharded on load. ``data_iter`` is restored in place. Returns
-        ``(state, step)`` or None when there is no checkpoint.
+        on another mesh is resharded on load. ``data_iter`` is restored in place. A step is usable when
+        its metadata and arrays read, its checksums match and every restored float is finite; others
+        are quarantined (``corrupt_checkpoints/``). Returns ``(state, step)``, or None when there is
+        nothing to resume. When checkpoints existed but none is usable (now or in an earlier run, whose
+        quarantined steps are still in ``corrupt_checkpoints/``), raises NoReadableCheckpoint unless
+        ``allow_fresh`` (then None: start again from step 0).
         """
+        bad: list[int] = []
         for step in reversed(self.all_steps()):
             try:
                 saved = self.manager.item_metadata(step)["state"]
             except Exception as e:  # noqa: BLE001 - unreadable metadata: the step is unusable.
                 self._report_unreadable(step, e)
+                bad.append(step)
                 continue
             # Readable but written by another model/optimizer config: that is the user's config
             # error, not corruption, so nothing is moved aside and training does not restart.
             check_compatible(saved, abstract_state, step, self.directory)
             try:
+                verified = self._verify(step)
                 restored = self.manager.restore(
                     step,
                     args=ocp.args.Composite(
@@ -155,31 +280,69 @@ class Checkpointer:
                         data=grain.checkpoint.CheckpointRestore(data_iter),
                     ),
                 )
+                nonfinite = nonfinite_paths(restored["state"])
+                if nonfinite:
+                    raise CorruptCheckpoint(f"non-finite values in {', '.join(nonfinite)}")
             except Exception as e:  # noqa: BLE001 - any read failure means "this step is unusable".
                 self._report_unreadable(step, e)
+                bad.append(step)
                 continue
+            if not verified and jax.process_index() == 0:
+                print(f"WARNING: checkpoint step {step} in {self.directory} has no {CHECKSUMS} (written "
+                      "by an older vlmjax); its values are finite, so it is used unverified.", flush=True)
             return restored["state"], step
+        earlier = self.quarantined()
+        if (bad or earlier) and not allow_fresh:
+            where = os.fspath(self.path.parent / CORRUPT_DIR)
+            raise NoReadableCheckpoint(
+                f"No usable checkpoint in {self.directory}: "
+                + (f"step(s) {', '.join(map(str, bad))} failed now" if bad else "it is empty")
+                + (f"; quarantined in {where}: {', '.join(earlier)}" if earlier else "")
+                + ". Nothing was deleted. To train again from step 0 in this workdir, rerun with "
+                "--config.allow_fresh_start=True (or use a fresh --workdir).")
         return None
 
-    def _report_unreadable(self, step: int, e: Exception):
-        logging.error("Checkpoint step %d in %s is unreadable (%s: %s); falling back to the "
-                      "previous step.", step, self.directory, type(e).__name__, e)
-        if jax.process_index() == 0:
-            print(f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
-                  f"({type(e).__name__}: {str(e)[:300]}); falling back to the previous checkpoint.",
-                  flush=True)
-        self._quarantine(step, f"{type(e).__name__}: {e}")
+    def quarantined(self) -> list[str]:
+        """Names (``<step>.<unix time>``) of the steps of this run moved to ``corrupt_checkpoints/``."""
+        folder = self.path.parent / CORRUPT_DIR
+        if not folder.exists():
+            return []
+        return sorted((p.name for p in folder.iterdir() if p.is_dir()),
+                      key=lambda n: [int(x) for x in re.findall(r"\d+", n)])
 
-    def _quarantine(self, step: int, reason: str = ""):
-        """Moves an unreadable step aside (kept for inspection) so the step can be saved again."""
-        multihost_utils.sync_global_devices(f"vlmjax_ckpt_quarantine_{step}")
+    def _verify(self, step: int) -> bool:
+        """Checksums of ``step`` on process 0, the outcome shared with every process (one reads)."""
+        code, reason = 0, ""
         if jax.process_index() == 0:
-            dst = quarantine_step(self.path, step, reason)
-            if dst is not None:
-                logging.warning("Moved checkpoint step %d to %s.", step, os.fspath(dst))
+            try:
+                code = 1 if verify_checksums(self.path / str(step)) else 0
+            except CorruptCheckpoint as e:
+                code, reason = -1, str(e)
+        if jax.process_count() > 1:
+            code = int(multihost_utils.broadcast_one_to_all(jnp.int32(code)))
+        if code < 0:
+            raise CorruptCheckpoint(reason or "checksum mismatch (see process 0's log)")
+        return code == 1
+
+    def _report_unreadable(self, step: int, e: Exception):
+        what = f"{type(e).__name__}: {e}".strip()
+        dst = self._quarantine(step, what)
+        if jax.process_index() == 0:
+            print(f"WARNING: checkpoint step {step} in {self.directory} is unusable ({_short(what)}); moved "
+                  f"to {os.fspath(dst) if dst else CORRUPT_DIR}, falling back to the previous checkpoint.",
+                  flush=True)
+        else:
+            logging.error("Checkpoint step %d in %s is unusable (%s).", step, self.directory, what)
+
+    def _quarantine(self, step: int, reason: str = "") -> epath.Path | None:
+        """Moves an unusable step aside (kept for inspection) so the step can be saved again; returns
+        where it went (on process 0; None elsewhere)."""
+        multihost_utils.sync_global_devices(f"vlmjax_ckpt_quarantine_{step}")
+        dst = quarantine_step(self.path, step, reason) if jax.process_index() == 0 else None
         multihost_utils.sync_global_devices(f"vlmjax_ckpt_quarantined_{step}")
         self.manager.close()
         self._open()
+        return dst
 
     def saved_config(self, step: int) -> dict[str, Any]:
         return read_json(self.path / str(step) / "config" / "metadata")
@@ -188,8 +351,17 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the in-flight save to commit (and be sealed), then closes the manager."""
+        try:
+            self.manager.wait_until_finished()
+        finally:
+            self.manager.close()
+
+
+def _short(text: str, limit: int = 300) -> str:
+    """One line of at most ``limit`` characters (orbax/tensorstore errors span many lines)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def load_params(workdir: PathLike, subtree: str = "") -> tuple[dict[str, Any], int]:

@@ -28,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_ckpts = 3
     c.async_ckpt = True
     c.stop_after = 0              # >0: stop (as if preempted) after this step, checkpoint saved
+    # When every checkpoint in the workdir is unusable (all moved to corrupt_checkpoints/), the run
+    # stops and says so; True starts it again from step 0 instead.
+    c.allow_fresh_start = False
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
     # Overrides of vlmjax.sharding.DEFAULT_RULES: tuple of (logical_name, mesh axis | tuple | None).
     c.sharding = ml_collections.ConfigDict(dict(rules=()))
@@ -53,6 +56,12 @@ def validate(config) -> None:
     for k in _NON_NEGATIVE:
         if int(config[k]) < 0:
             raise ValueError(f"config.{k}={config[k]} must be >= 0 (0 disables).")
+    frac = float(config.optim.max_nonfinite_fraction)
+    if not 0.0 <= frac <= 1.0:
+        raise ValueError(f"config.optim.max_nonfinite_fraction={frac} must be in [0, 1].")
+    if int(config.optim.max_consecutive_nonfinite) < 1:
+        raise ValueError(f"config.optim.max_consecutive_nonfinite={config.optim.max_consecutive_nonfinite} "
+                         "must be >= 1.")
     accum = int(config.optim.grad_accum_steps)
     if accum < 1:
         raise ValueError(f"config.optim.grad_accum_steps={accum} must be >= 1.")

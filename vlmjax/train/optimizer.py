@@ -2,8 +2,9 @@
 
 Groups are chosen by regular expressions on the parameter path ``"layers_0/attn/q_proj/kernel"``
 (big_vision ``optax.py``; deepmind/gemma ``peft``), so freezing a backbone or giving the projector a
-10x learning rate is a config line, never a code edit. Non-finite updates are skipped with
-``optax.apply_if_finite``, whose state keeps the counters the trainer logs.
+10x learning rate is a config line, never a code edit. Non-finite steps are skipped by
+``skip_nonfinite`` (gradients, the update itself and the new optimizer state are all checked), whose
+state keeps the counters the trainer logs.
 
 ``frozen`` freezes the params its regexes match; ``trainable`` (if set) freezes all the others, so
 "train only the LoRA adapters" is ``trainable=("lora_",)``.
@@ -14,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -47,6 +49,9 @@ def default_config() -> ml_collections.ConfigDict:
         # Non-finite grads: the update is skipped and counted; after this many consecutive skips the
         # trainer stops with an error rather than spin (the last checkpoint is still clean).
         max_consecutive_nonfinite=20,
+        # At the end of a run: more skipped updates than this fraction of the steps run, or a last
+        # step that was skipped, fails the run (non-zero exit) instead of reporting it as done.
+        max_nonfinite_fraction=0.05,
     ))
 
 
@@ -139,14 +144,48 @@ def make_optimizer(optim_cfg, params, total_steps: int) -> tuple[optax.GradientT
         chain.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
     chain.append(optax.multi_transform(transforms, labels))
     tx = optax.chain(*chain)
-    # Skip (and count) updates with NaN/Inf; max_consecutive_errors is set high because the trainer
-    # itself stops with a clear message, and apply_if_finite would otherwise apply the bad update.
-    tx = optax.apply_if_finite(tx, max_consecutive_errors=2**30)
-    return tx, schedule
+    return skip_nonfinite(tx), schedule
+
+
+def _finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``inner``, but a step whose gradients, resulting update or new optimizer state hold a NaN/Inf
+    changes nothing (zero update, the old optimizer state kept) and is counted.
+
+    ``optax.apply_if_finite`` checks the gradients only, so a non-finite update made from finite
+    gradients (a corrupted or overflowed moment estimate, e.g. ``nu`` = Inf after a bad restore) is
+    applied and poisons the parameters. Never gives up (the trainer stops the run with a message
+    after ``max_consecutive_nonfinite``). Same state type as ``apply_if_finite``
+    (``optax.ApplyIfFiniteState``), so checkpoints written with either restore into the other.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init(params):
+        return optax.ApplyIfFiniteState(
+            notfinite_count=jnp.zeros([], jnp.int32), last_finite=jnp.array(True, jnp.bool_),
+            total_notfinite=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
+
+    def update(grads, state, params=None, **extra_args):
+        updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+        ok = _finite(grads) & _finite(updates) & _finite(inner_state)
+        updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
+        inner_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), inner_state, state.inner_state)
+        one = jnp.ones([], jnp.int32)
+        return updates, optax.ApplyIfFiniteState(
+            notfinite_count=jnp.where(ok, 0, state.notfinite_count + one),
+            last_finite=ok,
+            total_notfinite=state.total_notfinite + jnp.where(ok, 0, one),
+            inner_state=inner_state)
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
-    """(consecutive, total) non-finite updates skipped, from apply_if_finite's state."""
+    """(consecutive, total) non-finite steps skipped, from ``skip_nonfinite``'s state."""
     return opt_state.notfinite_count, opt_state.total_notfinite
 
 

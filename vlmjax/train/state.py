@@ -14,7 +14,7 @@ class TrainState:
 
     step: int32 scalar, the number of optimizer updates applied so far.
     params: trainable parameters (fp32).
-    opt_state: optax state (apply_if_finite wrapping the configured chain).
+    opt_state: optax state (optimizer.skip_nonfinite wrapping the configured chain).
     model_state: non-trainable Linen collections (router moving averages, reuse caches), e.g.
       ``{"router_state": {...}}``; ``{}`` for a dense model. Updated by the forward pass, never
       differentiated.

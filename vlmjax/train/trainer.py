@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlmjax import sharding as shd
@@ -27,6 +28,7 @@ from vlmjax.train import checkpoint as ckpt_lib
 from vlmjax.train import config as config_lib
 from vlmjax.train import metrics as metrics_lib
 from vlmjax.train import optimizer as opt_lib
+from vlmjax.train import workdir_lock
 from vlmjax.train.state import TrainState
 from vlmjax.train.task import Task
 
@@ -224,24 +226,40 @@ class _Stack:
 # ------------------------------------------------------------------------------------------------
 
 SUMMARY = "summary.json"
+# Config fields that say how to run, not what the run is: a finished run is the same run without them.
+_NOT_THE_RUN = ("stop_after", "allow_fresh_start")
 
 
 class _Preempted:
-    """SIGTERM (TPU maintenance, SLURM preemption): finish the step, checkpoint, exit cleanly."""
+    """SIGTERM (TPU maintenance, SLURM preemption) or a first Ctrl-C: finish the step, checkpoint, exit
+    cleanly. A second Ctrl-C interrupts at once (KeyboardInterrupt; the in-flight save is still
+    waited for, so no step is left half-written)."""
 
     def __init__(self):
-        self.flag = False
-        try:
-            self._prev = signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not the main thread (e.g. inside a test runner thread)
-            self._prev = None
+        self.why = ""
+        self._prev = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._prev[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
 
-    def _handler(self, *_):
-        self.flag = True
+    @property
+    def flag(self) -> bool:
+        return bool(self.why)
+
+    def _handler(self, signum, _frame):
+        if signum == signal.SIGINT:
+            if self.why:  # the second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            print("\nCtrl-C: finishing this step, saving a checkpoint and exiting (Ctrl-C again to "
+                  "abort at once).", flush=True)
+        self.why = self.why or ("SIGTERM" if signum == signal.SIGTERM else "Ctrl-C")
 
     def restore(self):
-        if self._prev is not None:
-            signal.signal(signal.SIGTERM, self._prev)
+        for sig, prev in self._prev.items():
+            signal.signal(sig, prev)
+        self._prev = {}
 
 
 class _StepClock:
@@ -283,7 +301,7 @@ def finished_summary(config, workdir) -> dict[str, Any] | None:
     if int(done.get("step", -1)) < int(config.total_steps):
         return None  # e.g. total_steps was raised to train on
     saved = workdir / "config.json"
-    ignore = ("stop_after",)  # does not change what a finished run is
+    ignore = _NOT_THE_RUN
     mine = {k: v for k, v in json.loads(config.to_json_best_effort()).items() if k not in ignore}
     if not saved.exists() or {k: v for k, v in metrics_lib.read_json(saved).items() if k not in ignore} != mine:
         return None  # another config: the normal path resumes it or says why it cannot
@@ -301,11 +319,34 @@ def _describe_end(summary: dict[str, Any]) -> str:
     return f", eval loss {end:.4f}" if end is not None else ""
 
 
+
+def _config_changes(saved: dict[str, Any], mine: dict[str, Any]) -> list[str]:
+    """'a.b: old -> new' for every field that differs between two config dicts (nested)."""
+    a, b = tree.flatten(saved), tree.flatten(mine)
+    return [f"{k.replace('/', '.')}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k.split("/")[0] not in _NOT_THE_RUN]
+
+
+def _check_nonfinite_streak(consecutive: int, step: int, limit: int, ckpt_dir: str) -> None:
+    if consecutive >= limit:
+        raise FloatingPointError(
+            f"Non-finite loss, gradients or updates for {consecutive} consecutive steps up to step {step} "
+            f"(config.optim.max_consecutive_nonfinite={limit}). Those updates were skipped, so the "
+            f"parameters and the checkpoints in {ckpt_dir} are clean. Lower config.optim.lr, raise "
+            "config.optim.warmup_steps, or check the data.")
+
+
 def run(config, workdir, task: Task) -> dict[str, Any]:
     """Trains ``task`` as ``config`` says in ``workdir`` (a local path or ``gs://...``), resuming from
     its latest checkpoint. Returns the run's summary (also in ``workdir/summary.json`` and as the
     ``summary`` record of ``metrics.jsonl``). A run that already finished is not run again: its saved
-    summary is returned. Build ``task`` with ``vlmjax.run`` (the trainer never imports tasks)."""
+    summary is returned. Build ``task`` with ``vlmjax.run`` (the trainer never imports tasks).
+
+    Nothing is lost on any exit: the workdir is locked against a second writer
+    (``workdir_lock``), ``config.json`` is written only once the checkpoint has been found compatible
+    (a rejected run changes nothing on disk), every exit path waits for the in-flight checkpoint,
+    and a run that skipped too many non-finite updates fails instead of reporting success.
+    """
     config_lib.validate(config)
     workdir = metrics_lib.as_path(workdir)  # local paths made absolute; gs://... kept as given
     is_main = jax.process_index() == 0
@@ -315,12 +356,18 @@ def run(config, workdir, task: Task) -> dict[str, Any]:
 
     mesh = shd.make_mesh(config.mesh)
     config_lib.validate_for_mesh(config, shd.data_parallel_size(mesh), jax.process_count())
+    lock = workdir_lock.acquire_for_run(workdir)
+    try:
+        return _run_locked(config, workdir, task, mesh, is_main)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(config, workdir, task: Task, mesh, is_main: bool) -> dict[str, Any]:
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        metrics_lib.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
         print(f"vlmjax: task={config.task} devices={jax.device_count()} processes={jax.process_count()} "
               f"mesh={dict(mesh.shape)} workdir={workdir}", flush=True)
-
     trainer = Trainer(config, task, mesh)
     n_params = tree.num_params(trainer.abstract_state.params)
     ds = task.train_dataset(global_batch_size=config.batch_size, seed=config.seed,
@@ -333,7 +380,22 @@ def run(config, workdir, task: Task) -> dict[str, Any]:
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_ckpts,
                                  every=config.ckpt_every or config.total_steps,
                                  async_save=config.async_ckpt)
-    restored = ckpt.restore_latest(trainer.abstract_state, data_iter)
+    try:
+        restored = ckpt.restore_latest(trainer.abstract_state, data_iter,
+                                       allow_fresh=bool(config.allow_fresh_start))
+    except BaseException:
+        ckpt.close()
+        raise
+    cfg_dict = json.loads(config.to_json_best_effort())
+    config_path = workdir / "config.json"
+    if is_main:
+        # Only now, with the checkpoint (if any) found compatible, does the run write to the workdir.
+        if restored is not None and config_path.exists():
+            changes = _config_changes(metrics_lib.read_json(config_path), cfg_dict)
+            if changes:
+                print(f"Resuming with a changed config ({len(changes)} field(s)): {'; '.join(changes[:10])}"
+                      + (" ..." if len(changes) > 10 else ""), flush=True)
+        metrics_lib.write_json(config_path, cfg_dict)
     if restored is not None:
         state, start = restored
         if is_main:
@@ -350,10 +412,11 @@ def run(config, workdir, task: Task) -> dict[str, Any]:
         print(f"params: {n_params:,} ({n_params / 1e6:.2f}M)", flush=True)
 
     writer = metrics_lib.MetricWriter(workdir, config)
-    cfg_dict = json.loads(config.to_json_best_effort())
     units_per_step = task.units_per_step(config.batch_size)
     summary: dict[str, Any] = {"params": n_params, "total_steps": int(config.total_steps)}
     clock = _StepClock()
+    limit = int(config.optim.max_consecutive_nonfinite)
+    skipped_before = int(jax.device_get(opt_lib.nonfinite_counts(state.opt_state)[1]))
 
     def do_eval(step):
         t0 = time.perf_counter()
@@ -363,15 +426,17 @@ def run(config, workdir, task: Task) -> dict[str, Any]:
         clock.pause_s += res["eval_time_s"]
         return res
 
-    if start == 0 and config.eval_at_start:
-        summary["eval_start"] = do_eval(0)
-
     preempt = _Preempted()
     stop_at = min(config.total_steps, config.stop_after) if config.stop_after else config.total_steps
     t_run = time.perf_counter()
     step = start
     last_train: dict[str, Any] = {}
+    # The previous step's consecutive-skip counter, read one step late so the host never waits for
+    # the step it just dispatched (the device keeps one step queued), yet every step is checked.
+    pending: tuple[int, jax.Array] | None = None
     try:
+        if start == 0 and config.eval_at_start:
+            summary["eval_start"] = do_eval(0)
         while step < stop_at:
             t0 = time.perf_counter()
             batch = trainer.put(next(data_iter))
@@ -382,6 +447,10 @@ def run(config, workdir, task: Task) -> dict[str, Any]:
                 state, m = trainer.train_step(state, batch)
             step += 1
             clock.steps += 1
+            if pending is not None:
+                _check_nonfinite_streak(int(pending[1]), pending[0], limit, ckpt.directory)
+            m["nonfinite_consecutive"].copy_to_host_async()
+            pending = (step, m["nonfinite_consecutive"])
 
             if step % config.log_every == 0 or step == stop_at:
                 m = jax.device_get(m)  # blocks: the interval's time now covers its device work
@@ -402,16 +471,12 @@ def run(config, workdir, task: Task) -> dict[str, Any]:
                         f"gnorm {rec['grad_norm']:.3f} {units_per_step / dt:,.0f} {task.units}/s "
                         f"step {dt * 1e3:.1f}ms data-wait {100 * wait:.1f}% "
                         f"ETA {metrics_lib.format_eta((config.total_steps - step) * mean_dt)}")
+                if rec["nonfinite_skipped"]:
+                    line += f" skipped {rec['nonfinite_skipped']}"
                 extra = task.log_summary(rec)
                 line += f" | {extra}" if extra else ""
                 writer.write(step, rec, line=line)
                 last_train = rec
-                if int(m["nonfinite_consecutive"]) >= config.optim.max_consecutive_nonfinite:
-                    raise FloatingPointError(
-                        f"Non-finite loss or gradients for {int(m['nonfinite_consecutive'])} consecutive "
-                        f"steps up to step {step} (loss={loss}). Those updates were skipped, so the "
-                        f"parameters and the checkpoints in {ckpt.directory} are clean. Lower "
-                        f"config.optim.lr, raise config.optim.warmup_steps, or check the data.")
 
             if config.eval_every and step % config.eval_every == 0 and step != stop_at:
                 do_eval(step)
@@ -420,35 +485,72 @@ def run(config, workdir, task: Task) -> dict[str, Any]:
             clock.pause_s += time.perf_counter() - t0
             if preempt.flag:
                 if is_main:
-                    print(f"SIGTERM received: checkpointing at step {step} and exiting.", flush=True)
+                    print(f"{preempt.why}: checkpointing at step {step} and exiting.", flush=True)
                 break
+        if pending is not None:
+            _check_nonfinite_streak(int(pending[1]), pending[0], limit, ckpt.directory)
+        if step not in ckpt.all_steps():
+            ckpt.save(step, state, data_iter, cfg_dict, force=True)
+    except BaseException:
+        # An error, a second Ctrl-C, a non-finite stop: the save in flight is finished (or its tmp
+        # directory removed at the next start), never abandoned to the interpreter's shutdown, whose
+        # orbax thread errors would bury the real error. The caller prints that error last.
+        _close_quietly(ckpt, writer)
+        raise
     finally:
         preempt.restore()
-
-    if step not in ckpt.all_steps():
-        ckpt.save(step, state, data_iter, cfg_dict, force=True)
     ckpt.close()
+
+    consecutive, total = (int(x) for x in jax.device_get(opt_lib.nonfinite_counts(state.opt_state)))
+    skipped, ran = total - skipped_before, step - start
     finished = step >= config.total_steps
     if finished or step == stop_at:
         summary["eval_end"] = do_eval(step)
     if finished:
         summary.update(task.on_end(state, mesh))
     summary.update(step=step, finished=finished, wall_time_s=time.perf_counter() - t_run,
-                   last_train=last_train)
-    if is_main:
+                   nonfinite_skipped=total, last_train=last_train)
+    if preempt.flag:
+        summary["stopped_by"] = preempt.why
+    # consecutive > 0: the last update was skipped (also when a rerun resumes such a run at its end).
+    bad_end = consecutive > 0 or (ran > 0 and skipped > float(config.optim.max_nonfinite_fraction) * ran)
+    if bad_end:
+        summary["finished"] = finished = False
+    skipped_note = f" ({skipped} of {ran} updates skipped as non-finite)" if skipped else ""
+    if is_main and not bad_end:
         if finished:
-            print(f"done: step {step}, wall {summary['wall_time_s']:.1f}s{_describe_end(summary)}", flush=True)
-        else:
-            why = "SIGTERM" if preempt.flag else f"config.stop_after={config.stop_after}"
-            print(f"stopped early ({why}): step {step} of {config.total_steps}, wall "
-                  f"{summary['wall_time_s']:.1f}s{_describe_end(summary)}. Checkpoint saved; run the same "
-                  "command" + ("" if preempt.flag else " without --config.stop_after") + " to continue.",
+            print(f"done: step {step}, wall {summary['wall_time_s']:.1f}s{_describe_end(summary)}{skipped_note}",
                   flush=True)
+        else:
+            why = preempt.why or f"config.stop_after={config.stop_after}"
+            how = "" if preempt.why else " without --config.stop_after"
+            print(f"stopped early ({why}): step {step} of {config.total_steps}, wall "
+                  f"{summary['wall_time_s']:.1f}s{_describe_end(summary)}{skipped_note}. Checkpoint saved; "
+                  f"run the same command{how} to continue.", flush=True)
     # The summary (evals at start and end, the sample, ...) goes to metrics.jsonl too, flattened to
     # 'eval_end/loss' style keys; summary.json marks a finished run, so a rerun does not repeat it.
-    writer.write(step, tree.flatten({k: v for k, v in summary.items() if k != "last_train"}),
-                 kind="summary", line=f"summary: {json.dumps({k: v for k, v in summary.items() if k != 'last_train'}, default=str)}")
+    shown = {k: v for k, v in summary.items() if k != "last_train"}
+    writer.write(step, tree.flatten(shown), kind="summary", line=f"summary: {json.dumps(shown, default=str)}")
     writer.close()
+    if bad_end:
+        why = (f"the last {consecutive} update(s) were skipped" if consecutive
+               else f"{skipped} of {ran} updates were skipped (over "
+                    f"config.optim.max_nonfinite_fraction={config.optim.max_nonfinite_fraction})")
+        raise FloatingPointError(
+            f"The run reached step {step} but its training went non-finite: {why}, so the parameters "
+            f"are those of the last finite update and the run is not marked finished. Lower "
+            f"config.optim.lr or raise config.optim.warmup_steps and start in a fresh --workdir (the "
+            f"checkpoints in {ckpt.directory} are clean).")
     if is_main and finished:
         metrics_lib.write_json(workdir / SUMMARY, summary)
     return summary
+
+
+def _close_quietly(ckpt, writer) -> None:
+    """Closes the checkpointer (waiting for its in-flight save) and the metric writer while another
+    exception is propagating: their own errors are logged, never raised over the real one."""
+    for close in (ckpt.close, writer.close):
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - the propagating exception is the one to show
+            logging.error("While stopping after an error: %s: %s", type(e).__name__, e)
