@@ -19,7 +19,7 @@ from typing import Any
 import jax
 from etils import epath
 
-from vlmjax import tasks
+from vlmjax import sharding, tasks
 from vlmjax.train import config as config_lib
 from vlmjax.train import metrics as metrics_lib
 from vlmjax.train import trainer
@@ -63,5 +63,8 @@ def run(config, workdir) -> dict[str, Any]:
     done = trainer.finished_summary(config, own_dir)
     if done is not None:  # checked before building the task (its data, tokenizer) for nothing
         return done
+    # Batch vs mesh is checked before the task reads and tokenizes its data, so the error is instant.
+    mesh = sharding.make_mesh(config.mesh)
+    config_lib.validate_for_mesh(config, sharding.data_parallel_size(mesh), jax.process_count())
     task = tasks.build(config, str(own_dir), stage_dirs)
     return trainer.run(config, own_dir, task)

@@ -268,7 +268,7 @@ def split_by_hash(
 # ----------------------------------------------------------------------------
 
 
-def _glob_files(pattern: str, source: str) -> list[str]:
+def glob_files(pattern: str, source: str) -> list[str]:
     """Sorted regular files matching `pattern` (`**` recurses)."""
     if not pattern:
         raise ValueError(
@@ -278,7 +278,8 @@ def _glob_files(pattern: str, source: str) -> list[str]:
                                         recursive=True) if os.path.isfile(p))
     if not files:
         raise ValueError(
-            f"config.data.path={pattern!r} matched no files (source={source!r}).")
+            f"config.data.path={pattern!r} matched no files (source={source!r}); point it "
+            f"at existing local files, a path or a glob (relative to {os.getcwd()}).")
     return files
 
 
@@ -296,7 +297,7 @@ def text_file_documents(pattern: str) -> list[str]:
     (books, articles, source files) survives packing. Empty files are skipped.
     """
     documents = []
-    for path in _glob_files(pattern, "text"):
+    for path in glob_files(pattern, "text"):
         try:
             with _open_text(path) as f:
                 text = f.read()
@@ -315,7 +316,7 @@ def jsonl_documents(pattern: str, text_field: str) -> list[str]:
     Blank lines are skipped; `*.jsonl.gz` files are read compressed.
     """
     documents = []
-    for path in _glob_files(pattern, "jsonl"):
+    for path in glob_files(pattern, "jsonl"):
         with _open_text(path) as f:
             for line_number, line in enumerate(f, 1):
                 if not line.strip():

@@ -42,6 +42,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import dataclasses
 import math
+import os
 from typing import Any
 
 from absl import logging
@@ -115,6 +116,10 @@ def _check_config(cfg) -> None:
         raise ValueError(
             f"config.data.tokenizer={cfg.tokenizer!r} is not one of "
             f"{', '.join(repr(t) for t in tokenizers.TOKENIZERS)}")
+    if cfg.tokenizer == "hf" and cfg.tokenizer_path and not os.path.isdir(cfg.tokenizer_path):
+        raise FileNotFoundError(  # before the documents are read
+            f"config.data.tokenizer_path={cfg.tokenizer_path!r}: no such directory; point it at a "
+            f"local HF checkpoint directory holding {tokenizers.TOKENIZER_FILE}.")
     if not isinstance(cfg.seq_len, int) or cfg.seq_len < 1:
         raise ValueError(f"config.data.seq_len={cfg.seq_len!r} must be an int >= 1.")
     if cfg.source != "tfds" and not 0.0 < cfg.val_fraction < 1.0:
@@ -283,8 +288,8 @@ class LMData:
         local_batch = common.check_batching(global_batch_size, process_index, process_count)
         if not len(self.train_documents):
             raise ValueError(
-                f"The training split of {self.description} is empty; lower "
-                "config.data.val_fraction or check config.data.train_split.")
+                f"The training split of {self.description} is empty; check "
+                "config.data.train_split (tfds) or config.data.path and val_fraction.")
         window = self.seq_len + 1
         if (self.num_train_tokens is not None
             and self.num_train_tokens < global_batch_size * window):
@@ -372,13 +377,58 @@ def _leading(documents: Sequence[str], limit: int) -> list[str]:
     return [documents[i] for i in range(count)]
 
 
-def build_lm_data(data_cfg, *, workdir: epath.PathLike | None) -> LMData:
+def _tokens_needed(seq_len: int, global_batch_size: int) -> str:
+    """How many training tokens one global batch needs, for error messages."""
+    if global_batch_size:
+        return (f"{global_batch_size * (seq_len + 1)} tokens (config.batch_size x "
+                f"(config.data.seq_len + 1) = {global_batch_size} x {seq_len + 1})")
+    return f"config.batch_size x (config.data.seq_len + 1) = config.batch_size x {seq_len + 1} tokens"
+
+
+def _check_split(documents: corpus.Documents, data_cfg, global_batch_size: int) -> None:
+    """Fails, naming the files and the fix, when a local corpus is empty or too
+    few documents to hold some out (documents are held out whole)."""
+    if data_cfg.source not in ("text", "jsonl"):
+        return
+    total = len(documents.train) + len(documents.validation)
+    if total and len(documents.train) and len(documents.validation):
+        return
+    needed = _tokens_needed(data_cfg.seq_len, global_batch_size)
+    unit = "file" if data_cfg.source == "text" else "line"
+    if not total:
+        files = corpus.glob_files(data_cfg.path, data_cfg.source)
+        if data_cfg.source == "text":
+            which = (f"{files[0]} is empty" if len(files) == 1 else
+                     f"all {len(files)} files it matches are empty (e.g. {files[0]})")
+        else:
+            field = f"no line with a non-blank config.data.text_field={data_cfg.text_field!r}"
+            which = (f"{files[0]} has {field}" if len(files) == 1 else
+                     f"the {len(files)} files it matches have {field}")
+        raise ValueError(
+            f"config.data.path={data_cfg.path!r}: {which}, so there is nothing to train on. "
+            f"Point config.data.path at {data_cfg.source} files with enough text: one global batch needs "
+            f"{needed}, plus documents to hold out for evaluation.")
+    split = "evaluation" if len(documents.train) else "training"
+    enough = math.ceil(3 / data_cfg.val_fraction)
+    raise ValueError(
+        f"{documents.description}: the {split} split is empty. config.data.val_fraction="
+        f"{data_cfg.val_fraction} holds out whole documents (picked by a hash of their text) and "
+        f"source={data_cfg.source!r} makes each {unit} one document, so {total} document(s) are "
+        f"too few: give about {enough} or more (more {unit}s"
+        + (", or source='jsonl' with one document per line" if data_cfg.source == "text" else "")
+        + f"). Training also needs at least {needed}.")
+
+
+def build_lm_data(data_cfg, *, workdir: epath.PathLike | None,
+                  global_batch_size: int = 0) -> LMData:
     """Loads documents, builds the tokenizer and tokenizes what fits in memory.
 
     Args:
       data_cfg: the data section of the experiment config (`default_config()`).
       workdir: experiment directory, where a BPE tokenizer is cached (any
         `etils.epath` path, e.g. gs://...); None or '' keeps everything in memory.
+      global_batch_size: the trainer's `config.batch_size`, only for the
+        numbers in error messages (0 = unknown).
 
     Returns:
       LMData. In-memory sources (embedded/text/jsonl) are tokenized here once;
@@ -386,6 +436,7 @@ def build_lm_data(data_cfg, *, workdir: epath.PathLike | None) -> LMData:
     """
     _check_config(data_cfg)
     documents = corpus.load_documents(data_cfg)
+    _check_split(documents, data_cfg, global_batch_size)
     logging.info("LM data: %s; %d train / %d validation documents.",
                  documents.description, len(documents.train),
                  len(documents.validation))
@@ -395,8 +446,8 @@ def build_lm_data(data_cfg, *, workdir: epath.PathLike | None) -> LMData:
     validation = _leading(documents.validation, data_cfg.eval_max_documents)
     if not len(validation):
         raise ValueError(
-            f"The evaluation split of {documents.description} is empty; raise "
-            "config.data.val_fraction or check config.data.eval_split.")
+            f"The evaluation split of {documents.description} is empty; check "
+            "config.data.eval_split (tfds) or config.data.path and val_fraction.")
     eval_docs = TokenizedDocuments.from_texts(validation, tokenizer)
     num_bytes = sum(len(d.encode("utf-8")) for d in validation) + len(validation)
     bytes_per_token = num_bytes / eval_docs.num_tokens

@@ -203,6 +203,10 @@ class HFTokenizer:
 
     def __init__(self, path: str):
         file = os.path.join(path, TOKENIZER_FILE)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"config.data.tokenizer_path={path!r}: no such directory; point it at a local HF "
+                f"checkpoint directory holding {TOKENIZER_FILE}.")
         if not os.path.isfile(file):
             raise FileNotFoundError(
                 f"config.data.tokenizer='hf' needs {file} (the checkpoint's fast tokenizer). Point "

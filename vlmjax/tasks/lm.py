@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 import jax
@@ -42,12 +43,22 @@ _TRAINING_FIELDS = ("remat", "lora_rank", "lora_alpha", "lora_dropout", "lora_ta
 
 
 def init_from(config) -> str:
-    """The HF checkpoint directory to start from: ``config.init_from`` (or ``config.model.init_from``)."""
+    """The HF checkpoint directory to start from: ``config.init_from`` (or ``config.model.init_from``);
+    one that is not a local HF directory fails here, naming the field."""
     top = config.get("init_from", "") or ""
     model = config.model.get("init_from", "") or ""
     if top and model and top != model:
         raise ValueError(f"config.init_from={top!r} and config.model.init_from={model!r} disagree; set one.")
-    return top or model
+    path = top or model
+    field = "config.init_from" if top else "config.model.init_from"
+    fix = ("point it at a local Hugging Face checkpoint directory (config.json, *.safetensors and "
+           "tokenizer.json, as save_pretrained writes them), or set it to '' to train from scratch.")
+    if path and not os.path.isdir(path):
+        raise FileNotFoundError(f"{field}={path!r}: no such directory; {fix}")
+    if path and not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{field}={path!r} is not a Hugging Face checkpoint directory (no "
+                                f"config.json); {fix}")
+    return path
 
 
 def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array):
@@ -78,7 +89,8 @@ class LMTask(Task):
             if not data_cfg.tokenizer_path:
                 data_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
                 data_cfg.tokenizer_path = self.init_from
-        self.data = data_lib.build_lm_data(data_cfg, workdir=workdir)
+        self.data = data_lib.build_lm_data(data_cfg, workdir=workdir,
+                                           global_batch_size=int(config.batch_size))
         self.tokenizer = self.data.tokenizer
         self.seq_len = int(config.data.seq_len)
         if self.init_from:

@@ -79,6 +79,10 @@ class ReuseTask(Task):
             vit_cfg = self.spec.module.config
         else:
             saved = epath.Path(self.init_from) / "config.json"
+            if config.init_from and not epath.Path(self.init_from).exists():
+                raise FileNotFoundError(f"config.init_from={self.init_from!r}: no such directory; point it at "
+                                        "an HF CLIP/SigLIP/DINOv2 checkpoint directory or the workdir of a "
+                                        "video_cls run, or set it to '' to train the backbone stage.")
             if not saved.exists():
                 raise FileNotFoundError(f"init_from={self.init_from!r} is neither an HF checkpoint directory "
                                         "(config.json + safetensors) nor a vlmjax workdir (config.json + "

@@ -36,6 +36,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from vlmjax import errors
 from vlmjax.train.metrics import PathLike, as_path, read_json
 from vlmjax.tree import flat_with_paths
 
@@ -50,7 +51,7 @@ class CorruptCheckpoint(Exception):
     """A step whose files do not match its checksums, or whose restored state is not finite."""
 
 
-class NoReadableCheckpoint(RuntimeError):
+class NoReadableCheckpoint(errors.UserError, RuntimeError):
     """Every checkpoint of a workdir was unreadable (all moved to corrupt_checkpoints/)."""
 
 
@@ -182,6 +183,9 @@ class Checkpointer:
     def __init__(self, directory: PathLike, *, keep: int, every: int, async_save: bool = True):
         self.path = as_path(directory)
         self.directory = os.fspath(self.path)
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(f"{self.directory} is a file, not a directory: the trainer keeps its "
+                                     "checkpoints there; move the file away or use another --workdir.")
         self.every = int(every)
         self.async_save = bool(async_save)
         self._sealing: int | None = None  # the step whose save is in flight

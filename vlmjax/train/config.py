@@ -2,7 +2,7 @@
 
 Experiment files in ``configs/`` start from ``base_config()`` and add ``model`` and ``data`` sections
 (big_vision ``configs/common.py``). Configs are locked before use, so ``--config.totl_steps=5``
-fails with ml_collections' "did you mean" hint.
+fails with ``vlmjax: error: config.totl_steps: no such field (did you mean 'total_steps'?)``.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ def validate(config) -> None:
     if int(config.optim.max_consecutive_nonfinite) < 1:
         raise ValueError(f"config.optim.max_consecutive_nonfinite={config.optim.max_consecutive_nonfinite} "
                          "must be >= 1.")
+    if config.optim.schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"config.optim.schedule={config.optim.schedule!r} is not one of 'cosine', "
+                         "'linear', 'constant'.")
     accum = int(config.optim.grad_accum_steps)
     if accum < 1:
         raise ValueError(f"config.optim.grad_accum_steps={accum} must be >= 1.")

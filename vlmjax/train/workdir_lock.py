@@ -72,6 +72,7 @@ from typing import Any
 
 from etils import epath
 
+from vlmjax import errors
 from vlmjax.train import metrics as metrics_lib
 
 LOCK_NAME = "vlmjax.lock"
@@ -81,7 +82,7 @@ DEFAULT_HEARTBEAT_S = 60.0
 _MAX_MESSAGE_BYTES = 8192  # what acquire_for_run broadcasts of an error message
 
 
-class WorkdirLocked(RuntimeError):
+class WorkdirLocked(errors.UserError, RuntimeError):
     """The workdir's lock is held by a live run. ``path``: the lock file; ``holder``: its contents."""
 
     def __init__(self, message: str, *, path: str | None = None, holder: dict[str, Any] | None = None):
