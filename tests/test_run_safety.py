@@ -199,3 +199,20 @@ def test_second_launch_on_a_locked_workdir_fails_at_once(tmp_path):
     assert last.startswith("vlmjax: error:") and f"pid {os.getpid()}" in last and "another --workdir" in last
     assert "looks like a bug" not in last
     assert sorted(os.listdir(wd)) == []  # nothing written: no config.json, no checkpoints
+
+
+def test_load_params_skips_a_damaged_step(tmp_path):
+    # init_from=<vlmjax workdir> reads params through load_params: it verifies checksums too.
+    import grain  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    ck = ckpt_lib.Checkpointer(tmp_path / "checkpoints", keep=3, every=1, async_save=False)
+    it = iter(grain.MapDataset.range(10).to_iter_dataset())
+    for step in (1, 2):
+        ck.save(step, {"params": {"w": jnp.full((4096,), step, jnp.float32)}}, it, {})
+    ck.close()
+    assert ckpt_lib.load_params(str(tmp_path))[1] == 2
+    _flip_bytes(str(tmp_path / "checkpoints" / "2"))
+    with pytest.raises(ckpt_lib.CorruptCheckpoint, match="has SHA-256"):
+        ckpt_lib.verify_checksums(tmp_path / "checkpoints" / "2")
+    params, step = ckpt_lib.load_params(str(tmp_path))
+    assert step == 1 and float(params["w"][0]) == 1.0

@@ -388,6 +388,7 @@ def load_params(workdir: PathLike, subtree: str = "") -> tuple[dict[str, Any], i
     try:
         for step in reversed(sorted(manager.all_steps())):
             try:
+                verify_checksums(directory / str(step))  # a damaged step is skipped here too
                 meta = manager.item_metadata(step)["state"]
                 abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), meta)
                 state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
