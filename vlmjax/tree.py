@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import traverse_util
 
 SEP = "/"
@@ -128,3 +129,9 @@ def num_params(tree) -> int:
             n *= int(d)
         total += n
     return total
+
+
+def all_finite(tree) -> jax.Array:
+    """Scalar bool: every float leaf of ``tree`` is free of NaN/Inf (integer leaves are ignored)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)

@@ -38,6 +38,7 @@ from jax.experimental import multihost_utils
 
 from vlmjax import errors
 from vlmjax.train.metrics import PathLike, as_path, read_json
+from vlmjax import tree as tree_lib
 from vlmjax.tree import flat_with_paths
 
 CORRUPT_DIR = "corrupt_checkpoints"
@@ -102,11 +103,7 @@ def verify_checksums(step_dir: PathLike) -> bool:
     return True
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+_all_finite = jax.jit(tree_lib.all_finite)
 
 
 def nonfinite_paths(state, limit: int = 5) -> list[str]:

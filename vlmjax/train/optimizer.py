@@ -147,11 +147,6 @@ def make_optimizer(optim_cfg, params, total_steps: int) -> tuple[optax.GradientT
     return skip_nonfinite(tx), schedule
 
 
-def _finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
-
-
 def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """``inner``, but a step whose gradients, resulting update or new optimizer state hold a NaN/Inf
     changes nothing (zero update, the old optimizer state kept) and is counted.
@@ -171,7 +166,7 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
 
     def update(grads, state, params=None, **extra_args):
         updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
-        ok = _finite(grads) & _finite(updates) & _finite(inner_state)
+        ok = tree.all_finite(grads) & tree.all_finite(updates) & tree.all_finite(inner_state)
         updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
         inner_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), inner_state, state.inner_state)
         one = jnp.ones([], jnp.int32)

@@ -301,9 +301,9 @@ def finished_summary(config, workdir) -> dict[str, Any] | None:
     if int(done.get("step", -1)) < int(config.total_steps):
         return None  # e.g. total_steps was raised to train on
     saved = workdir / "config.json"
-    ignore = _NOT_THE_RUN
-    mine = {k: v for k, v in json.loads(config.to_json_best_effort()).items() if k not in ignore}
-    if not saved.exists() or {k: v for k, v in metrics_lib.read_json(saved).items() if k not in ignore} != mine:
+    mine = {k: v for k, v in json.loads(config.to_json_best_effort()).items() if k not in _NOT_THE_RUN}
+    if not saved.exists() or {k: v for k, v in metrics_lib.read_json(saved).items()
+                              if k not in _NOT_THE_RUN} != mine:
         return None  # another config: the normal path resumes it or says why it cannot
     if jax.process_index() == 0:
         print(f"Already finished: step {done['step']} of {config.total_steps} in {workdir}"
@@ -317,7 +317,6 @@ def _describe_end(summary: dict[str, Any]) -> str:
     if start is not None and end is not None:
         return f", eval loss {start:.4f} -> {end:.4f}"
     return f", eval loss {end:.4f}" if end is not None else ""
-
 
 
 def _config_changes(saved: dict[str, Any], mine: dict[str, Any]) -> list[str]:
