@@ -209,7 +209,8 @@ def router_only(module, x, progress):
     losses: dict[str, list] = collections.defaultdict(list)
     key = str(rc.dynamic_layers(module.config.num_hidden_layers)[0])
     if rc.kind == "mod":
-        y, _ = module._mod_layer(key, _identity_block, x, positions, None, valid, False, "topk", losses)
+        y, _ = module._mod_layer(key, _identity_block, x, positions, None, valid, False, "topk", progress,
+                                 losses)
     elif rc.kind == "dtf":
         router = module.routers[key]
         update = x                                    # stands for the decision layer's Block_l(H)

@@ -164,10 +164,11 @@ def test_packing_shapes_shift_and_documents(embedded_bytes):
     ds = lm_data.train_dataset(global_batch_size=8, seed=0, process_index=0, process_count=1)
     batches = take(ds, 6)
     for b in batches:
-        assert set(b) == {"inputs", "targets", "loss_mask"}
+        assert set(b) == {"inputs", "targets", "loss_mask", "attention_mask"}
         assert b["inputs"].shape == b["targets"].shape == b["loss_mask"].shape == (8, 64)
         assert b["inputs"].dtype == b["targets"].dtype == np.int32
         assert b["loss_mask"].dtype == np.float32 and np.all(b["loss_mask"] == 1.0)
+        assert b["attention_mask"].dtype == np.int32 and np.all(b["attention_mask"] == 1)
         np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
     # Rows are consecutive windows of the shuffled document stream, each document + <eos>.
     tok = lm_data.tokenizer
@@ -273,6 +274,10 @@ def test_eval_batches_padded_and_equal_across_processes(embedded_bytes):
         assert not single[-1]["loss_mask"][-padded_rows:].any()
     assert np.all(single[-1]["targets"][single[-1]["loss_mask"] == 0] == 0)
     assert single[0]["loss_mask"].all()
+    # Input j is real iff target j-1 is (token j exists), and input 0 of a row iff the row has data.
+    for b in single:
+        np.testing.assert_array_equal(b["attention_mask"][:, 1:], b["loss_mask"][:, :-1])
+        assert np.all(b["inputs"][b["attention_mask"] == 0] == lm_data.tokenizer.pad_id)
     np.testing.assert_array_equal(single[0]["inputs"][0], lm_data.eval_tokens[:64])
     np.testing.assert_array_equal(single[0]["inputs"][1], lm_data.eval_tokens[64:128])
 
@@ -281,7 +286,7 @@ def test_eval_batches_padded_and_equal_across_processes(embedded_bytes):
     assert len(shards[0]) == len(shards[1]) == len(single)
     for b, (s0, s1) in enumerate(zip(*shards)):
         assert s0["inputs"].shape == (4, 64)
-        for key in ("inputs", "targets", "loss_mask"):
+        for key in ("inputs", "targets", "loss_mask", "attention_mask"):
             np.testing.assert_array_equal(np.concatenate([s0[key], s1[key]]), single[b][key])
 
     capped = lm_data.eval_batches(global_batch_size=8, process_index=0, process_count=1,

@@ -49,6 +49,21 @@ def test_frozen_grads_do_not_count_in_clipping():
     np.testing.assert_allclose(u["layers_0"]["mlp"]["up_proj"]["kernel"], -0.025, rtol=1e-5)
 
 
+def test_clip_groups_have_their_own_norm():
+    grads = jax.tree.map(jnp.zeros_like, _params())
+    grads["embed"]["embedding"] = jnp.full((8, 4), 1e6)   # a huge auxiliary-loss gradient
+    grads["layers_0"]["mlp"]["up_proj"]["kernel"] = jnp.full((4, 4), 0.1)  # norm 0.4 < 1
+    sgd = dict(clip_norm=1.0, name="sgd", b1=0.0)
+    u, _ = _update(_cfg(clip_groups=("^embed/",), **sgd), grads)
+    # The mlp grad is under its own limit: untouched (lr 0.1 * 0.1); the embed group is clipped to 1.
+    np.testing.assert_allclose(u["layers_0"]["mlp"]["up_proj"]["kernel"], -0.01, rtol=1e-5)
+    np.testing.assert_allclose(jnp.linalg.norm(u["embed"]["embedding"]), 0.1, rtol=1e-5)
+    u, _ = _update(_cfg(**sgd), grads)  # one shared norm: the embed grad shrinks the mlp update to ~0
+    assert float(jnp.abs(u["layers_0"]["mlp"]["up_proj"]["kernel"]).max()) < 1e-7
+    with pytest.raises(ValueError, match="clip_groups"):
+        _update(_cfg(clip_groups=("^nothing/",), **sgd), grads)
+
+
 def test_weight_decay_only_on_matrices():
     zero = jax.tree.map(jnp.zeros_like, _params())
     u, _ = _update(_cfg(weight_decay=0.5), zero)

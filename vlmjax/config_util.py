@@ -42,11 +42,19 @@ def field_defaults(cls) -> dict[str, Any]:
     return out
 
 
+# dataclasses.field(metadata={ANY_TYPE: True}): the ConfigDict field accepts values of any type (e.g.
+# ``routing.causal_capacity``: 0.5 or "auto"); a locked ConfigDict otherwise keeps a field's first type.
+ANY_TYPE = "config_any_type"
+
+
 def config_dict(cls, **overrides) -> ml_collections.ConfigDict:
     """The ConfigDict section for dataclass ``cls``: its defaults, then ``overrides``."""
     values = field_defaults(cls)
     unknown_fields(overrides, values, cls.__name__)
     values.update(overrides)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get(ANY_TYPE) and f.name in values:
+            values[f.name] = ml_collections.FieldReference(values[f.name], field_type=object)
     return ml_collections.ConfigDict(values)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 
 def decoder_layer_forward_flops(cfg, tokens: int, kv_tokens: int | None = None) -> float:
     """One pre-norm decoder layer on ``tokens`` queries attending to ``kv_tokens`` keys (per sequence).
@@ -58,9 +60,11 @@ def vit_forward_flops(*, hidden_size: int, intermediate_size: int, num_layers: i
 # Routed decoders (MoD, DTF, TDTF): docs/routing.md, vlmjax/models/routed_decoder.py
 # ------------------------------------------------------------------------------------------------
 
-def _capacity_tokens(capacity: float, length: int) -> int:
-    """Static k = floor(capacity * T) clipped to [1, T] (as ``routing.capacity_tokens``)."""
-    return int(min(length, max(1, math.floor(capacity * length))))
+def capacity_tokens(capacity: float, length: int) -> int:
+    """Static k = floor(capacity * T) clipped to [1, T]; the product is taken in float32 so it equals
+    the traced causal budget ``floor(c * (p + 1))`` at p = T - 1 bit for bit (``routing.causal_budget``)."""
+    k = int(np.floor(np.float32(capacity) * np.float32(length)))
+    return int(min(length, max(1, k)))
 
 
 def swiglu_head_intermediate(hidden_size: int, factor: float) -> int:
@@ -97,7 +101,7 @@ def routed_layer_forward_flops(cfg, rc, role: str, seq_len: int, mode: str = "tr
     if mode not in ("train", "inference"):
         raise ValueError(f"mode={mode!r}: use 'train' (top-k forward) or 'inference' (causal forward).")
     t, d = seq_len, cfg.hidden_size
-    k = _capacity_tokens(rc.capacity if mode == "train" else rc.causal_capacity, t)
+    k = capacity_tokens(rc.capacity if mode == "train" else rc.causal_fraction, t)
     d_i = swiglu_head_intermediate(d, rc.prior_ffn_factor)
     swiglu_head = 2.0 * t * d * d_i * 3
     causal_router = 2.0 * t * (2 * d)

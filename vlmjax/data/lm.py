@@ -19,6 +19,7 @@ Each element of the result is a dict of numpy arrays, B = per-process batch:
   inputs:    int32   [B, T]  tokens t_0 .. t_{T-1} of a window
   targets:   int32   [B, T]  tokens t_1 .. t_T (next-token labels)
   loss_mask: float32 [B, T]  1 where `targets` is a real token, 0 on padding
+  attention_mask: int32 [B, T]  1 where `inputs` is a real token, 0 on padding
 
 Documents are separated by <eos>, windows cross document boundaries (no
 padding in training), and there is no <bos>: this is the GPT-2 style
@@ -187,15 +188,16 @@ class _AsTokens(grain.transforms.Map):
 
 
 def _window_to_example(window: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Packed window of T+1 tokens -> inputs/targets/loss_mask, each [T]."""
+    """Packed window of T+1 tokens -> inputs/targets/loss_mask/attention_mask, each [T]."""
     tokens = window["tokens"]
     # ConcatThenSplit marks padding (only possible at the very end of a finite
     # stream) with segment id 0; a target is real iff its segment id is not 0.
-    real = window["tokens_segment_ids"][1:] != 0
+    real = window["tokens_segment_ids"] != 0
     return {
         "inputs": tokens[:-1],
         "targets": tokens[1:],
-        "loss_mask": real.astype(np.float32),
+        "loss_mask": real[1:].astype(np.float32),
+        "attention_mask": real[:-1].astype(np.int32),
     }
 
 
@@ -225,7 +227,7 @@ class _PackedExamplesIterator(grain.DatasetIterator):
 
 
 class _PackedExamples(grain.IterDataset):
-    """{"tokens": [n]} documents -> {inputs, targets, loss_mask}, each [T]."""
+    """{"tokens": [n]} documents -> {inputs, targets, loss_mask, attention_mask}, each [T]."""
 
     def __init__(self, parent: grain.IterDataset, seq_len: int):
         super().__init__(
@@ -337,8 +339,9 @@ class LMData:
             `config.eval.max_batches`.
 
         Returns:
-          A list of dicts {inputs, targets: int32 [B, T], loss_mask: float32
-          [B, T]}; loss_mask is 0 on padded targets (pad_id).
+          A list of dicts {inputs, targets, attention_mask: int32 [B, T],
+          loss_mask: float32 [B, T]}; loss_mask is 0 on padded targets (pad_id),
+          attention_mask 0 on padded inputs.
         """
         local_batch = common.check_batching(global_batch_size, process_index, process_count)
         if max_batches < 0:
@@ -363,10 +366,13 @@ class LMData:
                 lengths[row] = len(chunk)
             # Target j of a row is real iff token j + 1 of its window exists.
             loss_mask = np.arange(1, seq_len + 1)[None, :] < lengths[:, None]
+            # Input j is real iff token j of the window exists (routed models never choose padding).
+            attention_mask = np.arange(seq_len)[None, :] < lengths[:, None]
             batches.append({
                 "inputs": windows[:, :-1],
                 "targets": windows[:, 1:],
                 "loss_mask": loss_mask.astype(np.float32),
+                "attention_mask": attention_mask.astype(np.int32),
             })
         return batches
 

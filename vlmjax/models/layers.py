@@ -516,6 +516,19 @@ class Attention(nn.Module):
             lora=_lora_for(self.lora, "o_proj"),
         )(out)
 
+    def skip_cache(self, positions: Array) -> None:
+        """Advances the decode cache by T slots marked invalid, without computing k/v: what a call
+        whose tokens are all masked leaves behind (their k/v are never read). positions: [B, T]."""
+        t = positions.shape[1]
+        i = self.get_variable("cache", "cache_index")
+        pos = self.get_variable("cache", "cached_positions")
+        valid = self.get_variable("cache", "cached_valid")
+        self.put_variable("cache", "cached_positions",
+                          jax.lax.dynamic_update_slice(pos, positions.astype(jnp.int32), (0, i)))
+        self.put_variable("cache", "cached_valid",
+                          jax.lax.dynamic_update_slice(valid, jnp.zeros(positions.shape, jnp.bool_), (0, i)))
+        self.put_variable("cache", "cache_index", i + t)
+
     def _update_cache(
         self, k: Array, v: Array, positions: Array, attention_mask: Array | None
     ) -> tuple[Array, Array, Array, Array]:
@@ -603,22 +616,11 @@ class DecoderBlock(nn.Module):
     config: Any
     return_update: bool = False
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        positions: Array,
-        attention_mask: Array | None = None,
-        decode: bool = False,
-    ) -> tuple[Array, dict[str, Array]]:
-        """x: [B, T, D]; positions: [B, T]; attention_mask: [B, T] or None -> ([B, T, D], aux={}).
-
-        The output is ``x + Block(x)``, or ``Block(x)`` alone when ``return_update``.
-        """
+    def setup(self):
         c = self.config
-        norm = lambda name: RMSNorm(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, name=name)
-        x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
-        h = Attention(
+        norm = lambda: RMSNorm(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
+        self.input_layernorm = norm()
+        self.self_attn = Attention(
             num_heads=c.num_attention_heads,
             num_kv_heads=c.num_key_value_heads,
             head_dim=c.head_dim,
@@ -630,20 +632,41 @@ class DecoderBlock(nn.Module):
             dtype=c.dtype,
             param_dtype=c.param_dtype,
             lora=c.lora,
-            name="self_attn",
-        )(norm("input_layernorm")(x), positions, attention_mask, decode)
-        h_attn, x = h, x + h
-        h = MLP(
+        )
+        self.post_attention_layernorm = norm()
+        self.mlp = MLP(
             c.intermediate_size,
             initializer_range=c.initializer_range,
             dtype=c.dtype,
             param_dtype=c.param_dtype,
             lora=c.lora,
-            name="mlp",
-        )(norm("post_attention_layernorm")(x))
+        )
+
+    def __call__(
+        self,
+        x: Array,
+        positions: Array,
+        attention_mask: Array | None = None,
+        decode: bool = False,
+    ) -> tuple[Array, dict[str, Array]]:
+        """x: [B, T, D]; positions: [B, T]; attention_mask: [B, T] or None -> ([B, T, D], aux={}).
+
+        The output is ``x + Block(x)``, or ``Block(x)`` alone when ``return_update``.
+        """
+        x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
+        h = self.self_attn(self.input_layernorm(x), positions, attention_mask, decode)
+        h_attn, x = h, x + h
+        h = self.mlp(self.post_attention_layernorm(x))
         x = h_attn + h if self.return_update else x + h
         x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
         return x, {}
+
+    def skip_decode(self, x: Array, positions: Array) -> tuple[Array, dict[str, Array]]:
+        """Decode step of a routed layer that no row chose: no compute, the KV cache records T
+        masked slots (``Attention.skip_cache``) so later steps see the same cache as a masked run.
+        Returns (zero update [B, T, D], {})."""
+        self.self_attn.skip_cache(positions)
+        return jnp.zeros_like(x), {}
 
 
 class Embed(nn.Module):

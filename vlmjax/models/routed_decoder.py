@@ -102,6 +102,24 @@ class MovingAverageState(nn.Module):
         return ma, count
 
 
+class CausalBudget(nn.Module):
+    """The causal selection under the running budget (``routing.causal_budget``). In decode mode the
+    count of tokens chosen so far per row is carried in the "cache" collection ("chosen"), so
+    token-by-token decoding chooses exactly the tokens of a one-piece causal forward."""
+
+    @nn.compact
+    def __call__(self, wanted: Array, positions: Array, capacity: Array | float, decode: bool) -> Array:
+        """wanted, positions: [B, T] -> chosen [B, T] bool."""
+        if not decode:
+            return R.causal_budget(wanted, positions, capacity)[0]
+        initialized = self.has_variable("cache", "chosen")
+        count = self.variable("cache", "chosen", jnp.zeros, (wanted.shape[0],), jnp.int32)
+        chosen, new_count = R.causal_budget(wanted, positions, capacity, count.value)
+        if initialized:
+            count.value = new_count
+        return chosen
+
+
 class RoutedDecoder(decoder_lib.Decoder):
     """Decoder-only LM with MoD / DTF / TDTF routed layers (see the module docstring)."""
 
@@ -118,6 +136,7 @@ class RoutedDecoder(decoder_lib.Decoder):
             if role == "mod":
                 hidden = rc.predictor_hidden or max(8, c.hidden_size // 8)
                 routers[key] = R.MoDRouter(predictor=rc.mod_causal == "predictor", predictor_hidden=hidden,
+                                           bias_init=rc.causal_bias_init,
                                            initializer_range=c.initializer_range, param_dtype=c.param_dtype)
             elif role in ("dtf", "tdtf"):
                 routers[key] = R.SurpriseRouter(rc, eps=c.rms_norm_eps, initializer_range=c.initializer_range,
@@ -131,6 +150,7 @@ class RoutedDecoder(decoder_lib.Decoder):
         self.moving_average = ma
         self.previous = prev
         self.previous_final = prev_final
+        self.budget = {key: CausalBudget() for key in routers}
         self.progress = self.variable(R.ROUTER_STATE, "progress", lambda: jnp.zeros((), jnp.float32))
 
     def block_kwargs(self, index: int) -> dict[str, Any]:
@@ -214,11 +234,12 @@ class RoutedDecoder(decoder_lib.Decoder):
                 update, _ = layer(x, positions, attention_mask, decode)
                 h_orig, h_post = x, x + update
                 h_prior = router.predict(sg(h_orig))                   # H + PriorFFN(RMSNorm(H))
-                losses["prior"].append(R.masked_mean(R.mean_sq(h_prior, sg(h_post)), valid))
+                losses["prior"].append(self._prior_loss(h_prior, h_post, update, valid))
                 pending = (R.mean_sq(update), self._d_ch(h_post, h_prior))  # D_st, D_ch: [B, T]
                 x = h_post
             elif role == "mod":
-                x, stats = self._mod_layer(key, layer, x, positions, attention_mask, valid, decode, mode, losses)
+                x, stats = self._mod_layer(key, layer, x, positions, attention_mask, valid, decode, mode, prog,
+                                           losses)
                 aux.update({f"router/{i}/{k}": v for k, v in stats.items()})
             elif role == "dtf":
                 x, stats = self._dtf_layer(key, layer, x, positions, attention_mask, valid, decode, mode, prog,
@@ -237,46 +258,100 @@ class RoutedDecoder(decoder_lib.Decoder):
         return self.norm(x), aux
 
     # -- routed layers -----------------------------------------------------------------------------
-    def _select_causal(self, logits: Array, valid: Array, t: int) -> tuple[Array, Array]:
-        """Tokens with sigmoid(logit) > 0.5, the first causal_capacity * T of them: (idx, picked) [B, k]."""
-        return R.first_k_indices((logits > 0) & valid, R.capacity_tokens(self.routing.causal_capacity, t))
+    def _gate(self, gate: Array) -> Array:
+        return R.straight_through_one(gate) if self.routing.gate_forward == "one" else gate
 
-    def _route(self, layer, x, positions, attention_mask, valid, decode, mode, *, scores, causal_logits, gate,
-               losses, stats):
-        """The three selection modes of a routed layer (MoD and DTF).
+    def _warming(self, prog: Array) -> Array | bool:
+        """True while the capacity anneals from 1.0 (``capacity_warmup``); the dense-start path runs."""
+        rc = self.routing
+        return False if rc.capacity_warmup <= 0 else prog < rc.capacity_warmup
+
+    def _topk_selection(self, scores: Array, valid: Array, prog: Array) -> Array:
+        """[B, T] bool: the top floor(capacity T) ``scores`` among valid tokens (annealed capacity
+        while warming up; padding is never chosen)."""
+        rc, t = self.routing, scores.shape[1]
+        if rc.capacity_warmup > 0:
+            k = jnp.maximum(jnp.floor(rc.annealed(rc.capacity, prog) * t), 1.0)
+            return R.rank_mask(scores, k, valid)
+        idx, picked = R.topk_indices(scores, R.capacity_tokens(rc.capacity, t), valid)
+        return R.indices_to_mask(idx, picked, t)
+
+    def _causal_selection(self, key: str, logits: Array, valid: Array, positions: Array, prog: Array,
+                          decode: bool) -> tuple[Array, Array]:
+        """(chosen, wanted) [B, T] bool: the causal router's decisions under the running budget
+        (``RoutingConfig.causal_capacity``); in decode mode the count is carried in the cache."""
+        rc = self.routing
+        wanted = (logits > 0) & valid
+        cap = rc.annealed(rc.causal_fraction, prog) if rc.capacity_warmup > 0 else rc.causal_fraction
+        return self.budget[key](wanted, positions, cap, decode), wanted
+
+    def _block_on(self, layer, x: Array, positions: Array, attention_mask: Array | None, chosen: Array,
+                  k: int, prog: Array, decode: bool) -> Array:
+        """The routed block's update on the ``chosen`` tokens (zero elsewhere): [B, T, D].
+
+        Training/evaluation: gathered to the static k (``chosen`` has at most k per row), so the
+        block's FLOPs scale with k; while warming up, every token runs with the unchosen ones masked
+        (``lax.cond`` picks the branch; only one runs). Decoding: the masked block, skipped entirely
+        by ``lax.cond`` when no row chose the token (its cache slots are recorded as masked).
+        """
+        def masked(mdl, x):
+            _, update = R.masked_compute(mdl, x, positions, attention_mask, chosen, jnp.ones(chosen.shape), decode)
+            return update * chosen[..., None].astype(update.dtype)
+
+        if decode:
+            if self.is_initializing():  # creates the cache; the skip branch needs it to exist
+                return masked(layer, x)
+            return nn.cond(jnp.any(chosen), masked, lambda mdl, x: mdl.skip_decode(x, positions)[0], layer, x)
+
+        def gathered(mdl, x):
+            idx, picked = R.first_k_indices(chosen, k)
+            update, key_valid = R.compute_routed(mdl, x, positions, attention_mask, idx, picked)
+            return R.scatter_add_tokens(jnp.zeros_like(x), idx, update * key_valid[..., None].astype(update.dtype))
+
+        if self.routing.capacity_warmup <= 0:
+            return gathered(layer, x)
+        return nn.cond(self._warming(prog), masked, gathered, layer, x)
+
+    def _route(self, key, layer, x, positions, attention_mask, valid, decode, mode, prog, *, scores,
+               causal_logits, gate, losses, stats):
+        """The selection modes of a routed layer (MoD and DTF).
 
         topk: the top-k ``scores`` (capacity * T) run the block, gated by ``gate``; the causal
-        router's BCE against that selection is added to ``losses["causal"]``. decode: tokens with
-        ``causal_logits > 0`` run unmasked-but-keyed (``masked_compute``). causal: the first
-        causal_capacity * T such tokens are gathered. Returns (x [B, T, D], selected [B, T] bool).
+        router's BCE against that selection is added to ``losses["causal"]``. causal / decode: the
+        causal router's choices under the running budget. Returns (x [B, T, D], chosen [B, T] bool).
         """
-        t = x.shape[1]
-        if decode:
-            selected = (causal_logits > 0) & valid
-            x, _ = R.masked_compute(layer, x, positions, attention_mask, selected, gate, decode)
-            return x, selected
+        rc, t = self.routing, x.shape[1]
         if mode == "topk":
-            idx, picked = R.topk_indices(scores, R.capacity_tokens(self.routing.capacity, t), valid)
+            chosen = self._topk_selection(scores, valid, prog)
+            k = R.capacity_tokens(rc.capacity, t)
+            losses["causal"].append(R.bce_with_logits(causal_logits, sg(chosen.astype(jnp.float32)), valid))
+            stats.update(R.decision_stats(causal_logits > 0, chosen, valid))
         else:
-            idx, picked = self._select_causal(causal_logits, valid, t)
-        selected = R.indices_to_mask(idx, picked, t)
-        x, _ = R.route_compute_unroute(layer, x, positions, attention_mask, idx, picked,
-                                       R.gather_tokens(gate, idx))
-        if mode == "topk":
-            losses["causal"].append(R.bce_with_logits(causal_logits, sg(selected.astype(jnp.float32)), valid))
-            stats.update(R.decision_stats(causal_logits > 0, selected, valid))
-        return x, selected
+            chosen, wanted = self._causal_selection(key, causal_logits, valid, positions, prog, decode)
+            k = R.capacity_tokens(rc.causal_fraction, t)
+            stats["causal_overflow"] = wanted & ~chosen
+        update = self._block_on(layer, x, positions, attention_mask, chosen, k, prog, decode)
+        weight = jnp.where(chosen, self._gate(gate), 0.0)
+        return x + (weight[..., None] * update).astype(x.dtype), chosen
 
-    def _mod_layer(self, key, layer, x, positions, attention_mask, valid, decode, mode, losses):
+    def _mod_layer(self, key, layer, x, positions, attention_mask, valid, decode, mode, prog, losses):
         """MoD (Raposo et al. 2024): x_i + r_i Block(X_sel)_i on the chosen tokens, x_i elsewhere."""
         r, pred = self.routers[key](x)
         causal_logits = r if pred is None else pred
-        stats = {"router_logit": R.masked_mean(r, valid)}
-        x, target = self._route(layer, x, positions, attention_mask, valid, decode, mode, scores=r,
+        stats = {"router_logit": r}
+        x, target = self._route(key, layer, x, positions, attention_mask, valid, decode, mode, prog, scores=r,
                                 causal_logits=causal_logits, gate=r, losses=losses, stats=stats)
-        self._sow(key, {"router_logit": r, "causal_logit": causal_logits, "selected": target})
-        stats["selected_frac"] = R.masked_mean(target, valid)
-        return x, stats
+        stats.update({"causal_logit": causal_logits, "selected_frac": target})
+        self._sow(key, {"selected": target, **stats})
+        return x, {k: R.masked_mean(v, valid) if v.ndim else v for k, v in stats.items()}
+
+    def _prior_loss(self, pred: Array, target: Array, update: Array, valid: Array) -> Array:
+        """L_prior / L_tpn: mean over valid tokens of (1/d)||pred - sg(target)||^2, divided by that of
+        (1/d)||sg(update)||^2 for ``prior_loss='relative'`` (scale-free, see RoutingConfig)."""
+        loss = R.masked_mean(R.mean_sq(pred, sg(target)), valid)
+        if self.routing.prior_loss == "relative":
+            loss = loss / jnp.maximum(R.masked_mean(R.mean_sq(sg(update)), valid), 1e-12)
+        return loss
 
     def _dtf_layer(self, key, layer, x, positions, attention_mask, valid, decode, mode, prog, pending, losses):
         """DTF dynamic layer: H_next = H_post + G_cont * Block(H_post) on the chosen tokens."""
@@ -291,7 +366,7 @@ class RoutedDecoder(decoder_lib.Decoder):
         stats = {}
         if mode == "topk":
             router.update_ema(d_st, valid)
-        x, target = self._route(layer, x, positions, attention_mask, valid, decode, mode, scores=g,
+        x, target = self._route(key, layer, x, positions, attention_mask, valid, decode, mode, prog, scores=g,
                                 causal_logits=logits, gate=g, losses=losses, stats=stats)
         stats.update({"d_st": d_st, "d_ch": d_ch, "ma": ma, **crit, **params, "causal_logit": logits,
                       "selected_frac": target})
@@ -302,40 +377,36 @@ class RoutedDecoder(decoder_lib.Decoder):
         """TDTF layer. Training ("topk"): the teacher runs the dense block on every token, dx = Block(x);
         the transition network predicts dx_t from the previous token's final state x_{t-1} + dx_{t-1};
         top-k of G picks the tokens whose stream is updated, x + G dx. Inference ("causal"): the
-        student causal router picks the tokens, only they run the block (and write K/V)."""
+        student causal router picks the tokens (running budget), only they run the block (and write
+        K/V)."""
         rc, t = self.routing, x.shape[1]
         router = self.routers[key]
         params = router.parameters(prog)
         logits = router.route_logits(x, self.previous[key](x, valid, decode))
+        stats = {}
         if mode == "topk":
             dx, _ = layer(x, positions, attention_mask, decode)  # teacher: dense block, all tokens
             has_dx = valid
-        elif decode:
-            has_dx = (logits > 0) & valid
-            _, dx = R.masked_compute(layer, x, positions, attention_mask, has_dx, jnp.ones_like(logits), decode)
-            dx = dx * has_dx[..., None].astype(dx.dtype)
         else:
-            idx, picked = self._select_causal(logits, valid, t)
-            upd, key_valid = R.compute_routed(layer, x, positions, attention_mask, idx, picked)
-            dx = R.scatter_add_tokens(jnp.zeros_like(x), idx, upd * key_valid[..., None].astype(upd.dtype))
-            has_dx = R.indices_to_mask(idx, picked, t)
+            has_dx, wanted = self._causal_selection(key, logits, valid, positions, prog, decode)
+            stats["causal_overflow"] = wanted & ~has_dx
+            dx = self._block_on(layer, x, positions, attention_mask, has_dx,
+                                R.capacity_tokens(rc.causal_fraction, t), prog, decode)
         prev_final = self.previous_final[key](sg(x + dx), valid, decode)
         dx_hat = router.predict(prev_final)
         d_st, d_ch = R.mean_sq(dx), self._d_ch(dx, dx_hat)
-        losses["tpn"].append(R.masked_mean(R.mean_sq(dx_hat, sg(dx)), has_dx))
+        losses["tpn"].append(self._prior_loss(dx_hat, dx, dx, has_dx))
         ma = self._ma(key, router, d_st, has_dx, decode)
         crit = R.surprise_gate(sg(d_st), sg(d_ch), ma, gate=rc.gate, **params)  # see module doc
         g = crit["g_cont"]
-        stats = {}
         if mode == "topk":
             router.update_ema(d_st, valid)
-            idx, picked = R.topk_indices(g, R.capacity_tokens(rc.capacity, t), valid)
-            target = R.indices_to_mask(idx, picked, t)
+            target = self._topk_selection(g, valid, prog)
             losses["causal"].append(R.bce_with_logits(logits, sg(target.astype(jnp.float32)), valid))
             stats.update(R.decision_stats(logits > 0, target, valid))
         else:
             target = has_dx
-        x = x + (jnp.where(target, g, 0.0)[..., None] * dx).astype(x.dtype)
+        x = x + (jnp.where(target, self._gate(g), 0.0)[..., None] * dx).astype(x.dtype)
         stats.update({"d_st": d_st, "d_ch": d_ch, "ma": ma, **crit, **params, "causal_logit": logits,
                       "selected_frac": target})
         self._sow(key, stats)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlmjax import config_util
+from vlmjax import flops as flops_lib
 from vlmjax.models import layers
 
 Array = jax.Array
@@ -48,9 +49,26 @@ class RoutingConfig:
     every: int = 2
     offset: int = 1
     capacity: float = 0.5        # k = floor(capacity * T) tokens per routed layer (MoD: 0.125; DTF gamma: 0.5)
-    # Causal-router evaluation / decoding: tokens with sigmoid(logit) > 0.5 are processed, at most
-    # the first floor(causal_capacity * T) of them (by position, so the cap stays causal).
-    causal_capacity: float = 1.0
+    # Causal selection (evaluation, prefill, decoding): a token runs the block when its causal router
+    # says so (sigmoid(logit) > 0.5) AND its row is within the running budget: at most
+    # max(1, floor(c (p + 1))) chosen tokens among positions 0..p. A wanted token over budget is
+    # skipped (passes through like an unchosen one): that is the overflow policy. The budget looks
+    # only at earlier tokens, so one-piece, chunked and token-by-token runs choose the same tokens,
+    # and a length-T forward gathers a static floor(c T). "auto": c = min(1, capacity + causal_margin)
+    # (the causal router is trained towards a selection rate of `capacity`).
+    causal_capacity: Any = dataclasses.field(default="auto", metadata={config_util.ANY_TYPE: True})
+    causal_margin: float = 0.125
+    # Warm start of a pretrained decoder (configs/*.py:pretrained). gate_forward='one': the routed
+    # update is added with weight 1 in the forward pass and the gate gets its gradient straight
+    # through (1 + g - sg(g)), so a routed layer does not rescale a pretrained block's output.
+    gate_forward: str = "value"  # value | one
+    # Fraction of training over which the capacity (and the causal budget) anneals (cosine) from 1.0
+    # to `capacity`: step 0 is the dense model. 0 disables. While annealing, every token is run with
+    # the unchosen ones masked (no FLOPs saved); afterwards the gathered path runs (lax.cond).
+    capacity_warmup: float = 0.0
+    # Initial bias of the causal router logit (and of the MoD predictor): > 0 starts with every
+    # token chosen, which with capacity_warmup makes the causal model dense at step 0 too.
+    causal_bias_init: float = 0.0
     mod_causal: str = "aux"      # MoD causal inference: aux (BCE on router logits) | predictor (MLP on sg(x))
     predictor_hidden: int = 0    # MoD predictor width; 0 = max(8, hidden_size // 8)
     prior_ffn_factor: float = 0.125  # DTF PriorFFN / TDTF transition width f in {0.0625, 0.125, 0.25, 0.5}
@@ -69,6 +87,11 @@ class RoutingConfig:
     lambda_prior: float = 0.05   # DTF: (lambda_prior / |D|) * sum of L_prior over decision layers
     lambda_causal: float = 0.01  # causal router / MoD aux or predictor BCE (mean over routed layers)
     lambda_tpn: float = 0.05     # TDTF transition-network MSE (mean over routed layers)
+    # L_prior (DTF) and L_tpn (TDTF): 'mse' (spec: (1/d)||prediction - sg(target)||^2, in residual-
+    # stream units, large in a pretrained model) or 'relative' (the same divided by the batch mean of
+    # (1/d)||update||^2, the update being Block(H) / dx: the fraction of the update the head fails to
+    # predict; 1.0 at init whatever the model's scale).
+    prior_loss: str = "mse"
 
     @classmethod
     def from_config(cls, cd: ml_collections.ConfigDict | Mapping[str, Any]) -> "RoutingConfig":
@@ -78,7 +101,8 @@ class RoutingConfig:
     def validate(self, num_layers: int) -> None:
         """Raises ValueError naming the ``config.routing`` field and what it accepts."""
         choices = dict(kind=KINDS, mod_causal=("aux", "predictor"), gate=("prob_or", "ce_only"),
-                       beta=("learned", "scheduled"), d_ch=("mse", "kl"))
+                       beta=("learned", "scheduled"), d_ch=("mse", "kl"), gate_forward=("value", "one"),
+                       prior_loss=("mse", "relative"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config.routing.{name}={getattr(self, name)!r} is not one of {allowed}.")
@@ -87,8 +111,16 @@ class RoutingConfig:
                              "set config.routing.beta='scheduled'.")
         if not 0.0 < self.capacity <= 1.0:
             raise ValueError(f"config.routing.capacity={self.capacity} must be in (0, 1].")
-        if not 0.0 < self.causal_capacity <= 1.0:
-            raise ValueError(f"config.routing.causal_capacity={self.causal_capacity} must be in (0, 1].")
+        cc = self.causal_capacity
+        if isinstance(cc, str) and cc != "auto" or not isinstance(cc, (str, int, float)) or isinstance(cc, bool):
+            raise ValueError(f"config.routing.causal_capacity={cc!r}: use 'auto' or a number in (0, 1].")
+        if not isinstance(cc, str) and not 0.0 < cc <= 1.0:
+            raise ValueError(f"config.routing.causal_capacity={cc} must be in (0, 1] (or 'auto').")
+        if not 0.0 <= self.causal_margin <= 1.0:
+            raise ValueError(f"config.routing.causal_margin={self.causal_margin} must be in [0, 1].")
+        if not 0.0 <= self.capacity_warmup <= 1.0:
+            raise ValueError(f"config.routing.capacity_warmup={self.capacity_warmup} must be in [0, 1] "
+                             "(a fraction of config.total_steps; 0 = off).")
         if self.every < 1 or not 0 <= self.offset < self.every:
             raise ValueError(f"config.routing.every={self.every}, offset={self.offset}: need every >= 1 "
                              "and 0 <= offset < every.")
@@ -107,6 +139,25 @@ class RoutingConfig:
             raise ValueError(f"config.routing.ma_ema={self.ma_ema} must be in [0, 1).")
         if self.o_ce_init <= 0 or self.m_cu_init <= 0 or self.kl_variance <= 0:
             raise ValueError("config.routing.o_ce_init, m_cu_init and kl_variance must be > 0.")
+
+    @property
+    def causal_fraction(self) -> float:
+        """The causal budget c after warm-up: ``causal_capacity``, or capacity + margin for 'auto'."""
+        if self.causal_capacity == "auto":
+            return min(1.0, self.capacity + self.causal_margin)
+        return float(self.causal_capacity)
+
+    def warm(self, progress: Array) -> Array:
+        """Weight of the dense start at ``progress`` (fraction of training): 1 at 0, cosine to 0 at
+        ``capacity_warmup`` (0 throughout when it is off)."""
+        if self.capacity_warmup <= 0:
+            return jnp.zeros((), jnp.float32)
+        p = jnp.clip(jnp.asarray(progress, jnp.float32) / self.capacity_warmup, 0.0, 1.0)
+        return 0.5 * (1.0 + jnp.cos(jnp.pi * p))
+
+    def annealed(self, value: float, progress: Array) -> Array:
+        """``value`` annealed from 1.0 (progress 0) to ``value`` (end of capacity_warmup)."""
+        return value + (1.0 - value) * self.warm(progress)
 
     def dynamic_layers(self, num_layers: int) -> tuple[int, ...]:
         return tuple(i for i in range(num_layers) if i % self.every == self.offset)
@@ -134,9 +185,7 @@ def default_config() -> ml_collections.ConfigDict:
 # The route / compute / unroute primitive
 # ------------------------------------------------------------------------------------------------
 
-def capacity_tokens(capacity: float, length: int) -> int:
-    """Static k = floor(capacity * T), at least 1 and at most T."""
-    return int(min(length, max(1, math.floor(capacity * length))))
+capacity_tokens = flops_lib.capacity_tokens  # static k = floor(capacity * T) in [1, T]
 
 
 def topk_indices(scores: Array, k: int, valid: Array | None = None) -> tuple[Array, Array]:
@@ -177,6 +226,53 @@ def first_k_indices(selected: Array, k: int) -> tuple[Array, Array]:
     _, idx = jax.lax.top_k(-key, k)
     idx = jnp.sort(idx, axis=-1).astype(jnp.int32)
     return idx, jnp.take_along_axis(selected, idx, axis=1)
+
+
+def causal_budget(wants: Array, positions: Array, capacity: Array | float,
+                  count0: Array | None = None) -> tuple[Array, Array]:
+    """The causal selection with a running budget (``RoutingConfig.causal_capacity``).
+
+    Token t is chosen iff ``wants[t]`` and fewer than ``b_t = max(1, floor(c (p_t + 1)))`` tokens of
+    its row were chosen before it (p_t its position id; ``count0`` chosen before this chunk). The
+    count obeys ``n_t = min(n_{t-1} + w_t, b_t)`` (b is non-decreasing), whose closed form
+    ``n_t = W_t + min(n_0, cummin_s<=t (b_s - W_s))`` (W = cumsum w) needs no scan.
+
+    Args:
+        wants: [B, T] bool, the router's decisions (padding already False).
+        positions: [B, T] int position ids (non-decreasing along each row).
+        capacity: c in (0, 1], Python float or traced scalar.
+        count0: [B] int32 tokens chosen earlier in the stream (decode cache), default 0.
+
+    Returns:
+        (chosen [B, T] bool, count [B] int32 chosen so far including this chunk). Over a length-T
+        sequence from position 0, at most ``capacity_tokens(c, T)`` tokens are chosen.
+    """
+    b = wants.shape[0]
+    w = wants.astype(jnp.int32)
+    n0 = jnp.zeros((b,), jnp.int32) if count0 is None else count0.astype(jnp.int32)
+    # float32 product, as in capacity_tokens: the last budget equals the static k exactly.
+    budget = jnp.floor(jnp.asarray(capacity, jnp.float32) * (positions + 1).astype(jnp.float32))
+    budget = jnp.maximum(budget.astype(jnp.int32), 1)
+    cw = jnp.cumsum(w, axis=1)
+    n = cw + jnp.minimum(n0[:, None], jax.lax.cummin(budget - cw, axis=1))
+    prev = jnp.concatenate([n0[:, None], n[:, :-1]], axis=1)
+    return n > prev, n[:, -1]
+
+
+def rank_mask(scores: Array, k: Array | int, valid: Array | None = None) -> Array:
+    """[B, T] bool: the ``k`` highest-scoring valid tokens per row, ``k`` possibly traced (the
+    capacity warm-up), ties broken by position like ``jax.lax.top_k``."""
+    s = scores.astype(jnp.float32)
+    if valid is not None:
+        s = jnp.where(valid, s, -jnp.inf)
+    rank = jnp.argsort(jnp.argsort(-s, axis=-1, stable=True), axis=-1, stable=True)
+    out = rank < k
+    return out if valid is None else out & valid.astype(jnp.bool_)
+
+
+def straight_through_one(gate: Array) -> Array:
+    """1 in the forward pass, d/d gate = identity in the backward pass (``gate_forward='one'``)."""
+    return 1.0 + gate - jax.lax.stop_gradient(gate)
 
 
 def gather_tokens(x: Array, idx: Array) -> Array:
@@ -370,8 +466,10 @@ class SwiGLUHead(nn.Module):
 
 
 class CausalRouter(nn.Module):
-    """logit_t = w^T [RMSNorm(x_t); RMSNorm(x_{t-1})] on stop-gradient inputs (x_{-1} = 0)."""
+    """logit_t = w^T [RMSNorm(x_t); RMSNorm(x_{t-1})] + b on stop-gradient inputs (x_{-1} = 0);
+    b starts at ``bias_init`` (``routing.causal_bias_init``)."""
 
+    bias_init: float = 0.0
     eps: float = 1e-6
     initializer_range: float = 0.02
     param_dtype: Any = jnp.float32
@@ -385,7 +483,8 @@ class CausalRouter(nn.Module):
                              norm("norm_prev")(jax.lax.stop_gradient(x_prev))], axis=-1)
         logit = layers.DenseGeneral(1, kernel_axes=(None, None), initializer_range=self.initializer_range,
                                     dtype=jnp.float32, param_dtype=self.param_dtype, name="proj")(h)
-        return logit[..., 0]
+        bias = self.param("bias", nn.initializers.constant(self.bias_init), (), self.param_dtype)
+        return logit[..., 0] + bias
 
 
 class MoDRouter(nn.Module):
@@ -394,6 +493,7 @@ class MoDRouter(nn.Module):
 
     predictor: bool
     predictor_hidden: int
+    bias_init: float = 0.0  # of the predictor's output (routing.causal_bias_init)
     initializer_range: float = 0.02
     param_dtype: Any = jnp.float32
 
@@ -410,7 +510,7 @@ class MoDRouter(nn.Module):
         p = layers.DenseGeneral(1, kernel_axes=(None, None), initializer_range=self.initializer_range,
                                 use_bias=True, dtype=jnp.float32, param_dtype=self.param_dtype,
                                 name="predictor_out")(nn.silu(h))[..., 0]
-        return r, p
+        return r, p + self.bias_init
 
 
 class SurpriseRouter(nn.Module):
@@ -442,8 +542,8 @@ class SurpriseRouter(nn.Module):
             self.beta_cu_raw = self.param("beta_cu_raw", scalar(rc.beta_cu_init))
         self.o_ce_raw = self.param("o_ce_raw", scalar(softplus_inverse(rc.o_ce_init)))
         self.m_cu_raw = self.param("m_cu_raw", scalar(softplus_inverse(rc.m_cu_init)))
-        self.causal = CausalRouter(eps=self.eps, initializer_range=self.initializer_range,
-                                   param_dtype=self.param_dtype)
+        self.causal = CausalRouter(bias_init=rc.causal_bias_init, eps=self.eps,
+                                   initializer_range=self.initializer_range, param_dtype=self.param_dtype)
         self.d_st_ema = self.variable(ROUTER_STATE, "d_st_ema", lambda: jnp.zeros((), jnp.float32))
         self.d_st_ema_weight = self.variable(ROUTER_STATE, "d_st_ema_weight",
                                              lambda: jnp.zeros((), jnp.float32))

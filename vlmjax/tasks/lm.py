@@ -138,7 +138,8 @@ class LMTask(Task):
     def _forward(self, params, model_state, batch, rng=None):
         # rng: the "dropout" stream (LoRA dropout); None = deterministic (evaluation).
         rngs = {"dropout": rng} if rng is not None else {}
-        logits, aux = self.model.apply({"params": params, **model_state}, batch["inputs"], rngs=rngs)
+        logits, aux = self.model.apply({"params": params, **model_state}, batch["inputs"],
+                                       attention_mask=batch.get("attention_mask"), rngs=rngs)
         mask = batch["loss_mask"].astype(jnp.float32)
         nll, correct = token_nll(logits, batch["targets"], mask)
         return nll, correct, mask, aux

@@ -53,8 +53,10 @@ class RoutedLMTask(lm.LMTask):
     # ---- model --------------------------------------------------------------------------
     def _apply(self, params, model_state, batch, *, mode, rng=None, progress=None, mutable=False):
         rngs = {"dropout": rng} if rng is not None and self.model_config.lora_dropout > 0 else None
+        # attention_mask (0 on the padding of the last evaluation window): padding is never chosen
+        # by a router and never a key.
         return self.model.apply({"params": params, **model_state}, batch["inputs"], mode=mode,
-                                progress=progress, rngs=rngs,
+                                attention_mask=batch.get("attention_mask"), progress=progress, rngs=rngs,
                                 mutable=[routing.ROUTER_STATE] if mutable else False)
 
     def loss_fn(self, params, model_state, batch, rng, step):
@@ -78,8 +80,11 @@ class RoutedLMTask(lm.LMTask):
             nll, correct = lm.token_nll(logits, batch["targets"], mask)
             out[f"nll_sum{suffix}"] = nll.sum()
             out[f"correct_sum{suffix}"] = correct.sum()
-            sel = [v for k, v in aux.items() if k.endswith("/selected_frac")]
+            sel = [v for k, v in aux.items() if k.endswith("/selected_frac")]  # over real tokens only
             out[f"selected_frac_sum{suffix}"] = jnp.mean(jnp.stack(sel))
+            if mode == "causal":  # tokens the causal routers wanted but the running budget skipped
+                over = [v for k, v in aux.items() if k.endswith("/causal_overflow")]
+                out["causal_overflow_sum"] = jnp.mean(jnp.stack(over))
         return out
 
     def finalize_eval(self, sums):
@@ -95,6 +100,7 @@ class RoutedLMTask(lm.LMTask):
                 f"accuracy{suffix}": sums[f"correct_sum{suffix}"] / tokens,
                 f"selected_frac{suffix}": sums[f"selected_frac_sum{suffix}"] / batches,
             })
+        res["causal_overflow"] = sums.get("causal_overflow_sum", 0.0) / batches
         return res
 
     def log_summary(self, metrics: dict[str, float]) -> str:

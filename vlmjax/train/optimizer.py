@@ -37,6 +37,9 @@ def default_config() -> ml_collections.ConfigDict:
         warmup_steps=100,
         min_lr_ratio=0.1,        # final lr = min_lr_ratio * lr for cosine/linear
         clip_norm=1.0,           # global-norm clipping of trainable grads; 0 disables
+        # Regexes whose params are clipped by their own global norm (clip_norm each), apart from the
+        # rest: e.g. (r"^routers_",) so the routers' auxiliary losses cannot shrink the LM's update.
+        clip_groups=(),
         grad_accum_steps=1,      # micro-batches per optimizer step (scanned inside the step)
         # Tuples of regexes (re.search on "a/b/kernel" paths). Frozen params get no update and no state.
         frozen=(),
@@ -141,10 +144,28 @@ def make_optimizer(optim_cfg, params, total_steps: int) -> tuple[optax.GradientT
         {n: (optax.set_to_zero() if n == FROZEN else optax.identity()) for n in names}, labels)
     chain = [zero_frozen]
     if optim_cfg.clip_norm and optim_cfg.clip_norm > 0:
-        chain.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
+        chain.append(_clip(optim_cfg, params))
     chain.append(optax.multi_transform(transforms, labels))
     tx = optax.chain(*chain)
     return skip_nonfinite(tx), schedule
+
+
+def _clip(optim_cfg, params) -> optax.GradientTransformation:
+    """Global-norm clipping, one norm per ``clip_groups`` regex (first match wins) and one for the rest."""
+    clip = optax.clip_by_global_norm(float(optim_cfg.clip_norm))
+    patterns = _compile(optim_cfg.get("clip_groups", ()) or (), "clip_groups")
+    if not patterns:
+        return clip
+
+    def label(name, _):
+        return next((f"clip_{i}" for i, r in enumerate(patterns) if r.search(name)), "clip_rest")
+
+    labels = tree.map_with_names(label, params)
+    used = set(jax.tree.leaves(labels))
+    for i, r in enumerate(patterns):
+        if f"clip_{i}" not in used:
+            raise ValueError(f"config.optim.clip_groups: {r.pattern!r} matches no parameter.")
+    return optax.multi_transform({n: clip for n in used}, labels)
 
 
 def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
