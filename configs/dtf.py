@@ -6,8 +6,10 @@ baseline's (configs/lm.py), so the two compare at the same sizes; this file adds
 
   python -m vlmjax.main --config=configs/dtf.py --workdir=/tmp/dtf             # 2-core CPU: 5-15 min (README)
   python -m vlmjax.main --config=configs/dtf.py:smoke --workdir=/tmp/dtf_smoke  # seconds, for tests
-  python -m vlmjax.main --config=configs/dtf.py:qwen --workdir=/tmp/dtf_qwen \
-      --config.init_from=/ckpt/Qwen2.5-0.5B         # LoRA fine-tune of a pretrained Qwen2.5 + DTF routers
+  python -m vlmjax.main --config=configs/dtf.py:pretrained --workdir=/tmp/dtf_ft \
+      --config.init_from=/ckpt/SmolLM2-135M         # route a pretrained Llama/Qwen (full fine-tune)
+  python -m vlmjax.main --config=configs/dtf.py:pretrained_lora --workdir=/tmp/dtf_lora \
+      --config.init_from=/ckpt/Qwen2.5-0.5B         # same with LoRA on a frozen base
   python -m vlmjax.main --config=configs/dtf.py:smollm2_135m --workdir=/tmp/dtf135  # accelerator-sized
 
 Switches (config.routing): gate=prob_or|ce_only, beta=learned|scheduled, d_ch=mse|kl, capacity (gamma),
@@ -18,12 +20,12 @@ from configs import common
 from configs import lm
 from vlmjax.models import routing
 
-VARIANTS = ("default", "smoke", "qwen", "smollm2_135m")
+VARIANTS = ("default", "smoke", "pretrained", "pretrained_lora", "smollm2_135m")
 
 
 def get_config(arg: str | None = None):
     v = common.variant(arg, VARIANTS, __file__)
-    c = lm.get_config("default" if v == "qwen" else v)
+    c = lm.get_config("finetune" if v.startswith("pretrained") else v)
     c.task = "routed_lm"
 
     c.routing = routing.default_config()
@@ -31,7 +33,7 @@ def get_config(arg: str | None = None):
         kind="dtf",
         every=2, offset=1,     # layers 1, 3, ... are dynamic; layer i-1 is each one's decision layer
         capacity=0.5,          # gamma: top-k of G keeps half of the tokens
-        causal_capacity=1.0,   # causal evaluation/decoding: every token the causal router picks
+        causal_capacity="auto",  # causal eval/decoding: running budget gamma + causal_margin
         gate="prob_or",        # G = S_CE + S_CU - S_CE S_CU
         beta="learned",
         d_ch="mse",
@@ -44,13 +46,18 @@ def get_config(arg: str | None = None):
     # the LM's lr it barely moves in a short run (tests/test_routed_train.py), hence 10x.
     c.optim.lr_groups = ((r"^routers_\d+/causal/", 10.0),)
 
-    if v == "qwen":
-        # Pretrained Qwen2.5 (architecture and tokenizer from --config.init_from) with LoRA r=16,
-        # alpha=32, dropout 0.05 on the attention and MLP projections (the base stays frozen); the
-        # DTF routers and PriorFFNs (params under routers_*) train fully at 10x the adapters' lr.
-        c.data.update(dict(tokenizer="hf", seq_len=512))
-        c.model.update(dict(dtype="bfloat16", lora_rank=16, lora_alpha=32.0, lora_dropout=0.05))
-        c.optim.update(dict(trainable=(r"lora_", r"^routers_"), lr=1e-4, lr_groups=((r"^routers_", 10.0),),
-                            weight_decay=0.01, warmup_steps=20))
-        c.update(dict(total_steps=2000, batch_size=16, eval_every=250, ckpt_every=250, log_every=10))
+    if v in ("pretrained", "pretrained_lora"):
+        # Route a pretrained Llama/Qwen decoder (--config.init_from) without breaking it (issue 12,
+        # docs/routing.md "Routing a pretrained decoder"): step 0 is the dense model (the gate is 1 in
+        # the forward pass, straight-through to the router; the capacity anneals from 1.0 to gamma
+        # over the first 30% of steps; the causal routers start by choosing every token), L_prior is
+        # scale-free, and the routers' losses are clipped apart from the LM's gradient.
+        c.routing.update(dict(gate_forward="one", capacity_warmup=0.3, causal_bias_init=3.0,
+                              prior_loss="relative"))
+        c.optim.update(dict(clip_groups=(r"^routers_",), lr_groups=((r"^routers_", 20.0),)))
+    if v == "pretrained_lora":
+        # LoRA r=16, alpha=32, dropout 0.05 on the attention and MLP projections of a frozen base (a
+        # 0.5B+ model on one accelerator); the routers (params under routers_*) train fully.
+        c.model.update(dict(lora_rank=16, lora_alpha=32.0, lora_dropout=0.05))
+        c.optim.update(dict(trainable=(r"lora_", r"^routers_"), lr=1e-4))
     return c

@@ -8,9 +8,10 @@ schedule, so their comparisons are at the same sizes.
   python -m vlmjax.main --config=configs/lm.py:smollm2_135m --workdir=/tmp/lm135 \
       --config.data.source=jsonl --config.data.path='/data/*.jsonl'          # accelerator-sized
 
-Fine-tune a pretrained checkpoint (architecture and tokenizer from the directory):
-  python -m vlmjax.main --config=configs/lm.py --workdir=/tmp/ft \
-      --config.init_from=/ckpt/SmolLM2-135M --config.data.tokenizer=hf --config.optim.lr=1e-4
+Fine-tune a pretrained Llama / SmolLM2 / Qwen checkpoint (architecture and tokenizer from the
+directory; fine-tuning learning rate, the routed configs' ``:pretrained`` variants start from here):
+  python -m vlmjax.main --config=configs/lm.py:finetune --workdir=/tmp/ft --config.init_from=/ckpt/SmolLM2-135M
+An offline SmolLM2-135M-Instruct directory: python -m vlmjax.convert.gguf (README, "Pretrained weights").
 """
 
 from configs import common
@@ -18,7 +19,7 @@ from vlmjax import data
 from vlmjax.models import decoder
 from vlmjax.tasks import lm
 
-VARIANTS = ("default", "smoke", "smollm2_135m")
+VARIANTS = ("default", "smoke", "finetune", "smollm2_135m")
 
 
 def get_config(arg: str | None = None):
@@ -48,6 +49,15 @@ def get_config(arg: str | None = None):
         c.eval.max_batches = 2
         c.optim.warmup_steps = 2
         c.sample.max_new_tokens = 8
+    elif v == "finetune":
+        # Full fine-tune of a pretrained decoder given by --config.init_from (its tokenizer too). The
+        # from-scratch lr (3e-3) wrecks it in one step (issue 12: val loss 2.78 -> 7.16); 5e-5 with
+        # a short warmup is a usual fine-tuning rate for a ~100M-1B decoder.
+        c.data.update(dict(tokenizer="hf", seq_len=256))
+        c.model.dtype = "bfloat16"
+        c.update(dict(total_steps=300, batch_size=8, log_every=10, eval_every=100, ckpt_every=100))
+        c.optim.update(dict(lr=5e-5, warmup_steps=20, weight_decay=0.0, min_lr_ratio=0.1))
+        c.eval.max_batches = 8
     elif v == "smollm2_135m":
         c.model = decoder.default_config()  # the SmolLM2-135M shape: d576, 30 layers, 9:3 heads
         c.model.dtype = "bfloat16"

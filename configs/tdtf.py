@@ -7,6 +7,7 @@ docs/routing.md.
 
   python -m vlmjax.main --config=configs/tdtf.py --workdir=/tmp/tdtf
   python -m vlmjax.main --config=configs/tdtf.py:smoke --workdir=/tmp/tdtf_smoke
+  python -m vlmjax.main --config=configs/tdtf.py:pretrained --workdir=/tmp/tdtf_ft --config.init_from=/ckpt/SmolLM2-135M
   python -m vlmjax.main --config=configs/tdtf.py:smollm2_135m --workdir=/tmp/tdtf135  # accelerator-sized
 """
 
@@ -14,19 +15,19 @@ from configs import common
 from configs import lm
 from vlmjax.models import routing
 
-VARIANTS = ("default", "smoke", "smollm2_135m")
+VARIANTS = ("default", "smoke", "pretrained", "pretrained_lora", "smollm2_135m")
 
 
 def get_config(arg: str | None = None):
     v = common.variant(arg, VARIANTS, __file__)
-    c = lm.get_config(v)
+    c = lm.get_config("finetune" if v.startswith("pretrained") else v)
     c.task = "routed_lm"
     c.routing = routing.default_config()
     c.routing.update(dict(
         kind="tdtf",
         every=2, offset=1,
         capacity=0.5,                  # gamma
-        causal_capacity=1.0,
+        causal_capacity="auto",        # causal eval/decoding: running budget capacity + margin
         gate="prob_or",
         beta="scheduled",              # the spec schedules beta_ce / beta_cu (cosine 0.1 -> 100)
         beta_start=0.1, beta_end=100.0,
@@ -36,4 +37,19 @@ def get_config(arg: str | None = None):
         lambda_tpn=0.05,
     ))
     c.optim.lr_groups = ((r"^routers_\d+/causal/", 10.0),)  # as configs/dtf.py
+
+    if v in ("pretrained", "pretrained_lora"):
+        # Route a pretrained Llama/Qwen decoder (--config.init_from) without breaking it (issue 12,
+        # docs/routing.md "Routing a pretrained decoder"): step 0 is the dense model (the gate is 1 in
+        # the forward pass, straight-through to the router; the capacity anneals from 1.0 to gamma
+        # over the first 30% of steps; the causal routers start by choosing every token), L_prior is
+        # scale-free, and the routers' losses are clipped apart from the LM's gradient.
+        c.routing.update(dict(gate_forward="one", capacity_warmup=0.3, causal_bias_init=3.0,
+                              prior_loss="relative"))
+        c.optim.update(dict(clip_groups=(r"^routers_",), lr_groups=((r"^routers_", 20.0),)))
+    if v == "pretrained_lora":
+        # LoRA r=16, alpha=32, dropout 0.05 on the attention and MLP projections of a frozen base (a
+        # 0.5B+ model on one accelerator); the routers (params under routers_*) train fully.
+        c.model.update(dict(lora_rank=16, lora_alpha=32.0, lora_dropout=0.05))
+        c.optim.update(dict(trainable=(r"lora_", r"^routers_"), lr=1e-4))
     return c

@@ -44,8 +44,8 @@ def test_causal_router_bce_falls_during_training(tmp_path, name, fall):
     assert np.mean(acc[-10:]) > np.mean(acc[:5]) + 0.03, (acc[:5], acc[-10:])
 
 
-def test_dtf_qwen_variant_trains_only_lora_and_routers(tmp_path):
-    """configs/dtf.py:qwen on a tiny random Qwen2 checkpoint: the base weights load and stay frozen,
+def test_dtf_pretrained_lora_variant_trains_only_lora_and_routers(tmp_path):
+    """configs/dtf.py:pretrained_lora on a tiny random Qwen2 checkpoint: the base weights load and stay frozen,
     LoRA B starts at zero (an exact no-op), the adapters and the DTF routers/PriorFFNs move."""
     import jax
     from test_convert_llama import _hf_model, _with_tokenizer
@@ -59,7 +59,7 @@ def test_dtf_qwen_variant_trains_only_lora_and_routers(tmp_path):
     _, path = _hf_model("qwen2_bias", tmp_path, vocab_size=320, num_hidden_layers=4, bos_token_id=1,
                         eos_token_id=2)
     _with_tokenizer(path)
-    cfg = load_config("dtf", "qwen", init_from=path, total_steps=4, batch_size=4,
+    cfg = load_config("dtf", "pretrained_lora", init_from=path, total_steps=4, batch_size=4,
                       **{"data.seq_len": 32, "model.dtype": "float32", "optim.warmup_steps": 0,
                          "sample.max_new_tokens": 4, "eval.max_batches": 1})
     task = tasks.build(cfg, str(tmp_path / "wd"))
@@ -90,6 +90,8 @@ def test_dtf_qwen_variant_trains_only_lora_and_routers(tmp_path):
     assert task.on_end(state, mesh)["sample"]
 
 
-def test_qwen_variant_without_a_checkpoint_says_what_to_set(tmp_path):
+def test_pretrained_variant_without_a_checkpoint_says_what_to_set(tmp_path):
     with pytest.raises(ValueError, match="set --config.init_from="):
-        runner.run(load_config("dtf", "qwen"), str(tmp_path))
+        runner.run(load_config("dtf", "pretrained_lora"), str(tmp_path))
+    with pytest.raises(ValueError, match="set --config.init_from="):
+        runner.run(load_config("mod", "pretrained"), str(tmp_path / "b"))

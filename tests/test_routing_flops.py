@@ -110,3 +110,16 @@ def test_routing_flops_script_runs_and_writes_its_report(tmp_path):
     text = open(out + ".md").read()
     assert "MoD capacity 0.125" in text and "| cpu | mod |" in text
     assert rows and "XLA vs analytic" in text
+    # The inference section: causal prefill FLOPs per model (routed below dense, at the 'auto' cap);
+    # decoding is skipped with --no_time.
+    assert "## Inference" in text and "### Prefill" in text
+    inf = {r["model"]: r for r in rows["inference"] if r["shape"] == "cpu"}
+    assert set(inf) == {"dense", "mod", "dtf", "tdtf"}, inf
+    dense = inf["dense"]["prefill_MFLOP_tok_xla"]
+    assert dense and inf["dense"]["prefill_MFLOP_tok_analytic"]
+    for kind, cap in (("mod", 0.125), ("dtf", 0.5), ("tdtf", 0.5)):
+        r = inf[kind]
+        assert r["causal_c"] == pytest.approx(cap + 0.125) and r["cap_per_layer"] == int((cap + 0.125) * 128)
+        assert r["prefill_MFLOP_tok_xla"] < dense and r["prefill_xla_vs_dense"] < 1.0, (kind, r)
+        assert r["prefill_MFLOP_tok_analytic"] < inf["dense"]["prefill_MFLOP_tok_analytic"], (kind, r)
+        assert r.get("decode_tok_s") is None  # --no_time: no decoding

@@ -305,8 +305,7 @@ class RoutedDecoder(decoder_lib.Decoder):
 
         def gathered(mdl, x):
             idx, picked = R.first_k_indices(chosen, k)
-            update, key_valid = R.compute_routed(mdl, x, positions, attention_mask, idx, picked)
-            return R.scatter_add_tokens(jnp.zeros_like(x), idx, update * key_valid[..., None].astype(update.dtype))
+            return R.routed_update(mdl, x, positions, attention_mask, idx, picked)
 
         if self.routing.capacity_warmup <= 0:
             return gathered(layer, x)

@@ -316,6 +316,15 @@ def route_compute_unroute(block: BlockFn, x: Array, positions: Array, attention_
     return scatter_add_tokens(x, idx, update * weight), update
 
 
+def routed_update(block: BlockFn, x: Array, positions: Array, attention_mask: Array | None, idx: Array,
+                  picked: Array) -> Array:
+    """compute + unroute without the gate: ``Block(x[idx])`` scattered back to [B, T, D], zero on the
+    tokens not chosen (the routed decoder multiplies by its gate, or by 1 with a straight-through
+    gate, outside)."""
+    update, key_valid = compute_routed(block, x, positions, attention_mask, idx, picked)
+    return scatter_add_tokens(jnp.zeros_like(x), idx, update * key_valid[..., None].astype(update.dtype))
+
+
 def compute_routed(block: BlockFn, x: Array, positions: Array, attention_mask: Array | None, idx: Array,
                    picked: Array) -> tuple[Array, Array]:
     """The "compute" half: ``block`` on the gathered tokens with their original positions.

@@ -78,8 +78,14 @@ class LMTask(Task):
             raise ValueError(
                 f"config.model.lora_rank={config.model.lora_rank} adds LoRA adapters to a frozen base, but no "
                 "pretrained base is given: set --config.init_from=<local HF checkpoint dir> (e.g. a "
-                "Qwen2.5 for configs/dtf.py:qwen), or --config.model.lora_rank=0 to train from scratch.")
+                "Qwen2.5 for configs/dtf.py:pretrained_lora), or --config.model.lora_rank=0 to train from scratch.")
         data_cfg = config.data
+        if not self.init_from and data_cfg.tokenizer == "hf" and not data_cfg.get("tokenizer_path"):
+            raise ValueError(
+                "config.data.tokenizer='hf' takes the tokenizer of a pretrained checkpoint, and none is "
+                "given (the :finetune / :pretrained variants fine-tune one): set --config.init_from=<local "
+                "HF checkpoint dir> (offline SmolLM2-135M: README, 'Pretrained weights'), or "
+                "--config.data.tokenizer_path=<dir> to train from scratch with its tokenizer.")
         if self.init_from:
             if data_cfg.tokenizer != "hf":
                 raise ValueError(
