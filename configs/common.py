@@ -39,3 +39,21 @@ def trainer(task: str, **values) -> ml_collections.ConfigDict:
         else:
             c[key] = value
     return c
+
+
+def route_pretrained(c: ml_collections.ConfigDict, variant: str) -> None:
+    """The ``:pretrained`` / ``:pretrained_lora`` recipe of the routed configs (mod, dtf, tdtf).
+
+    Route a pretrained Llama/Qwen decoder (--config.init_from) without breaking it (docs/routing.md,
+    "Routing a pretrained decoder"): step 0 is the dense model (the gate is 1 in the forward pass,
+    straight-through to the router; the capacity anneals from 1.0 to gamma over the first 30% of
+    steps; the causal routers start by choosing every token), L_prior / L_tpn are scale-free, and the
+    routers (params under routers_*, at 20x the lr) are clipped apart from the LM's gradient.
+    ``pretrained_lora`` adds LoRA r=16, alpha=32, dropout 0.05 on the attention and MLP projections of
+    a frozen base (0.5B+ models on one accelerator); the routers train fully.
+    """
+    c.routing.update(dict(gate_forward="one", capacity_warmup=0.3, causal_bias_init=3.0, prior_loss="relative"))
+    c.optim.update(dict(clip_groups=(r"^routers_",), lr_groups=((r"^routers_", 20.0),)))
+    if variant == "pretrained_lora":
+        c.model.update(dict(lora_rank=16, lora_alpha=32.0, lora_dropout=0.05))
+        c.optim.update(dict(trainable=(r"lora_", r"^routers_"), lr=1e-4))

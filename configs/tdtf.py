@@ -27,7 +27,7 @@ def get_config(arg: str | None = None):
         kind="tdtf",
         every=2, offset=1,
         capacity=0.5,                  # gamma
-        causal_capacity="auto",        # causal eval/decoding: running budget capacity + margin
+        causal_capacity="auto",  # causal eval/decoding: running budget capacity + margin
         gate="prob_or",
         beta="scheduled",              # the spec schedules beta_ce / beta_cu (cosine 0.1 -> 100)
         beta_start=0.1, beta_end=100.0,
@@ -39,17 +39,5 @@ def get_config(arg: str | None = None):
     c.optim.lr_groups = ((r"^routers_\d+/causal/", 10.0),)  # as configs/dtf.py
 
     if v in ("pretrained", "pretrained_lora"):
-        # Route a pretrained Llama/Qwen decoder (--config.init_from) without breaking it (issue 12,
-        # docs/routing.md "Routing a pretrained decoder"): step 0 is the dense model (the gate is 1 in
-        # the forward pass, straight-through to the router; the capacity anneals from 1.0 to gamma
-        # over the first 30% of steps; the causal routers start by choosing every token), L_prior is
-        # scale-free, and the routers' losses are clipped apart from the LM's gradient.
-        c.routing.update(dict(gate_forward="one", capacity_warmup=0.3, causal_bias_init=3.0,
-                              prior_loss="relative"))
-        c.optim.update(dict(clip_groups=(r"^routers_",), lr_groups=((r"^routers_", 20.0),)))
-    if v == "pretrained_lora":
-        # LoRA r=16, alpha=32, dropout 0.05 on the attention and MLP projections of a frozen base (a
-        # 0.5B+ model on one accelerator); the routers (params under routers_*) train fully.
-        c.model.update(dict(lora_rank=16, lora_alpha=32.0, lora_dropout=0.05))
-        c.optim.update(dict(trainable=(r"lora_", r"^routers_"), lr=1e-4))
+        common.route_pretrained(c, v)  # warm start of a pretrained decoder (see configs/common.py)
     return c
