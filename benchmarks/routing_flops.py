@@ -1,7 +1,11 @@
 r"""FLOPs and step time of routed decoders (MoD, DTF, TDTF) against the dense decoder of the same shape.
 
-  python benchmarks/routing_flops.py                                   # CPU default (< 8 min, 2 cores)
+  python benchmarks/routing_flops.py                                   # CPU default (~23 min, 2 cores*)
   python benchmarks/routing_flops.py --shapes=smollm2_135m,qwen25_05b --time_large --dtype=bfloat16  # GPU
+
+  * 1277 s and 1363 s on a 2-core Xeon VM on 2026-12-03 while another job kept one core busy; about
+    190 s of it is the decoding benchmark (--no_decode skips it). The earlier run without decoding,
+    on a quiet machine, took 281 s.
 
 For every shape and model (dense; MoD at --mod_capacity every other layer; DTF at gamma --dtf_capacity;
 TDTF at --tdtf_capacity; all ``every=2, offset=1``, so layers 1, 3, 5, ... are routed and, for DTF,
@@ -773,8 +777,8 @@ def inference_notes(inference, args) -> list[str]:
         "masked over the whole prompt (skipped only if no prompt token was chosen), so it saves no FLOPs.",
         "Why sampling by default: greedy decoding of an untrained model repeats one token (its tied "
         "embedding is the argmax), so the routers would see one constant input and choose all or none of "
-        "the steps. At temperature 1 the untrained model's near-uniform logits give random tokens, the "
-        "same statistics as the calibration sequences (--decode_temperature=0 for greedy).",
+        "the steps. At temperature 1 the untrained model's near-uniform logits give random tokens, so the "
+        "routers see varied inputs (--decode_temperature=0 for greedy).",
         "Router rate (untrained routers are random): each routed model's routers are set so that about "
         f"`capacity` of the decode steps' tokens (positions {args.decode_prompt}.."
         f"{args.decode_prompt + args.decode_tokens - 2}) of the sequence being decoded are wanted (causal logit "
