@@ -95,3 +95,24 @@ def test_pretrained_variant_without_a_checkpoint_says_what_to_set(tmp_path):
         runner.run(load_config("dtf", "pretrained_lora"), str(tmp_path))
     with pytest.raises(ValueError, match="set --config.init_from="):
         runner.run(load_config("mod", "pretrained"), str(tmp_path / "b"))
+
+
+def test_routed_eval_is_blind_to_padding(tmp_path):
+    """Issue 12 bug 1 at the task level: the padded last evaluation window carries attention_mask, so
+    what sits in the padding changes neither mode's NLL of the real tokens (before, top-k let padding
+    take routed slots) and selected_frac counts real tokens."""
+    import jax
+    import jax.numpy as jnp
+    from vlmjax import tasks
+
+    task = tasks.build(load_config("dtf", "smoke"), str(tmp_path))
+    v = task.init_variables(jax.random.key(0))
+    params, state = v["params"], {k: x for k, x in v.items() if k != "params"}
+    t = task.seq_len
+    inputs = jax.random.randint(jax.random.key(1), (2, t), 3, 200)
+    real = jnp.arange(t)[None, :] < jnp.asarray([[t], [t // 3]])
+    batch = {"targets": jnp.roll(inputs, -1, 1), "loss_mask": real.astype(jnp.float32),
+             "attention_mask": real.astype(jnp.int32)}
+    sums = [task.eval_fn(params, state, {**batch, "inputs": jnp.where(real, inputs, pad)}) for pad in (0, 7)]
+    for key in ("nll_sum", "nll_sum_topk", "selected_frac_sum", "selected_frac_sum_topk"):
+        np.testing.assert_allclose(float(sums[0][key]), float(sums[1][key]), rtol=1e-6, err_msg=key)
