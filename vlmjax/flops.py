@@ -78,8 +78,8 @@ def routed_layer_forward_flops(cfg, rc, role: str, seq_len: int, mode: str = "tr
 
     ``role`` is one of ``rc.roles(num_layers)``: 'dense', 'decision', 'mod', 'dtf', 'tdtf'.
     ``mode='train'`` is the "topk" forward (k = floor(capacity T)); ``mode='inference'`` the "causal"
-    forward, whose block runs on its static cap k_c = floor(causal_capacity T) gathered tokens (the
-    number actually chosen is data dependent; the compiled program always computes k_c rows).
+    forward, whose block runs on its static cap k_c = floor(c T) gathered tokens, c = rc.causal_fraction
+    (the number actually chosen is data dependent; the compiled program always computes k_c rows).
 
     Terms (d = hidden, T = seq_len, d_i = ``swiglu_head_intermediate(d, prior_ffn_factor)``):
       block        ``decoder_layer_forward_flops(cfg, n)`` on the n tokens the block sees: T for
@@ -143,8 +143,8 @@ def routed_decoder_forward_flops(cfg, rc, seq_len: int, mode: str = "train") -> 
     Sum over layers of ``routed_layer_forward_flops`` plus the LM head (2 T d V); the embedding lookup
     is free. ``mode='train'``: "topk" selection (MoD / DTF blocks on k = floor(capacity T) tokens; TDTF
     runs the dense teacher block on all T plus its transition net and router). ``mode='inference'``:
-    "causal" selection at the static cap k_c = floor(causal_capacity T) (TDTF: only those tokens run
-    the block). At capacity 1.0 this is ``decoder_forward_flops`` plus the router heads.
+    "causal" selection at the static cap k_c = floor(c T), c = rc.causal_fraction (TDTF: only those
+    tokens run the block). At capacity 1.0 this is ``decoder_forward_flops`` plus the router heads.
 
     Args:
         cfg: ``DecoderConfig``.

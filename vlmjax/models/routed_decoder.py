@@ -8,8 +8,10 @@ into ``embed_tokens``, ``layers_{i}``, ``norm``, ``lm_head``) plus per-routed-la
 Selection modes (``mode=``):
   - ``"topk"``: the k = floor(capacity T) best tokens of the whole sequence (training; it looks at
     future tokens, so its perplexity is not a valid autoregressive score);
-  - ``"causal"``: each token decided by its causal router (sigmoid(logit) > 0.5), at most the first
-    floor(causal_capacity T) per sequence. Decoding (``decode=True``) always uses it.
+  - ``"causal"``: each token decided by its causal router (sigmoid(logit) > 0.5) under the running
+    budget max(1, floor(c (p + 1))) chosen tokens up to position p (``routing.causal_budget``; c =
+    ``RoutingConfig.causal_fraction``), gathered to a static floor(c T). Decoding (``decode=True``)
+    uses the same rule, carrying the count in the cache, and skips a routed block no row chose.
 
 Layer roles for ``every=2, offset=1`` on 4 layers:
   mod:  dense, mod, dense, mod      (x_i + r_i Block(X_sel)_i on the chosen tokens)
@@ -261,11 +263,6 @@ class RoutedDecoder(decoder_lib.Decoder):
     def _gate(self, gate: Array) -> Array:
         return R.straight_through_one(gate) if self.routing.gate_forward == "one" else gate
 
-    def _warming(self, prog: Array) -> Array | bool:
-        """True while the capacity anneals from 1.0 (``capacity_warmup``); the dense-start path runs."""
-        rc = self.routing
-        return False if rc.capacity_warmup <= 0 else prog < rc.capacity_warmup
-
     def _topk_selection(self, scores: Array, valid: Array, prog: Array) -> Array:
         """[B, T] bool: the top floor(capacity T) ``scores`` among valid tokens (annealed capacity
         while warming up; padding is never chosen)."""
@@ -309,7 +306,8 @@ class RoutedDecoder(decoder_lib.Decoder):
 
         if self.routing.capacity_warmup <= 0:
             return gathered(layer, x)
-        return nn.cond(self._warming(prog), masked, gathered, layer, x)
+        # While the capacity anneals from 1.0 every token runs masked (the dense start).
+        return nn.cond(prog < self.routing.capacity_warmup, masked, gathered, layer, x)
 
     def _route(self, key, layer, x, positions, attention_mask, valid, decode, mode, prog, *, scores,
                causal_logits, gate, losses, stats):
