@@ -8,6 +8,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# With libtpu installed (the .[tpu] extra: TPU programs compile on this CPU host), every jax process
+# takes libtpu's single-process lock; the suite's subprocesses (and parallel runs) must not fail on it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 # One persistent XLA compilation cache for the whole session (this process and the `python -m`
 # subprocesses it starts): the end-to-end tests build new Trainers, resume runs and start second
 # processes that compile the very same programs again, and on 2 CPU cores compiling is most of the

@@ -120,6 +120,58 @@ def compile_regexes(patterns, where: str) -> list[re.Pattern]:
     return out
 
 
+# Scanned layers (``model.scan_layers``): ``layers/<rest>`` leaves carry a leading [L] axis where the
+# looped layout has ``layers_{i}/<rest>``. The HF converters read and write the looped layout; these
+# two functions convert (host numpy or jax arrays, or ShapeDtypeStructs for abstract trees).
+SCAN_KEY = "layers"
+
+
+def is_stacked(tree: Mapping[str, Any] | None, key: str = SCAN_KEY) -> bool:
+    """True when ``tree`` has a top-level ``key`` subtree (the scanned layout)."""
+    return isinstance(tree, Mapping) and isinstance(tree.get(key), Mapping)
+
+
+def unstack_layers(tree: Mapping[str, Any], key: str = SCAN_KEY) -> dict[str, Any]:
+    """``{key: {...[L, ...]}}`` -> ``{f"{key}_{i}": {...[...]}}`` for i < L; other entries unchanged.
+    ShapeDtypeStruct leaves become ShapeDtypeStructs without the leading axis (no sharding)."""
+    if not is_stacked(tree, key):
+        return dict(tree)
+    out = {k: v for k, v in tree.items() if k != key}
+    flat = flatten(tree[key])
+    n = {int(leaf.shape[0]) for leaf in flat.values()}
+    if len(n) != 1:
+        raise ValueError(f"Stacked '{key}' params disagree on the number of layers: {sorted(n)}.")
+    (n,) = n
+
+    def take(leaf, i):
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+        return leaf[i]
+
+    for i in range(n):
+        out[f"{key}_{i}"] = unflatten({p: take(leaf, i) for p, leaf in flat.items()})
+    return out
+
+
+def stack_layers(tree: Mapping[str, Any], stack: Callable[[list[Any]], Any], key: str = SCAN_KEY
+                 ) -> dict[str, Any]:
+    """Inverse of ``unstack_layers``: ``{key}_0 .. {key}_{L-1}`` -> ``{key: ...[L, ...]}`` with
+    ``stack`` (``np.stack`` on host arrays, ``jnp.stack`` on device). Every layer must have the
+    same paths."""
+    pat = re.compile(re.escape(key) + r"_(\d+)$")
+    idx = sorted(int(m.group(1)) for k in tree if (m := pat.match(k)))
+    if not idx:
+        return dict(tree)
+    if idx != list(range(len(idx))):
+        raise ValueError(f"Layers to stack are not {key}_0..{key}_{len(idx) - 1}: {idx[:8]}...")
+    layers = [flatten(tree[f"{key}_{i}"]) for i in idx]
+    if any(set(l) != set(layers[0]) for l in layers):
+        raise ValueError(f"The {key}_i subtrees have different params; they cannot be stacked.")
+    out = {k: v for k, v in tree.items() if not pat.match(k)}
+    out[key] = unflatten({p: stack([l[p] for l in layers]) for p in layers[0]})
+    return out
+
+
 def num_params(tree) -> int:
     """Total element count of the array leaves (abstract or concrete)."""
     total = 0

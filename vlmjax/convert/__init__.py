@@ -11,6 +11,7 @@ safetensors reading, the all-at-once key/shape check and sharded placement.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import json
 import os
@@ -19,9 +20,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from safetensors.numpy import save_file
 
 from vlmjax import sharding as shd
+from vlmjax import tree as tree_lib
 from vlmjax.convert import core
 from vlmjax.convert.core import Spec
 from vlmjax.models import lora
@@ -106,8 +109,15 @@ def load_params(path: str, spec: Spec, abstract_params, *, shardings=None,
     already-sharded state: ``shardings`` places each tensor directly)."""
     index = core.TensorIndex(path)
     prefix = core.strip_prefix(index, spec.rules, spec.prefixes)
-    return core.load_params(index, spec.rules, abstract_params, dtype=param_dtype, shardings=shardings,
-                            ignore=spec.ignore, prefix=prefix, source=path)
+    load = functools.partial(core.load_params, index, spec.rules, dtype=param_dtype, ignore=spec.ignore,
+                             prefix=prefix, source=path)
+    if not tree_lib.is_stacked(abstract_params):
+        return load(abstract_params, shardings=shardings)
+    # Scanned layers (model.scan_layers): the rules name layers_{i}/...; read those on the host, stack
+    # them on a leading [L] axis, then place each stacked array with its sharding.
+    host = tree_lib.stack_layers(load(tree_lib.unstack_layers(abstract_params), host=True), np.stack)
+    sh = tree_lib.flatten(shardings) if shardings is not None else {}
+    return tree_lib.unflatten({k: core.place(v, sh.get(k)) for k, v in tree_lib.flatten(host).items()})
 
 
 def save_hf(model: nn.Module, params, path: str) -> None:
@@ -117,7 +127,7 @@ def save_hf(model: nn.Module, params, path: str) -> None:
     (``W + (lora_alpha / r) A B`` in fp32, ``lora_alpha`` from ``model.config``), so the checkpoint is
     the fine-tuned model as a plain HF model.
     """
-    params = nn.meta.unbox(params)
+    params = tree_lib.unstack_layers(nn.meta.unbox(params))  # scanned layers: back to layers_{i}
     if lora.has_lora(params):
         alpha = getattr(getattr(model, "config", None), "lora_alpha", None)
         if alpha is None:

@@ -230,6 +230,7 @@ def load_params(
     ignore: Sequence[str] = (),
     prefix: str = "",
     source: str = "",
+    host: bool = False,
 ) -> dict[str, Any]:
     """Converts the tensors named by ``rules`` into a Flax param tree shaped like ``abstract_params``.
 
@@ -237,6 +238,7 @@ def load_params(
     shardings: matching tree of NamedShardings, or None (default device).
     ignore: regex-free substrings of HF names that may be present and are skipped (buffers such as
       ``rotary_emb.inv_freq``, ``position_ids``, heads the module doesn't have).
+    host: return host numpy arrays (``shardings`` unused), e.g. to stack layers before placing them.
     Raises one ValueError listing every missing, unexpected and mis-shaped tensor.
     """
     want = tree_lib.flatten(abstract_params)
@@ -281,13 +283,16 @@ def load_params(
             continue
         target = want[r.flax]
         arr = r.transform.to_flax(index.read(name), tuple(target.shape)).astype(dtype)
-        sharding = sh.get(r.flax)
-        if sharding is not None:
-            # Each device gets only its slice; works on every process of a multi-host job.
-            out[r.flax] = jax.make_array_from_callback(arr.shape, sharding, lambda idx, a=arr: a[idx])
-        else:
-            out[r.flax] = jnp.asarray(arr)
+        out[r.flax] = arr if host else place(arr, sh.get(r.flax))
     return tree_lib.unflatten(out)
+
+
+def place(arr: np.ndarray, sharding=None) -> jax.Array:
+    """A host array on the devices: with ``sharding`` each device receives only its slice (on every
+    process of a multi-host job, so the whole array never sits on one device); else the default device."""
+    if sharding is None:
+        return jnp.asarray(arr)
+    return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
 
 
 def hf_tensors(params, rules: Sequence[Rule], *, prefix: str = "") -> dict[str, np.ndarray]:

@@ -14,9 +14,8 @@ from vlmjax.models.layers import (
     EncoderAttention,
     RMSNorm,
     apply_rope,
-    attention_mask_from_positions,
-    dot_product_attention,
 )
+from vlmjax.models.attention import attend
 from vlmjax.models.lora import LoraConfig, merge_lora
 from vlmjax.models.routed_decoder import RoutedDecoder
 from vlmjax.models.routing import RoutingConfig
@@ -34,9 +33,8 @@ __all__ = [
     "RoutedDecoder",
     "RoutingConfig",
     "apply_rope",
-    "attention_mask_from_positions",
+    "attend",
     "default_config",
-    "dot_product_attention",
     "init_cache",
     "merge_lora",
 ]

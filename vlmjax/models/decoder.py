@@ -20,8 +20,10 @@ The four flat ``lora_*`` fields are the experiment-file spelling (``config.model
 ``DecoderConfig`` is the one source of the defaults: ``default_config()`` (the ``config.model``
 section an experiment edits) is derived from it.
 
-Layers are a python loop of separately named modules (no ``nn.scan``) so routing variants can
-replace individual layers.
+Layers are a python loop of separately named modules ``layers_{i}`` (routing variants replace
+individual layers), or with ``scan_layers=True`` one ``nn.scan`` over a stacked ``layers/...``
+[L, ...] (compile time independent of depth; ``vlmjax.tree.stack_layers`` / ``unstack_layers``
+convert between the two layouts, and the HF converter does so on load and save).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlmjax import config_util
+from vlmjax.models import attention as attention_lib
+from vlmjax.models import axes
 from vlmjax.models import layers
 from vlmjax.models import lora as lora_lib
 
@@ -68,7 +72,16 @@ class DecoderConfig:
     max_position_embeddings: int = 8192  # Longest sequence the checkpoint was trained for.
     dtype: Any = jnp.dtype(jnp.float32)  # Compute dtype: float32 | bfloat16 | float16.
     param_dtype: Any = jnp.dtype(jnp.float32)  # Storage dtype of the parameters.
-    remat: bool = False  # Rematerialise each decoder layer in the backward pass (nn.remat).
+    # What the backward pass recomputes per layer: a ``layers.REMAT_POLICIES`` name ('none', 'full',
+    # 'dots_saveable', 'dots_no_batch_saveable', 'save_attention_out', 'offload_attention_out');
+    # True/False mean 'full'/'none'.
+    remat: Any = dataclasses.field(default="none", metadata={config_util.ANY_TYPE: True})
+    # Attention backend (``attention.IMPLEMENTATIONS``): auto | xla | cudnn | splash | einsum.
+    attention_impl: str = "auto"
+    # Stack the layers' params on a leading "layers" axis and run them with nn.scan: one layer is
+    # traced and compiled whatever the depth (MaxText's scan_layers). Params: ``layers/...`` [L, ...]
+    # instead of ``layers_{i}/...``; the HF converter stacks and unstacks them.
+    scan_layers: bool = False
     initializer_range: float = 0.02  # Std of the N(0, s^2) init of all matrices (HF convention).
     # LoRA (Hu et al. 2021, arXiv 2106.09685) adapters on the projections named in lora_targets:
     # W x + (lora_alpha / lora_rank) * B A dropout(x), B initialised to zero. lora_rank=0: none.
@@ -87,6 +100,7 @@ class DecoderConfig:
                 object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         object.__setattr__(self, "dtype", _parse_dtype("dtype", self.dtype))
         object.__setattr__(self, "param_dtype", _parse_dtype("param_dtype", self.param_dtype))
+        object.__setattr__(self, "remat", layers.parse_remat("remat", self.remat))
         # Lists (JSON, command-line overrides) -> tuple, so the config stays hashable.
         targets = self.lora_targets
         object.__setattr__(self, "lora_targets", (targets,) if isinstance(targets, str) else tuple(targets))
@@ -156,6 +170,7 @@ class DecoderConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}.")
         self.lora.validate()
+        attention_lib.validate_implementation("attention_impl", self.attention_impl)
         allowed = {jnp.dtype(d) for d in layers.DTYPES.values()}
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in allowed:
@@ -209,9 +224,20 @@ class Decoder(nn.Module):
             param_dtype=c.param_dtype,
         )
         # static_argnums counts `self` as 0: (x=1, positions=2, attention_mask=3, decode=4).
-        block = nn.remat(layers.DecoderBlock, static_argnums=(4,)) if c.remat else layers.DecoderBlock
-        # A list attribute in setup names its modules layers_0, layers_1, ... (HF model.layers.{i}).
-        self.layers = [block(**self.block_kwargs(i)) for i in range(c.num_hidden_layers)]
+        block = layers.remat(layers.DecoderBlock, c.remat, static_argnums=(4,))
+        if c.scan_layers:
+            # One module "layers" whose params carry a leading [L] axis (logical name "layers"); the
+            # carry is the residual stream, positions / mask / decode are the same for every layer.
+            # The "cache" collection (KV cache) is stacked the same way.
+            self.layers = nn.scan(
+                block, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: axes.LAYERS},
+            )(**self.block_kwargs(0))
+        else:
+            # A list attribute in setup names its modules layers_0, layers_1, ... (HF model.layers.{i}).
+            self.layers = [block(**self.block_kwargs(i)) for i in range(c.num_hidden_layers)]
         self.norm = layers.RMSNorm(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         if not c.tie_word_embeddings:
             # HF lm_head.weight [V, D] -> kernel [D, V]; fp32 accumulation gives fp32 logits in bf16.
@@ -264,6 +290,9 @@ class Decoder(nn.Module):
             positions = jnp.broadcast_to(positions, (b, t))
         positions = nn.with_logical_constraint(positions, (layers.ACT_BATCH, layers.ACT_LEN))
         aux: dict[str, Array] = {}
+        if c.scan_layers:
+            x, _ = self.layers(x, positions, attention_mask, decode)  # dense blocks have no aux
+            return self.norm(x), aux
         for i, layer in enumerate(self.layers):
             x, layer_aux = layer(x, positions, attention_mask, decode)
             aux.update({f"layers_{i}/{k}": v for k, v in layer_aux.items()})

@@ -46,8 +46,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from einops import rearrange
+from jax.ad_checkpoint import checkpoint_name
 
+from vlmjax.models import attention as attention_lib
+from vlmjax.models import axes
 from vlmjax.models.lora import LORA_TARGETS, LoraConfig, lora_a_init
 
 Array = jax.Array
@@ -66,15 +68,15 @@ def parse_dtype(field: str, value: Any) -> Any:
     return jnp.dtype(value)
 
 
-# Activation logical axis names, in one place so model code never misspells them.
-ACT_BATCH = "act_batch"
-ACT_LEN = "act_len"
-ACT_EMBED = "act_embed"
-ACT_HEADS = "act_heads"
-ACT_KV_HEADS = "act_kv_heads"
-ACT_HEAD_DIM = "act_head_dim"
-ACT_MLP = "act_mlp"
-ACT_VOCAB = "act_vocab"
+# Activation logical axis names live in ``axes`` (re-exported here, where model code looks for them).
+ACT_BATCH = axes.ACT_BATCH
+ACT_LEN = axes.ACT_LEN
+ACT_EMBED = axes.ACT_EMBED
+ACT_HEADS = axes.ACT_HEADS
+ACT_KV_HEADS = axes.ACT_KV_HEADS
+ACT_HEAD_DIM = axes.ACT_HEAD_DIM
+ACT_MLP = axes.ACT_MLP
+ACT_VOCAB = axes.ACT_VOCAB
 
 
 def _normal(stddev: float) -> nn.initializers.Initializer:
@@ -196,6 +198,58 @@ class DenseGeneral(nn.Module):
             preferred_element_type=self.preferred_element_type,
         )
         return out.astype(out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rematerialisation policies (config field ``remat`` of every family)
+# ------------------------------------------------------------------------------------------------
+
+# Names given to intermediates with ``checkpoint_name`` so policies can keep them.
+ATTENTION_OUT = "attention_out"  # a layer's attention output [B, T, H, Dh], before the out projection
+
+# What the backward pass keeps from the forward pass of a layer, by name:
+#   none                  no remat: keep every activation (fastest, most memory)
+#   full                  keep only the layer input, recompute the rest (least memory)
+#   dots_saveable         keep matmul outputs, recompute the elementwise ops (norms, activations)
+#   dots_no_batch_saveable  keep only matmuls without batch dims (the weight projections, not the
+#                         attention logits): MaxText's "minimal"
+#   save_attention_out    keep each layer's attention output, recompute the projections and MLP
+#   offload_attention_out move the attention output to host memory (pinned_host) and back for the
+#                         backward pass (GPU/TPU; on CPU host and device memory are the same)
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_no_batch_saveable", "save_attention_out",
+                  "offload_attention_out")
+
+
+def parse_remat(field: str, value: Any) -> str:
+    """A policy name from ``value`` (bools accepted for old configs: True = 'full', False = 'none')."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if value not in REMAT_POLICIES:
+        raise ValueError(f"{field}={value!r} is not a remat policy; use one of {REMAT_POLICIES}.")
+    return value
+
+
+def remat_policy(name: str):
+    """The ``jax.checkpoint`` policy of a ``REMAT_POLICIES`` name ('none' has none: no remat)."""
+    cp = jax.checkpoint_policies
+    return {
+        "full": None,
+        "dots_saveable": cp.dots_saveable,
+        "dots_no_batch_saveable": cp.dots_with_no_batch_dims_saveable,
+        "save_attention_out": cp.save_only_these_names(ATTENTION_OUT),
+        "offload_attention_out": cp.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=[ATTENTION_OUT],
+            offload_src="device", offload_dst="pinned_host"),
+    }[name]
+
+
+def remat(module_cls, policy: str, static_argnums: tuple[int, ...] = ()):
+    """``module_cls`` rematerialised per ``policy`` (``nn.remat``; 'none' returns it unchanged).
+    ``static_argnums`` counts ``self`` as 0, as ``nn.remat`` does. ``prevent_cse=False`` would be
+    right under ``nn.scan`` only; callers that scan pass the class through ``nn.scan`` after this."""
+    if policy == "none":
+        return module_cls
+    return nn.remat(module_cls, policy=remat_policy(policy), static_argnums=static_argnums)
 
 
 def quick_gelu(x: Array) -> Array:
@@ -320,60 +374,6 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-def attention_mask_from_positions(
-    q_positions: Array, kv_positions: Array, kv_valid: Array | None = None
-) -> Array:
-    """Causal mask by position id: query t sees key s iff pos_k[s] <= pos_q[t] and key s is valid.
-
-    Args:
-        q_positions: [B, T] query position ids.
-        kv_positions: [B, S] key position ids.
-        kv_valid: optional [B, S] bool/int, 0 for padding keys (and, in decode, unwritten cache slots).
-
-    Returns:
-        [B, T, S] bool, True where attention is allowed.
-    """
-    mask = kv_positions[:, None, :] <= q_positions[:, :, None]
-    if kv_valid is not None:
-        mask = mask & kv_valid.astype(jnp.bool_)[:, None, :]
-    return mask
-
-
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, dtype: Dtype) -> Array:
-    """Grouped-query scaled dot-product attention with the softmax in fp32.
-
-    Query head h uses kv head ``h // (H // K)``, as HF ``repeat_kv``; k/v are never materialised
-    repeated, the query heads are grouped instead.
-
-    Args:
-        q: [B, T, H, Dh] queries (already rotated).
-        k: [B, S, K, Dh] keys (already rotated), H % K == 0.
-        v: [B, S, K, Dh] values.
-        mask: [B, T, S] bool, True = attend.
-        dtype: dtype of the probabilities fed to the value matmul and of the output.
-
-    Returns:
-        [B, T, H, Dh] in ``dtype``.
-    """
-    dh = q.shape[-1]
-    q = rearrange(q, "b t (k g) d -> b t k g d", k=k.shape[2])  # query head h = k * G + g
-    # HF `scaling = head_dim ** -0.5`; scale q before the matmul (cheaper than scaling [.., T, S]).
-    q = q * jnp.asarray(dh**-0.5, q.dtype)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    # A large finite negative (not -inf) keeps rows with no visible key (padding queries) NaN-free.
-    big_neg = jnp.finfo(jnp.float32).min
-    logits = jnp.where(mask[:, None, None, :, :], logits, big_neg)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype))
-    return rearrange(out, "b t k g d -> b t (k g) d")
-
-
-def bidirectional_attention(q: Array, k: Array, v: Array, dtype: Dtype) -> Array:
-    """Full (non-causal) attention: q [B, T, H, Dh], k/v [B, S, H, Dh] -> [B, T, H, Dh]."""
-    mask = jnp.ones((q.shape[0], q.shape[1], k.shape[1]), jnp.bool_)  # constant: XLA drops the select
-    return dot_product_attention(q, k, v, mask, dtype)
-
-
 class EncoderAttention(nn.Module):
     """Multi-head self-attention with biased projections and no RoPE (positions are added at the
     input), shared by the ViT towers (``vit.VisionAttention``) and the text towers
@@ -395,6 +395,7 @@ class EncoderAttention(nn.Module):
     initializer_range: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"  # backend of ``attention.attend`` (config ``attention_impl``)
 
     def setup(self):
         dense = functools.partial(DenseGeneral, initializer_range=self.initializer_range,
@@ -415,15 +416,21 @@ class EncoderAttention(nn.Module):
         out = nn.with_logical_constraint(out, (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM))
         return self.out_proj(out)
 
-    def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        """x: [B, N, D]; mask: [B, N, N] bool (True = attend; None = bidirectional) -> [B, N, D].
+    def attend(self, q: Array, k: Array, v: Array, **structure) -> Array:
+        """q [B, T, H, Dh], k/v [B, S, H, Dh] -> [B, T, H, Dh] through ``attention.attend`` with this
+        module's backend; ``structure``: its ``q_positions`` / ``kv_positions`` / ``kv_valid`` /
+        ``mask`` (none = bidirectional)."""
+        return attention_lib.attend(q, k, v, dtype=self.dtype, implementation=self.attention_impl, **structure)
 
-        K = H: plain multi-head attention through the shared GQA kernel (scale Dh^-0.5, fp32 softmax).
-        """
+    def __call__(self, x: Array, *, causal: bool = False, kv_valid: Array | None = None) -> Array:
+        """x: [B, N, D] -> [B, N, D]. causal: token t sees tokens <= t (CLIP text); kv_valid: [B, N],
+        0 = padding key. Plain multi-head attention (K = H), scale Dh^-0.5, fp32 softmax."""
         q, k, v = self.project(x)
-        if mask is None:
-            return self.output(bidirectional_attention(q, k, v, self.dtype))
-        return self.output(dot_product_attention(q, k, v, mask, self.dtype))
+        positions = None
+        if causal:
+            positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32)[None], x.shape[:2])
+        out = self.attend(q, k, v, q_positions=positions, kv_positions=positions, kv_valid=kv_valid)
+        return self.output(checkpoint_name(out, ATTENTION_OUT))  # what remat="save_attention_out" keeps
 
 
 class Attention(nn.Module):
@@ -453,6 +460,7 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
     # LoRA adapters on the projections named in lora.targets (see DenseGeneral); None = none.
     lora: LoraConfig | None = None
+    attention_impl: str = "xla"  # backend of ``attention.attend`` (config ``attention_impl``)
 
     @nn.compact
     def __call__(
@@ -500,8 +508,10 @@ class Attention(nn.Module):
         if decode:
             k, v, kv_positions, kv_valid = self._update_cache(k, v, positions, attention_mask)
 
-        mask = attention_mask_from_positions(positions, kv_positions, kv_valid)
-        out = dot_product_attention(q, k, v, mask, self.dtype)  # [B, T, H, Dh]
+        out = attention_lib.attend(  # [B, T, H, Dh]
+            q, k, v, dtype=self.dtype, implementation=self.attention_impl, q_positions=positions,
+            kv_positions=kv_positions, kv_valid=kv_valid)
+        out = checkpoint_name(out, ATTENTION_OUT)  # what remat="save_attention_out" keeps
         out = nn.with_logical_constraint(out, (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM))
 
         # HF o_proj: weight [D, H*Dh] -> kernel [H, Dh, D]; Llama/Qwen have no o_proj bias.
@@ -632,6 +642,7 @@ class DecoderBlock(nn.Module):
             dtype=c.dtype,
             param_dtype=c.param_dtype,
             lora=c.lora,
+            attention_impl=c.attention_impl,
         )
         self.post_attention_layernorm = norm()
         self.mlp = MLP(

@@ -419,6 +419,9 @@ class ReuseViT(vit.VisionTransformer):
     num_slots: int = 8
 
     def setup(self):
+        if self.config.scan_layers:
+            raise ValueError("Token reuse runs its layers one by one (per-layer decisions and caches): set "
+                             "--config.model.scan_layers=False.")
         super().setup()
         self.reuse_config.validate(self.config.num_hidden_layers)
         self.reuse = {i: ReuseModule(self.reuse_config, self.config, self.num_slots)
@@ -487,7 +490,7 @@ class ReuseViT(vit.VisionTransformer):
             module = self.reuse.get(i)
             if module is None or not refs:
                 q, k, v = layer.qkv(x)
-                h = layer.finish(x, layers.bidirectional_attention(q, k, v, self.config.dtype))
+                h = layer.finish(x, layer.attend(q, k, v))
                 if module is not None:
                     module.store(slot, x[:, fixed:], {"h": h[:, fixed:], "k": _merge_heads(k[:, fixed:]),
                                                       "v": _merge_heads(v[:, fixed:]), "q": _merge_heads(q[:, fixed:])})
@@ -550,7 +553,7 @@ class ReuseViT(vit.VisionTransformer):
                 return jnp.concatenate([comp[:, :fixed], mixed.astype(comp.dtype)], 1)
 
             k_m, v_m = mix(k, heads(rest["k"])), mix(v, heads(rest["v"]))
-            attn = layers.dot_product_attention(q, k_m, v_m, jnp.ones((b, n, n), jnp.bool_), self.config.dtype)
+            attn = layer.attend(q, k_m, v_m)
             h = mix(layer.finish(x, attn), rest["h"])
             states = {"h": h[:, fixed:], "k": _merge_heads(k_m[:, fixed:]), "v": _merge_heads(v_m[:, fixed:])}
             if c.restore_q:
@@ -588,8 +591,7 @@ class ReuseViT(vit.VisionTransformer):
                     merge = lambda t, new: _put_tokens(heads(base[t]).astype(new.dtype), idx, new[:, fixed:], full)
                     k_full = jnp.concatenate([k[:, :fixed], merge("k", k)], 1)
                     v_full = jnp.concatenate([v[:, :fixed], merge("v", v)], 1)
-                    attn = layers.dot_product_attention(q, k_full, v_full,
-                                                        jnp.ones((b, q.shape[1], n), jnp.bool_), self.config.dtype)
+                    attn = layer.attend(q, k_full, v_full)
                     h_sel = layer.finish(x_sel, attn)
                     h_full = jnp.concatenate(
                         [h_sel[:, :fixed], _put_tokens(base["h"].astype(h_sel.dtype), idx, h_sel[:, fixed:], full)], 1)

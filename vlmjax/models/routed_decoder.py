@@ -128,6 +128,9 @@ class RoutedDecoder(decoder_lib.Decoder):
     routing: R.RoutingConfig = R.RoutingConfig()
 
     def setup(self):
+        if self.config.scan_layers:
+            raise ValueError("model.scan_layers=True is not supported by the routed decoder (its layers differ "
+                             "by role); set --config.model.scan_layers=False for mod/dtf/tdtf.")
         super().setup()
         c, rc = self.config, self.routing
         rc.validate(c.num_hidden_layers)

@@ -48,6 +48,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlmjax import config_util
+from vlmjax.models import attention as attention_lib
 from vlmjax.models import layers
 from vlmjax.models.layers import ACT_BATCH, ACT_EMBED, ACT_LEN
 
@@ -82,11 +84,15 @@ class TextEncoderConfig:
     initializer_range: float = 0.02
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    remat: bool = False  # Rematerialise each encoder layer in the backward pass (nn.remat).
+    # What the backward pass recomputes per layer: a ``layers.REMAT_POLICIES`` name; True/False mean
+    # 'full'/'none'.
+    remat: Any = dataclasses.field(default="none", metadata={config_util.ANY_TYPE: True})
+    attention_impl: str = "auto"  # attention backend (``attention.IMPLEMENTATIONS``)
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", layers.parse_dtype("dtype", self.dtype))
         object.__setattr__(self, "param_dtype", layers.parse_dtype("param_dtype", self.param_dtype))
+        object.__setattr__(self, "remat", layers.parse_remat("remat", self.remat))
         if self.variant == "siglip" and self.projection_size == 0:
             object.__setattr__(self, "projection_size", self.hidden_size)
 
@@ -119,6 +125,7 @@ class TextEncoderConfig:
                              f"{self.eos_token_id!r}.")
         if self.variant == "siglip" and self.projection_size <= 0:
             raise ValueError(f"projection_size must be > 0, got {self.projection_size!r}.")
+        attention_lib.validate_implementation("attention_impl", self.attention_impl)
         if not self.layer_norm_eps > 0:
             raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}.")
 
@@ -139,15 +146,20 @@ class EncoderLayer(nn.Module):
     config: TextEncoderConfig
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array) -> tuple[Array, dict[str, Array]]:
-        """x: [B, T, D]; mask: [B, T, T] bool -> ([B, T, D], aux={})."""
+    def __call__(self, x: Array, kv_valid: Array | None) -> tuple[Array, dict[str, Array]]:
+        """x: [B, T, D]; kv_valid: [B, T] bool (False = padding key) or None -> ([B, T, D], aux={}).
+
+        Causal (CLIP) or bidirectional (SigLIP) by ``config.causal``. A query row with no visible
+        key (only with left padding under the causal mask) attends uniformly instead of producing
+        NaN; HF's output differs there, at padding positions only."""
         c = self.config
         norm = lambda name: LayerNorm(eps=c.layer_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
                                       name=name)
         x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
         h = EncoderAttention(num_heads=c.num_attention_heads, head_dim=c.head_dim, hidden_size=c.hidden_size,
                              initializer_range=c.initializer_range, dtype=c.dtype,
-                             param_dtype=c.param_dtype, name="self_attn")(norm("layer_norm1")(x), mask)
+                             param_dtype=c.param_dtype, attention_impl=c.attention_impl,
+                             name="self_attn")(norm("layer_norm1")(x), causal=c.causal, kv_valid=kv_valid)
         x = x + h
         h = EncoderMLP(c.intermediate_size, c.hidden_act, initializer_range=c.initializer_range,
                        dtype=c.dtype, param_dtype=c.param_dtype, name="mlp")(norm("layer_norm2")(x))
@@ -185,8 +197,8 @@ class TextEncoder(nn.Module):
             (c.max_position_embeddings, c.hidden_size),
             c.param_dtype,
         )
-        # Both layer inputs (x, mask) are arrays, so remat needs no static_argnums.
-        block = nn.remat(EncoderLayer) if c.remat else EncoderLayer
+        # Both layer inputs (x, kv_valid) are arrays (or None), so remat needs no static_argnums.
+        block = layers.remat(EncoderLayer, c.remat)
         self.layers = [block(c) for _ in range(c.num_hidden_layers)]
         self.final_layer_norm = LayerNorm(eps=c.layer_norm_eps, dtype=jnp.float32,
                                           param_dtype=c.param_dtype)
@@ -196,19 +208,6 @@ class TextEncoder(nn.Module):
                                             use_bias=True, initializer_range=c.initializer_range,
                                             dtype=c.dtype, param_dtype=c.param_dtype,
                                             preferred_element_type=jnp.float32)
-
-    def self_attention_mask(self, batch: int, length: int, attention_mask: Array | None) -> Array:
-        """[B, T, T] bool: causal (CLIP) or full (SigLIP), and never onto padding keys.
-
-        A query row with no visible key (only with left padding under the causal mask) attends
-        uniformly instead of producing NaN; HF's output differs there, at padding positions only.
-        """
-        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], (batch, length))
-        valid = None if attention_mask is None else attention_mask.astype(jnp.bool_)
-        if self.config.causal:
-            return layers.attention_mask_from_positions(positions, positions, valid)
-        mask = jnp.ones((batch, length, length), jnp.bool_)
-        return mask if valid is None else mask & valid[:, None, :]
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None
                  ) -> tuple[dict[str, Array], dict[str, Array]]:
@@ -235,10 +234,10 @@ class TextEncoder(nn.Module):
         x = self.token_embedding(input_ids)
         x = x + self.position_embedding[:t].astype(c.dtype)[None]
         x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
-        mask = self.self_attention_mask(b, t, attention_mask)
+        valid = None if attention_mask is None else attention_mask.astype(jnp.bool_)
         aux: dict[str, Array] = {}
         for i, layer in enumerate(self.layers):
-            x, layer_aux = layer(x, mask)
+            x, layer_aux = layer(x, valid)
             aux.update({f"layers_{i}/{k}": v for k, v in layer_aux.items()})
         h = self.final_layer_norm(x)  # [B, T, D] float32
         if c.variant == "clip":

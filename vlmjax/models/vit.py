@@ -54,9 +54,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from einops import rearrange
 
-from vlmjax.models import layers
+from vlmjax import config_util
+from vlmjax.models import attention as attention_lib
+from vlmjax.models import axes, layers
 from vlmjax.models.layers import ACT_BATCH, ACT_EMBED, ACT_HEAD_DIM, ACT_HEADS, ACT_LEN, ACT_MLP
 
 Array = jax.Array
@@ -108,7 +111,13 @@ class ViTConfig:
     dropout_rate: float = 0.0
     drop_path_rate: float = 0.0
     initializer_range: float = 0.02
-    remat: bool = False  # Rematerialise each encoder layer in the backward pass.
+    # What the backward pass recomputes per layer: a ``layers.REMAT_POLICIES`` name; True/False mean
+    # 'full'/'none'.
+    remat: Any = dataclasses.field(default="none", metadata={config_util.ANY_TYPE: True})
+    attention_impl: str = "auto"  # attention backend (``attention.IMPLEMENTATIONS``)
+    # nn.scan over a stacked ``layers/...`` [L, ...] (compile time independent of depth); the HF
+    # converter stacks / unstacks. Token reuse (``ReuseViT``) needs the looped layers.
+    scan_layers: bool = False
     dtype: Any = jnp.dtype(jnp.float32)
     param_dtype: Any = jnp.dtype(jnp.float32)
 
@@ -117,6 +126,7 @@ class ViTConfig:
             object.__setattr__(self, "pool", POOLS[self.variant][0])
         object.__setattr__(self, "dtype", _parse_dtype("dtype", self.dtype))
         object.__setattr__(self, "param_dtype", _parse_dtype("param_dtype", self.param_dtype))
+        object.__setattr__(self, "remat", layers.parse_remat("remat", self.remat))
 
     # Structure fixed by the family.
     @property
@@ -187,6 +197,7 @@ class ViTConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}.")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}.")
+        attention_lib.validate_implementation("attention_impl", self.attention_impl)
         allowed = {jnp.dtype(d) for d in layers.DTYPES.values()}
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in allowed:
@@ -326,7 +337,7 @@ class EncoderLayer(nn.Module):
         self.self_attn = VisionAttention(num_heads=c.num_attention_heads, head_dim=c.head_dim,
                                          hidden_size=c.hidden_size, qkv_bias=c.qkv_bias,
                                          initializer_range=c.initializer_range, dtype=c.dtype,
-                                         param_dtype=c.param_dtype)
+                                         param_dtype=c.param_dtype, attention_impl=c.attention_impl)
         self.layer_norm2 = norm()
         if c.use_swiglu_ffn:
             self.mlp = SwiGLUFFN(c.intermediate_size, initializer_range=c.initializer_range, dtype=c.dtype,
@@ -365,10 +376,15 @@ class EncoderLayer(nn.Module):
         x = self._residual(x, self.mlp(self.layer_norm2(x)), self.layer_scale2 if ls else None, deterministic)
         return nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
 
+    def attend(self, q: Array, k: Array, v: Array) -> Array:
+        """Bidirectional attention of q [B, T, H, Dh] over k/v [B, S, H, Dh] with the configured
+        backend -> [B, T, H, Dh] (named for ``remat='save_attention_out'``)."""
+        return checkpoint_name(self.self_attn.attend(q, k, v), layers.ATTENTION_OUT)
+
     def __call__(self, x: Array, deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
         """x: [B, N, D] -> ([B, N, D], aux={})."""
         q, k, v = self.qkv(x)
-        return self.finish(x, layers.bidirectional_attention(q, k, v, self.config.dtype), deterministic), {}
+        return self.finish(x, self.attend(q, k, v), deterministic), {}
 
 
 def _drop_path(module: nn.Module, h: Array, rate: float, deterministic: bool) -> Array:
@@ -425,7 +441,7 @@ class _PoolingAttention(nn.Module):
         k, v = kv[:, :, 0], kv[:, :, 1]
         k = nn.with_logical_constraint(k, (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM))
         v = nn.with_logical_constraint(v, (ACT_BATCH, ACT_LEN, ACT_HEADS, ACT_HEAD_DIM))
-        out = layers.bidirectional_attention(q, k, v, c.dtype)  # [B, 1, H, Dh]
+        out = attention_lib.attend(q, k, v, dtype=c.dtype, implementation=c.attention_impl)  # [B, 1, H, Dh]
         return layers.DenseGeneral(d, kernel_axes=("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=True,
                                    initializer_range=c.initializer_range, dtype=c.dtype,
                                    param_dtype=c.param_dtype, name="out_proj")(out)
@@ -509,9 +525,16 @@ class VisionTransformer(nn.Module):
         if c.pre_layernorm:
             self.pre_layrnorm = norm()  # HF spelling
         # static_argnums counts `self` as 0: (x=1, deterministic=2).
-        block = nn.remat(EncoderLayer, static_argnums=(2,)) if c.remat else EncoderLayer
+        block = layers.remat(EncoderLayer, c.remat, static_argnums=(2,))
         # The same stochastic-depth rate in every layer, as HF Dinov2Layer(config.drop_path_rate).
-        self.layers = [block(c, drop_path_rate=c.drop_path_rate) for _ in range(c.num_hidden_layers)]
+        if c.scan_layers:
+            self.layers = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+                                  split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,),
+                                  length=c.num_hidden_layers,
+                                  metadata_params={nn.PARTITION_NAME: axes.LAYERS},
+                                  )(c, drop_path_rate=c.drop_path_rate)
+        else:
+            self.layers = [block(c, drop_path_rate=c.drop_path_rate) for _ in range(c.num_hidden_layers)]
         self.post_layernorm = norm()
         if c.pool == "map":
             self.head = MAPHead(c)
@@ -534,6 +557,9 @@ class VisionTransformer(nn.Module):
         """
         x = self.embed(pixel_values, mask=mask, deterministic=deterministic)
         aux: dict[str, Array] = {}
+        if self.config.scan_layers:
+            x, _ = self.layers(x, deterministic)  # encoder layers have no aux
+            return self.outputs(x), aux
         for i, layer in enumerate(self.layers):
             x, layer_aux = layer(x, deterministic)
             aux.update({f"layers_{i}/{k}": v for k, v in layer_aux.items()})

@@ -39,7 +39,8 @@ def sample_config() -> ml_collections.ConfigDict:
 
 # Decoder config fields that describe how to train, not the architecture: they apply on top of a
 # pretrained checkpoint's config.json.
-_TRAINING_FIELDS = ("remat", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+_TRAINING_FIELDS = ("remat", "attention_impl", "scan_layers", "lora_rank", "lora_alpha", "lora_dropout",
+                    "lora_targets")
 
 
 def init_from(config) -> str:
