@@ -53,7 +53,7 @@ def route_pretrained(c: ml_collections.ConfigDict, variant: str) -> None:
     a frozen base (0.5B+ models on one accelerator); the routers train fully.
     """
     c.routing.update(dict(gate_forward="one", capacity_warmup=0.3, causal_bias_init=3.0, prior_loss="relative"))
-    c.optim.update(dict(clip_groups=(r"^routers_",), lr_groups=((r"^routers_", 20.0),)))
+    c.optim.update(dict(clip_groups=(r"(^|/)routers_",), lr_groups=((r"(^|/)routers_", 20.0),)))
     if variant == "pretrained_lora":
         c.model.update(dict(lora_rank=16, lora_alpha=32.0, lora_dropout=0.05))
-        c.optim.update(dict(trainable=(r"lora_", r"^routers_"), lr=1e-4))
+        c.optim.update(dict(trainable=(r"lora_", r"(^|/)routers_"), lr=1e-4))

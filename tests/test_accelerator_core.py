@@ -291,14 +291,73 @@ def test_hf_checkpoints_load_into_and_save_from_stacked_params(tmp_path):
                                rtol=1e-4, atol=1e-4)
 
 
+# DTF (decision + routed layers, decoding) runs in the default suite; MoD and TDTF under -m slow.
+ROUTED = [pytest.param("mod", dict(mod_causal="predictor"), marks=pytest.mark.slow), ("dtf", {}),
+          pytest.param("tdtf", dict(beta="scheduled"), marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("kind,kw", ROUTED)
+def test_scanned_routed_decoder_equals_looped(kind, kw):
+    """nn.scan over (dense, routed) groups: same logits, router losses and telemetry, same gradients,
+    same router-state update, in top-k training and causal inference; KV-cache decoding too."""
+    from vlmjax.models import routed_decoder
+    from vlmjax.models import routing
+
+    cfg = dataclasses.replace(DEC, num_hidden_layers=4, qk_norm=False)
+    rc = routing.RoutingConfig(kind=kind, capacity=0.5, **kw)
+    looped = routed_decoder.RoutedDecoder(cfg, routing=rc)
+    scanned = routed_decoder.RoutedDecoder(dataclasses.replace(cfg, scan_layers=True), routing=rc)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 12)))
+    v = nn.meta.unbox(looped.init(jax.random.key(0), tokens))
+    group = lambda tree: tree_lib.group_layers(tree, rc.every, jnp.stack)
+    vs = {c: group(t) for c, t in v.items()}
+    assert vs["params"]["groups"]["layers_1"]["mlp"]["up_proj"]["kernel"].shape[0] == 2
+    assert set(vs["params"]["groups"]) == {"layers_0", "layers_1", "routers_1"}
+    # The scanned model's own init has this layout.
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(scanned.init(jax.random.key(0), tokens)))
+    assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(jnp.shape, vs)
+
+    def run(model, variables, mode):
+        def loss(p):
+            (logits, aux), st = model.apply({**variables, "params": p}, tokens, mode=mode, progress=0.3,
+                                            mutable=["router_state"])
+            return jnp.mean(logits**2) + aux["router_loss"], (logits, aux, st)
+        if mode == "causal":  # inference: forward only
+            return (None, loss(variables["params"])[1]), None
+        return jax.value_and_grad(loss, has_aux=True)(variables["params"])
+
+    for mode in ("topk", "causal"):
+        (_, (logits_a, aux_a, st_a)), g_a = jax.jit(lambda v: run(looped, v, mode))(v)
+        (_, (logits_b, aux_b, st_b)), g_b = jax.jit(lambda v: run(scanned, v, mode))(vs)
+        np.testing.assert_allclose(logits_b, logits_a, rtol=2e-5, atol=2e-5, err_msg=mode)
+        assert set(aux_b) == set(aux_a)
+        for name in aux_a:
+            np.testing.assert_allclose(aux_b[name], aux_a[name], rtol=2e-5, atol=1e-6, err_msg=f"{mode} {name}")
+        if g_a is not None:
+            _assert_trees_close(g_b, group(g_a), rtol=2e-4, atol=1e-6)
+        _assert_trees_close(st_b["router_state"], group(st_a["router_state"]), rtol=1e-5)
+    if kind != "dtf":
+        return
+    # Decoding with the KV cache (stacked per group) in chunks gives the causal forward.
+    whole = np.asarray(jax.jit(lambda v: scanned.apply(v, tokens, mode="causal")[0])(vs))
+    step = jax.jit(lambda v, c, t: scanned.apply({**v, "cache": c}, t, decode=True, mutable=["cache"]))
+    cache = decoder_lib.init_cache(scanned, 2, 12)
+    outs = []
+    for lo, hi in [(0, 6), (6, 12)]:
+        (lg, _), st = step(vs, cache, tokens[:, lo:hi])
+        cache = st["cache"]
+        outs.append(np.asarray(lg))
+    np.testing.assert_allclose(np.concatenate(outs, 1), whole, rtol=3e-5, atol=3e-5)
+
+
 def test_models_that_need_looped_layers_say_so():
     from vlmjax.models import reuse as reuse_lib
     from vlmjax.models import routed_decoder
     from vlmjax.models import routing
 
     tokens = jnp.zeros((1, 8), jnp.int32)
-    with pytest.raises(ValueError, match="scan_layers=False"):
-        routed_decoder.RoutedDecoder(dataclasses.replace(DEC, num_hidden_layers=2, scan_layers=True),
+    with pytest.raises(ValueError, match="not a multiple of it"):
+        routed_decoder.RoutedDecoder(dataclasses.replace(DEC, num_hidden_layers=3, scan_layers=True),
                                      routing=routing.RoutingConfig()).init(jax.random.key(0), tokens)
     with pytest.raises(ValueError, match="scan_layers=False"):
         reuse_lib.ReuseViT(dataclasses.replace(VIT, scan_layers=True)).init(
@@ -309,7 +368,7 @@ def test_models_that_need_looped_layers_say_so():
 # Remat policies
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_every_remat_policy_gives_the_gradients_of_no_remat(scan, decoders):
     _, _, params, tokens = decoders
     params = _stack(params) if scan else params

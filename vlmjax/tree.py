@@ -172,6 +172,52 @@ def stack_layers(tree: Mapping[str, Any], stack: Callable[[list[Any]], Any], key
     return out
 
 
+# Scanned routed decoders stack one *period* of layers: ``groups/layers_{j}/...`` [G, ...] holds layer
+# g * every + j (and ``groups/routers_{j}`` its router). These two map that layout to and from the
+# looped one (``layers_{i}``, ``routers_{i}``).
+GROUP_KEY = "groups"
+_INDEXED = re.compile(r"^(.+)_(\d+)$")
+
+
+def ungroup_layers(tree: Mapping[str, Any], key: str = GROUP_KEY) -> dict[str, Any]:
+    """``{key: {name_j: [G, ...]}}`` -> ``{name_{g * every + j}: [...]}`` with every = the number of
+    ``layers_j`` entries of a group; other top-level entries unchanged."""
+    if not is_stacked(tree, key):
+        return dict(tree)
+    every = sum(1 for k in tree[key] if _INDEXED.match(k) and _INDEXED.match(k).group(1) == SCAN_KEY)
+    if not every:
+        raise ValueError(f"'{key}' holds no {SCAN_KEY}_j entries: {sorted(tree[key])[:8]}.")
+    out = {k: v for k, v in tree.items() if k != key}
+    for g_name, group in unstack_layers(tree, key).items():
+        if g_name in out:
+            continue
+        g = int(g_name.rpartition("_")[2])
+        for child, value in group.items():
+            m = _INDEXED.match(child)
+            if not m:
+                raise ValueError(f"'{key}/{child}' is not a name_j entry; cannot ungroup.")
+            out[f"{m.group(1)}_{g * every + int(m.group(2))}"] = value
+    return out
+
+
+def group_layers(tree: Mapping[str, Any], every: int, stack: Callable[[list[Any]], Any],
+                 names: Iterable[str] = (SCAN_KEY, "routers"), key: str = GROUP_KEY) -> dict[str, Any]:
+    """Inverse of ``ungroup_layers``: top-level ``{name}_{i}`` (name in ``names``) -> ``key/{name}_{i %
+    every}`` of group i // every, stacked with ``stack``."""
+    names = set(names)
+    out, groups = {}, {}
+    for k, v in tree.items():
+        m = _INDEXED.match(k)
+        if m and m.group(1) in names:
+            i = int(m.group(2))
+            groups.setdefault(f"{key}_{i // every}", {})[f"{m.group(1)}_{i % every}"] = v
+        else:
+            out[k] = v
+    if not groups:
+        return out
+    return {**out, **stack_layers(groups, stack, key)}
+
+
 def num_params(tree) -> int:
     """Total element count of the array leaves (abstract or concrete)."""
     total = 0

@@ -111,11 +111,16 @@ def load_params(path: str, spec: Spec, abstract_params, *, shardings=None,
     prefix = core.strip_prefix(index, spec.rules, spec.prefixes)
     load = functools.partial(core.load_params, index, spec.rules, dtype=param_dtype, ignore=spec.ignore,
                              prefix=prefix, source=path)
-    if not tree_lib.is_stacked(abstract_params):
+    if tree_lib.is_stacked(abstract_params):
+        # Scanned layers (model.scan_layers): the rules name layers_{i}/...; read those on the host,
+        # stack them on a leading [L] axis, then place each stacked array with its sharding.
+        host = tree_lib.stack_layers(load(tree_lib.unstack_layers(abstract_params), host=True), np.stack)
+    elif tree_lib.is_stacked(abstract_params, tree_lib.GROUP_KEY):
+        # A scanned routed decoder: groups/layers_{j} [G] holds layer g * every + j.
+        every = len([k for k in abstract_params[tree_lib.GROUP_KEY] if k.startswith(tree_lib.SCAN_KEY + "_")])
+        host = tree_lib.group_layers(load(tree_lib.ungroup_layers(abstract_params), host=True), every, np.stack)
+    else:
         return load(abstract_params, shardings=shardings)
-    # Scanned layers (model.scan_layers): the rules name layers_{i}/...; read those on the host, stack
-    # them on a leading [L] axis, then place each stacked array with its sharding.
-    host = tree_lib.stack_layers(load(tree_lib.unstack_layers(abstract_params), host=True), np.stack)
     sh = tree_lib.flatten(shardings) if shardings is not None else {}
     return tree_lib.unflatten({k: core.place(v, sh.get(k)) for k, v in tree_lib.flatten(host).items()})
 
@@ -127,7 +132,8 @@ def save_hf(model: nn.Module, params, path: str) -> None:
     (``W + (lora_alpha / r) A B`` in fp32, ``lora_alpha`` from ``model.config``), so the checkpoint is
     the fine-tuned model as a plain HF model.
     """
-    params = tree_lib.unstack_layers(nn.meta.unbox(params))  # scanned layers: back to layers_{i}
+    # Scanned layers: back to layers_{i} (and a scanned routed decoder's groups too).
+    params = tree_lib.ungroup_layers(tree_lib.unstack_layers(nn.meta.unbox(params)))
     if lora.has_lora(params):
         alpha = getattr(getattr(model, "config", None), "lora_alpha", None)
         if alpha is None:

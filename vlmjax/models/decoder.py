@@ -223,21 +223,7 @@ class Decoder(nn.Module):
             dtype=c.dtype,
             param_dtype=c.param_dtype,
         )
-        # static_argnums counts `self` as 0: (x=1, positions=2, attention_mask=3, decode=4).
-        block = layers.remat(layers.DecoderBlock, c.remat, static_argnums=(4,))
-        if c.scan_layers:
-            # One module "layers" whose params carry a leading [L] axis (logical name "layers"); the
-            # carry is the residual stream, positions / mask / decode are the same for every layer.
-            # The "cache" collection (KV cache) is stacked the same way.
-            self.layers = nn.scan(
-                block, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
-                metadata_params={nn.PARTITION_NAME: axes.LAYERS},
-            )(**self.block_kwargs(0))
-        else:
-            # A list attribute in setup names its modules layers_0, layers_1, ... (HF model.layers.{i}).
-            self.layers = [block(**self.block_kwargs(i)) for i in range(c.num_hidden_layers)]
+        self.layers = self.make_layers()
         self.norm = layers.RMSNorm(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         if not c.tie_word_embeddings:
             # HF lm_head.weight [V, D] -> kernel [D, V]; fp32 accumulation gives fp32 logits in bf16.
@@ -250,6 +236,25 @@ class Decoder(nn.Module):
                 preferred_element_type=jnp.float32,
             )
         self.decode_position = _DecodePosition()
+
+    def make_layers(self):
+        """The decoder layers (called in ``setup``): a list ``layers_{i}`` or, with ``scan_layers``,
+        one scanned module; routed decoders override it."""
+        c = self.config
+        # static_argnums counts `self` as 0: (x=1, positions=2, attention_mask=3, decode=4).
+        block = layers.remat(layers.DecoderBlock, c.remat, static_argnums=(4,))
+        if c.scan_layers:
+            # One module "layers" whose params carry a leading [L] axis (logical name "layers"); the
+            # carry is the residual stream, positions / mask / decode are the same for every layer.
+            # The "cache" collection (KV cache) is stacked the same way.
+            return nn.scan(
+                block, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: axes.LAYERS},
+            )(**self.block_kwargs(0))
+        # A list attribute in setup names its modules layers_0, layers_1, ... (HF model.layers.{i}).
+        return [block(**self.block_kwargs(i)) for i in range(c.num_hidden_layers)]
 
     def block_kwargs(self, index: int) -> dict[str, Any]:
         """Constructor arguments of ``layers.DecoderBlock`` for layer ``index`` (routed decoders

@@ -47,6 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlmjax.models import axes
 from vlmjax.models import decoder as decoder_lib
 from vlmjax.models import layers
 from vlmjax.models import routing as R
@@ -122,19 +123,15 @@ class CausalBudget(nn.Module):
         return chosen
 
 
-class RoutedDecoder(decoder_lib.Decoder):
-    """Decoder-only LM with MoD / DTF / TDTF routed layers (see the module docstring)."""
+class _RoutedLayers:
+    """The per-layer routing logic, shared by the looped ``RoutedDecoder`` (keys = layer index) and
+    the scanned ``RoutedGroup`` (keys = position in the group). The host module has ``config``,
+    ``routing`` and calls ``_make_routing_modules`` in its ``setup``."""
 
-    routing: R.RoutingConfig = R.RoutingConfig()
-
-    def setup(self):
-        if self.config.scan_layers:
-            raise ValueError("model.scan_layers=True is not supported by the routed decoder (its layers differ "
-                             "by role); set --config.model.scan_layers=False for mod/dtf/tdtf.")
-        super().setup()
+    def _make_routing_modules(self, roles: tuple[str, ...]) -> None:
+        """Routers, moving averages, previous-token states and budgets of the routed layers among
+        ``roles`` (dict attributes keyed by the layer's position: names ``routers_{i}`` etc.)."""
         c, rc = self.config, self.routing
-        rc.validate(c.num_hidden_layers)
-        roles = rc.roles(c.num_hidden_layers)
         routers, ma, prev, prev_final = {}, {}, {}, {}
         for i, role in enumerate(roles):
             key = str(i)
@@ -150,27 +147,45 @@ class RoutedDecoder(decoder_lib.Decoder):
                 prev[key] = PreviousToken()
                 if role == "tdtf":
                     prev_final[key] = PreviousToken()
-        self.roles = roles
         self.routers = routers
         self.moving_average = ma
         self.previous = prev
         self.previous_final = prev_final
         self.budget = {key: CausalBudget() for key in routers}
-        self.progress = self.variable(R.ROUTER_STATE, "progress", lambda: jnp.zeros((), jnp.float32))
 
-    def block_kwargs(self, index: int) -> dict[str, Any]:
-        # Every block returns its residual update; the routing code adds it (gated where routed).
-        return {**super().block_kwargs(index), "return_update": True}
+    def _run_layers(self, blocks, roles, x, positions, attention_mask, valid, decode, mode, prog):
+        """Runs ``blocks`` (each returning its residual update) in their ``roles``.
+
+        Returns (x [B, T, D], stats {key: {stat: scalar}} of the routed layers, losses {name: [scalars]}).
+        """
+        stats_all: dict[str, dict[str, Array]] = {}
+        losses: dict[str, list[Array]] = collections.defaultdict(list)
+        pending = None  # (D_st, D_ch) of the decision layer before a DTF dynamic layer
+        for i, (layer, role) in enumerate(zip(blocks, roles)):
+            key = str(i)
+            if role == "dense":
+                update, _ = layer(x, positions, attention_mask, decode)
+                x = x + update
+            elif role == "decision":
+                router = self.routers[str(i + 1)]
+                update, _ = layer(x, positions, attention_mask, decode)
+                h_orig, h_post = x, x + update
+                h_prior = router.predict(sg(h_orig))                   # H + PriorFFN(RMSNorm(H))
+                losses["prior"].append(self._prior_loss(h_prior, h_post, update, valid))
+                pending = (R.mean_sq(update), self._d_ch(h_post, h_prior))  # D_st, D_ch: [B, T]
+                x = h_post
+            elif role == "mod":
+                x, stats_all[key] = self._mod_layer(key, layer, x, positions, attention_mask, valid, decode, mode,
+                                                    prog, losses)
+            elif role == "dtf":
+                x, stats_all[key] = self._dtf_layer(key, layer, x, positions, attention_mask, valid, decode, mode,
+                                                    prog, pending, losses)
+            else:  # tdtf
+                x, stats_all[key] = self._tdtf_layer(key, layer, x, positions, attention_mask, valid, decode, mode,
+                                                     prog, losses)
+        return x, stats_all, dict(losses)
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _progress(self, progress: Array | float | None) -> Array:
-        if progress is None:
-            return self.progress.value
-        progress = jnp.asarray(progress, jnp.float32)
-        if self.is_mutable_collection(R.ROUTER_STATE) and not self.is_initializing():
-            self.progress.value = progress
-        return progress
-
     def _d_ch(self, a: Array, b: Array) -> Array:
         """D_ch: (1/d)||a - b||^2 (mse) or (1/d) KL(N(a, s^2 I) || N(b, s^2 I)) = that / (2 s^2) (kl)."""
         d = R.mean_sq(a, b)
@@ -187,80 +202,6 @@ class RoutedDecoder(decoder_lib.Decoder):
         """Per-token router intermediates ([B, T]) into "intermediates" when that collection is
         mutable (tests, analysis notebooks); free otherwise."""
         self.sow("intermediates", f"router_{key}", {k: v for k, v in values.items() if v.ndim == 2})
-
-    # -- forward -----------------------------------------------------------------------------------
-    def backbone(
-        self,
-        inputs_embeds: Array,
-        *,
-        positions: Array | None = None,
-        attention_mask: Array | None = None,
-        decode: bool = False,
-        mode: str = "topk",
-        progress: Array | float | None = None,
-    ) -> tuple[Array, dict[str, Array]]:
-        """Runs the (routed) layers and the final norm.
-
-        Args:
-            inputs_embeds: [B, T, D]; positions, attention_mask, decode: as ``Decoder.backbone``.
-            mode: "topk" | "causal" selection (decode forces "causal").
-            progress: fraction of training done in [0, 1] (scheduled betas); stored in
-                ``router_state`` when that collection is mutable, read from it when None.
-
-        Returns:
-            (hidden [B, T, D], aux): per routed layer i ``router/{i}/<stat>`` telemetry scalars and
-            the loss terms ``loss/prior``, ``loss/causal``, ``loss/tpn`` and their weighted sum
-            ``router_loss`` (add it to the LM loss).
-        """
-        if mode not in ("topk", "causal"):
-            raise ValueError(f"mode={mode!r}: use 'topk' (training) or 'causal' (autoregressive).")
-        if decode:
-            mode = "causal"
-        c, rc = self.config, self.routing
-        b, t = inputs_embeds.shape[:2]
-        x = inputs_embeds.astype(c.dtype)
-        start = self.decode_position(t) if decode else 0
-        if positions is None:
-            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
-        positions = nn.with_logical_constraint(positions, (layers.ACT_BATCH, layers.ACT_LEN))
-        valid = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
-        prog = self._progress(progress)
-
-        aux: dict[str, Array] = {}
-        losses: dict[str, list[Array]] = collections.defaultdict(list)
-        pending = None  # (D_st, D_ch) of the decision layer before a DTF dynamic layer
-        for i, (layer, role) in enumerate(zip(self.layers, self.roles)):
-            key = str(i)
-            if role == "dense":
-                update, _ = layer(x, positions, attention_mask, decode)
-                x = x + update
-            elif role == "decision":
-                router = self.routers[str(i + 1)]
-                update, _ = layer(x, positions, attention_mask, decode)
-                h_orig, h_post = x, x + update
-                h_prior = router.predict(sg(h_orig))                   # H + PriorFFN(RMSNorm(H))
-                losses["prior"].append(self._prior_loss(h_prior, h_post, update, valid))
-                pending = (R.mean_sq(update), self._d_ch(h_post, h_prior))  # D_st, D_ch: [B, T]
-                x = h_post
-            elif role == "mod":
-                x, stats = self._mod_layer(key, layer, x, positions, attention_mask, valid, decode, mode, prog,
-                                           losses)
-                aux.update({f"router/{i}/{k}": v for k, v in stats.items()})
-            elif role == "dtf":
-                x, stats = self._dtf_layer(key, layer, x, positions, attention_mask, valid, decode, mode, prog,
-                                           pending, losses)
-                aux.update({f"router/{i}/{k}": v for k, v in stats.items()})
-            else:  # tdtf
-                x, stats = self._tdtf_layer(key, layer, x, positions, attention_mask, valid, decode, mode, prog,
-                                            losses)
-                aux.update({f"router/{i}/{k}": v for k, v in stats.items()})
-
-        zero = jnp.zeros((), jnp.float32)
-        mean = lambda name: jnp.mean(jnp.stack(losses[name])) if losses[name] else zero
-        aux["loss/prior"], aux["loss/causal"], aux["loss/tpn"] = mean("prior"), mean("causal"), mean("tpn")
-        aux["router_loss"] = (rc.lambda_prior * aux["loss/prior"] + rc.lambda_causal * aux["loss/causal"]
-                              + rc.lambda_tpn * aux["loss/tpn"])
-        return self.norm(x), aux
 
     # -- routed layers -----------------------------------------------------------------------------
     def _gate(self, gate: Array) -> Array:
@@ -411,6 +352,139 @@ class RoutedDecoder(decoder_lib.Decoder):
                       "selected_frac": target})
         self._sow(key, stats)
         return x, {k: R.masked_mean(v, valid) if v.ndim else v for k, v in stats.items()}
+
+
+
+
+class RoutedGroup(_RoutedLayers, nn.Module):
+    """One period of the routed layer pattern (``routing.every`` layers: dense / decision layers and
+    one routed layer), the body that ``RoutedDecoder`` scans with ``scan_layers=True``. Params:
+    ``layers_{j}`` and ``routers_{j}`` for the layer at position j of the group."""
+
+    config: Any
+    routing: R.RoutingConfig
+    roles: tuple[str, ...]
+
+    def setup(self):
+        block = layers.remat(layers.DecoderBlock, self.config.remat, static_argnums=(4,))
+        self.layers = [block(config=self.config, return_update=True) for _ in self.roles]
+        self._make_routing_modules(self.roles)
+
+    def __call__(self, x, positions, attention_mask, valid, decode, mode, prog):
+        """x: [B, T, D] (the scan carry) -> (x, (stats {key: {stat: scalar}}, losses {name: [n]}))."""
+        x, stats, losses = self._run_layers(self.layers, self.roles, x, positions, attention_mask, valid, decode,
+                                            mode, prog)
+        return x, (stats, {k: jnp.stack(v) for k, v in losses.items()})
+
+
+class RoutedDecoder(_RoutedLayers, decoder_lib.Decoder):
+    """Decoder-only LM with MoD / DTF / TDTF routed layers (see the module docstring).
+
+    ``scan_layers=True``: the layers run as ``nn.scan`` over ``num_hidden_layers / every`` groups
+    (``RoutedGroup``: one period of the role pattern); params ``groups/layers_{j}/...`` and
+    ``groups/routers_{j}/...`` carry a leading [G] axis (layer i = group i // every, position
+    i % every), as do the routers' state and the decode cache.
+    """
+
+    routing: R.RoutingConfig = R.RoutingConfig()
+
+    def make_layers(self):
+        if self.config.scan_layers:
+            return None  # the scanned groups are built in setup
+        return super().make_layers()
+
+    def setup(self):
+        super().setup()
+        c, rc = self.config, self.routing
+        rc.validate(c.num_hidden_layers)
+        roles = rc.roles(c.num_hidden_layers)
+        self.roles = roles
+        if c.scan_layers:
+            e = rc.every
+            if c.num_hidden_layers % e:
+                raise ValueError(f"model.scan_layers=True scans groups of routing.every={e} layers; "
+                                 f"num_hidden_layers={c.num_hidden_layers} is not a multiple of it: set "
+                                 "--config.model.scan_layers=False or change routing.every.")
+            self.groups = nn.scan(
+                RoutedGroup, variable_axes={"params": 0, "cache": 0, R.ROUTER_STATE: 0, "intermediates": 0},
+                split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * 6,
+                length=c.num_hidden_layers // e, metadata_params={nn.PARTITION_NAME: axes.LAYERS},
+            )(c, rc, roles[:e])
+        else:
+            self._make_routing_modules(roles)
+        self.progress = self.variable(R.ROUTER_STATE, "progress", lambda: jnp.zeros((), jnp.float32))
+
+    def block_kwargs(self, index: int) -> dict[str, Any]:
+        # Every block returns its residual update; the routing code adds it (gated where routed).
+        return {**super().block_kwargs(index), "return_update": True}
+
+    def _progress(self, progress: Array | float | None) -> Array:
+        if progress is None:
+            return self.progress.value
+        progress = jnp.asarray(progress, jnp.float32)
+        if self.is_mutable_collection(R.ROUTER_STATE) and not self.is_initializing():
+            self.progress.value = progress
+        return progress
+
+    # -- forward -----------------------------------------------------------------------------------
+    def backbone(
+        self,
+        inputs_embeds: Array,
+        *,
+        positions: Array | None = None,
+        attention_mask: Array | None = None,
+        decode: bool = False,
+        mode: str = "topk",
+        progress: Array | float | None = None,
+    ) -> tuple[Array, dict[str, Array]]:
+        """Runs the (routed) layers and the final norm.
+
+        Args:
+            inputs_embeds: [B, T, D]; positions, attention_mask, decode: as ``Decoder.backbone``.
+            mode: "topk" | "causal" selection (decode forces "causal").
+            progress: fraction of training done in [0, 1] (scheduled betas); stored in
+                ``router_state`` when that collection is mutable, read from it when None.
+
+        Returns:
+            (hidden [B, T, D], aux): per routed layer i ``router/{i}/<stat>`` telemetry scalars and
+            the loss terms ``loss/prior``, ``loss/causal``, ``loss/tpn`` and their weighted sum
+            ``router_loss`` (add it to the LM loss).
+        """
+        if mode not in ("topk", "causal"):
+            raise ValueError(f"mode={mode!r}: use 'topk' (training) or 'causal' (autoregressive).")
+        if decode:
+            mode = "causal"
+        c, rc = self.config, self.routing
+        b, t = inputs_embeds.shape[:2]
+        x = inputs_embeds.astype(c.dtype)
+        start = self.decode_position(t) if decode else 0
+        if positions is None:
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
+        positions = nn.with_logical_constraint(positions, (layers.ACT_BATCH, layers.ACT_LEN))
+        valid = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
+        prog = self._progress(progress)
+
+        aux: dict[str, Array] = {}
+        if c.scan_layers:
+            x, (stats, stacked) = self.groups(x, positions, attention_mask, valid, decode, mode, prog)
+            e = rc.every
+            for j, group_stats in stats.items():  # each stat [G]: layer g * every + j
+                for g in range(c.num_hidden_layers // e):
+                    aux.update({f"router/{g * e + int(j)}/{k}": v[g] for k, v in group_stats.items()})
+            losses = {name: [v.reshape(-1)] for name, v in stacked.items()}  # [G, n] -> one flat entry
+        else:
+            x, stats, losses = self._run_layers(self.layers, self.roles, x, positions, attention_mask, valid,
+                                                decode, mode, prog)
+            for i, layer_stats in stats.items():
+                aux.update({f"router/{i}/{k}": v for k, v in layer_stats.items()})
+
+        zero = jnp.zeros((), jnp.float32)
+        mean = lambda name: jnp.mean(jnp.concatenate([jnp.reshape(v, (-1,)) for v in losses[name]])) \
+            if losses.get(name) else zero
+        aux["loss/prior"], aux["loss/causal"], aux["loss/tpn"] = mean("prior"), mean("causal"), mean("tpn")
+        aux["router_loss"] = (rc.lambda_prior * aux["loss/prior"] + rc.lambda_causal * aux["loss/causal"]
+                              + rc.lambda_tpn * aux["loss/tpn"])
+        return self.norm(x), aux
 
 
 def build(decoder_config: decoder_lib.DecoderConfig, routing_config) -> RoutedDecoder:

@@ -48,7 +48,7 @@ class RoutedLMTask(lm.LMTask):
             return None
         # Routers, PriorFFNs / transition nets and LoRA adapters are not in the HF checkpoint.
         return load_pretrained([("", self.init_from)], abstract_params, shardings,
-                               skip=(r"^routers_", lora_lib.LORA_REGEX))
+                               skip=(r"(^|/)routers_", lora_lib.LORA_REGEX))
 
     # ---- model --------------------------------------------------------------------------
     def _apply(self, params, model_state, batch, *, mode, rng=None, progress=None, mutable=False):
