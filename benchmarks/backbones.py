@@ -8,6 +8,18 @@ DINOv2-B/14, a Qwen2.5-0.5B-shaped decoder); each side is built from the same HF
 Forward: images/s or tokens/s. Train step: forward + backward + AdamW on a simple loss (mean square
 of the pooled output for vision, next-token cross-entropy for the decoder). MFU uses analytic FLOPs
 (vlmjax.flops; ViT-B/16 at 224 = 35.1 GFLOP forward), never XLA's cost analysis.
+
+Timing (--interleave, the default): both implementations of a model are built, then timed in
+rounds, one call of each per round (forward rounds, then train-step rounds), and the median over
+rounds is reported (the minimum too). On a shared CPU a busy phase then hits both sides alike; the
+speed-up columns are ratios of those medians. torch gets as many intra-op threads as XLA:CPU uses
+(the CPUs this process may run on) unless --torch_threads says otherwise; both counts, the CPU model
+and the load average are in the printed header and in the JSON (``machine``).
+--nointerleave times one implementation at a time and frees it before the next (for models whose
+two copies do not fit in memory together).
+
+``qwen25_05b_6l`` is the Qwen2.5-0.5B shape (widths, heads, the 151936 vocabulary) cut to 6 layers,
+for a decoder train step that fits a small CPU box twice.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import statistics
 import sys
 import time
 
@@ -32,16 +45,19 @@ from vlmjax import convert  # noqa: E402
 from vlmjax import flops as flops_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["vit_b16", "vit_l14", "dinov2_b14", "qwen25_05b"], "Which backbones.")
+flags.DEFINE_list("models", ["vit_b16", "vit_l14", "dinov2_b14", "qwen25_05b"],
+                  "Which backbones (also: qwen25_05b_6l).")
 flags.DEFINE_integer("batch", 8, "Images (or sequences) per step.")
 flags.DEFINE_integer("seq_len", 256, "Decoder sequence length.")
-flags.DEFINE_integer("steps", 3, "Timed iterations (after warm-up).")
+flags.DEFINE_integer("steps", 3, "Timed rounds (after two warm-up calls); the median is reported.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype on both sides.")
 flags.DEFINE_bool("train", True, "Also time a train step (JAX and torch eager).")
 flags.DEFINE_bool("torch", True, "Time the HF PyTorch model (eager).")
 flags.DEFINE_bool("torch_compile", False, "Also time torch.compile of the HF model.")
 flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU (default: datasheet table).")
 flags.DEFINE_string("out", "benchmarks/results/backbones.json", "JSON output path.")
+flags.DEFINE_bool("interleave", True, "Time vlmjax and torch in alternating rounds (both in memory).")
+flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads; 0 = as many as XLA:CPU uses.")
 
 
 def _cases():
@@ -56,16 +72,27 @@ def _cases():
         "qwen25_05b": (tf.Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
                                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                                       tie_word_embeddings=True, max_position_embeddings=32768), tf.Qwen2ForCausalLM),
+        "qwen25_05b_6l": (tf.Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                         num_hidden_layers=6, num_attention_heads=14, num_key_value_heads=2,
+                                         tie_word_embeddings=True, max_position_embeddings=32768),
+                          tf.Qwen2ForCausalLM),
     }
 
 
-def _time(fn, steps):
-    fn()  # warm-up / compile
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - t0) / steps
+def _time_rounds(fns: dict, steps: int) -> dict:
+    """Times ``fns`` (name -> blocking callable) in ``steps`` rounds, one call of each per round, the
+    order rotating each round, after two warm-up calls each. Returns name -> list of seconds."""
+    names = list(fns)
+    for n in names:
+        fns[n]()  # compile
+        fns[n]()
+    times = {n: [] for n in names}
+    for r in range(steps):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return times
 
 
 def _fwd_flops(name, hf_cfg):
@@ -78,7 +105,8 @@ def _fwd_flops(name, hf_cfg):
         image_hw=(hf_cfg.image_size, hf_cfg.image_size))
 
 
-def bench_jax(name, hf_cfg):
+def jax_fns(name, hf_cfg):
+    """{'fwd': callable[, 'train': callable]} for the vlmjax model (each call blocks until done)."""
     dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
     spec = convert.from_config(hf_cfg.to_dict(), dtype=dtype)
     model = spec.module
@@ -93,8 +121,8 @@ def bench_jax(name, hf_cfg):
     params = jax.jit(lambda r: model.init(r, *inputs))(jax.random.PRNGKey(0))["params"]
     params = jax.tree.map(lambda p: getattr(p, "value", p), params, is_leaf=lambda p: hasattr(p, "value"))
     fwd = jax.jit(lambda p, *a: model.apply({"params": p}, *a)[0])
-    fwd_s = _time(lambda: jax.block_until_ready(fwd(params, *inputs)), FLAGS.steps)
-    row = {"fwd_ms": fwd_s * 1e3}
+    state = [params]
+    fns = {"fwd": lambda: jax.block_until_ready(fwd(state[0], *inputs))}
     if FLAGS.train:
         tx = optax.adamw(1e-4)
         opt = tx.init(params)
@@ -111,16 +139,17 @@ def bench_jax(name, hf_cfg):
             u, o = tx.update(g, o, p)
             return optax.apply_updates(p, u), o, loss
 
-        state = [params, opt]
+        state.append(opt)
 
         def run():
             state[0], state[1], loss = step(*state)
             jax.block_until_ready(loss)
-        row["train_ms"] = _time(run, FLAGS.steps) * 1e3
-    return row
+        fns["train"] = run
+    return fns
 
 
-def bench_torch(name, hf_cfg, model_cls, compiled):
+def torch_fns(name, hf_cfg, model_cls, compiled):
+    """{'fwd': callable[, 'train': callable]} for the HF torch model (eager, or torch.compile)."""
     import torch  # pylint: disable=g-import-not-at-top
     dtype = torch.bfloat16 if FLAGS.dtype == "bfloat16" else torch.float32
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -137,15 +166,16 @@ def bench_torch(name, hf_cfg, model_cls, compiled):
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
     def fwd():
+        model.eval()
         with torch.no_grad():
             fn(**kw)
         sync()
-    row = {"fwd_ms": _time(fwd, FLAGS.steps) * 1e3}
+    fns = {"fwd": fwd}
     if FLAGS.train and not compiled:
-        model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step():
+            model.train()
             out = model(**kw)
             if text:
                 loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
@@ -155,8 +185,44 @@ def bench_torch(name, hf_cfg, model_cls, compiled):
             loss.backward()
             opt.step()
             sync()
-        row["train_ms"] = _time(step, FLAGS.steps) * 1e3
-    return row
+        fns["train"] = step
+    return fns
+
+
+def _torch_threads() -> int:
+    import torch  # pylint: disable=g-import-not-at-top
+    n = FLAGS.torch_threads or len(os.sched_getaffinity(0))  # XLA:CPU's pool: the usable CPUs
+    torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def bench_model(name, hf_cfg, model_cls) -> dict[str, dict[str, list[float]]]:
+    """impl -> {'fwd': [s, ...], 'train': [s, ...]} for vlmjax and the torch variants asked for."""
+    builders = {"vlmjax": lambda: jax_fns(name, hf_cfg)}
+    if FLAGS.torch:
+        builders["hf_torch"] = lambda: torch_fns(name, hf_cfg, model_cls, False)
+    if FLAGS.torch_compile:
+        builders["hf_torch_compile"] = lambda: torch_fns(name, hf_cfg, model_cls, True)
+    out = {}
+    if FLAGS.interleave:
+        fns = {impl: b() for impl, b in builders.items()}
+        for phase in ("fwd", "train"):
+            phase_fns = {impl: f[phase] for impl, f in fns.items() if phase in f}
+            if not phase_fns:
+                continue
+            for impl, ts in _time_rounds(phase_fns, FLAGS.steps).items():
+                out.setdefault(impl, {})[phase] = ts
+        del fns
+    else:
+        for impl, b in builders.items():
+            f = b()
+            out[impl] = {phase: _time_rounds({phase: f[phase]}, FLAGS.steps)[phase] for phase in f}
+            del f
+            gc.collect()  # release one model's params and optimizer state before the next
+            jax.clear_caches()
+    gc.collect()
+    jax.clear_caches()
+    return out
 
 
 def main(argv):
@@ -164,28 +230,30 @@ def main(argv):
     cases = _cases()
     peak = common.device_peak_tflops(FLAGS.dtype, FLAGS.peak_tflops)
     rows = []
+    torch_threads = _torch_threads() if (FLAGS.torch or FLAGS.torch_compile) else None
+    print(common.machine_line(), flush=True)
     for name in FLAGS.models:
         hf_cfg, model_cls = cases[name]
         fl = _fwd_flops(name, hf_cfg)
         unit = "tokens" if name.startswith("qwen") else "images"
         per_step = FLAGS.batch * (FLAGS.seq_len if unit == "tokens" else 1)
-        impls = [("vlmjax", lambda: bench_jax(name, hf_cfg))]
-        if FLAGS.torch:
-            impls.append(("hf_torch", lambda: bench_torch(name, hf_cfg, model_cls, False)))
-        if FLAGS.torch_compile:
-            impls.append(("hf_torch_compile", lambda: bench_torch(name, hf_cfg, model_cls, True)))
-        for impl, fn in impls:
-            r = fn()
-            gc.collect()  # release one model's params and optimizer state before the next
-            jax.clear_caches()
-            row = {"model": name, "impl": impl, "fwd_ms": r["fwd_ms"],
-                   f"fwd_{unit}_per_s": per_step / (r["fwd_ms"] / 1e3), "fwd_GFLOP": fl / 1e9,
-                   "fwd_TFLOPs": fl / (r["fwd_ms"] / 1e3) / 1e12, "train_ms": r.get("train_ms")}
-            if r.get("train_ms"):
-                row["train_MFU"] = None if peak is None else 3 * fl / (r["train_ms"] / 1e3) / (peak * 1e12)
-                row["train_TFLOPs"] = 3 * fl / (r["train_ms"] / 1e3) / 1e12
+        load_before = common.machine_info()["load_avg"]
+        for impl, r in bench_model(name, hf_cfg, model_cls).items():
+            fwd_ms = statistics.median(r["fwd"]) * 1e3
+            row = {"model": name, "impl": impl, "fwd_ms": fwd_ms, "fwd_min_ms": min(r["fwd"]) * 1e3,
+                   f"fwd_{unit}_per_s": per_step / (fwd_ms / 1e3), "fwd_GFLOP": fl / 1e9,
+                   "fwd_TFLOPs": fl / (fwd_ms / 1e3) / 1e12, "train_ms": None,
+                   "fwd_samples_ms": [t * 1e3 for t in r["fwd"]], "load_before": load_before}
+            if r.get("train"):
+                row["train_ms"] = statistics.median(r["train"]) * 1e3
+                row["train_min_ms"] = min(r["train"]) * 1e3
+                row["train_samples_ms"] = [t * 1e3 for t in r["train"]]
+                row["train_MFU"] = None if peak is None else 3 * fl / (row["train_ms"] / 1e3) / (peak * 1e12)
+                row["train_TFLOPs"] = 3 * fl / (row["train_ms"] / 1e3) / 1e12
+            row["load_after"] = common.machine_info()["load_avg"]
             rows.append(row)
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                   if not k.endswith("samples_ms")}, flush=True)
     for name in FLAGS.models:  # speed-up of vlmjax over each torch variant, forward and train
         base = next(r for r in rows if r["model"] == name and r["impl"] == "vlmjax")
         for r in rows:
@@ -195,12 +263,14 @@ def main(argv):
                     r["vlmjax_train_speedup"] = r["train_ms"] / base["train_ms"]
     info = common.device_info()
     print(f"\nbackbones on {info['device_count']}x {info['platform']} ({info['device_kind']}), batch "
-          f"{FLAGS.batch}, decoder seq {FLAGS.seq_len}, {FLAGS.dtype}")
+          f"{FLAGS.batch}, decoder seq {FLAGS.seq_len}, {FLAGS.dtype}, median of {FLAGS.steps} "
+          f"{'interleaved ' if FLAGS.interleave else ''}rounds, torch threads {torch_threads}")
     common.print_table(rows, ["model", "impl", "fwd_ms", "fwd_images_per_s", "fwd_tokens_per_s", "fwd_TFLOPs",
                               "train_ms", "train_TFLOPs", "train_MFU", "vlmjax_fwd_speedup",
                               "vlmjax_train_speedup"])
     common.write_json(FLAGS.out, {"device": info, "flags": {k: FLAGS[k].value for k in (
-        "models", "batch", "seq_len", "steps", "dtype", "train", "torch", "torch_compile")}, "rows": rows})
+        "models", "batch", "seq_len", "steps", "dtype", "train", "torch", "torch_compile", "interleave",
+        "torch_threads")}, "torch_threads": torch_threads, "rows": rows})
 
 
 if __name__ == "__main__":

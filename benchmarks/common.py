@@ -1,10 +1,20 @@
-"""Shared helpers of the benchmark scripts: device peak FLOPs, table printing, JSON output."""
+"""Shared helpers of the benchmark scripts: device peak FLOPs, the machine a run came from, table
+printing, JSON output.
+
+Every JSON written by ``write_json`` carries ``machine`` (``machine_info()``: CPU model, cores,
+the thread counts XLA and torch use, jax/torch versions, load average) and every table printed by
+``print_table`` or written by ``write_report`` starts with the same one-line summary
+(``machine_line()``), so a CPU figure is never quoted without the CPU it came from.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
+import re
+import subprocess
 import sys
 from typing import Any
 
@@ -39,7 +49,103 @@ def device_info() -> dict[str, Any]:
     d = jax.devices()[0]
     return {"platform": d.platform, "device_kind": getattr(d, "device_kind", ""),
             "device_count": jax.device_count(), "jax": jax.__version__,
-            "python": sys.version.split()[0], "host": platform.machine(), "cpus": os.cpu_count()}
+            "python": sys.version.split()[0], "host": platform.machine(), "cpus": os.cpu_count(),
+            "machine": machine_info()}
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_static() -> dict[str, Any]:
+    """CPU model, topology and the ISA features that matter for matmuls (lscpu, else /proc/cpuinfo)."""
+    out: dict[str, Any] = {}
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
+        fields = dict(re.findall(r"^([^:\n]+):\s*(.*)$", text, re.M))
+        out["cpu_model"] = fields.get("Model name", "")
+        for key, name in (("CPU family", "cpu_family"), ("Model", "cpu_model_id"), ("Stepping", "cpu_stepping"),
+                          ("Socket(s)", "sockets"), ("Core(s) per socket", "cores_per_socket"),
+                          ("Thread(s) per core", "threads_per_core"), ("Hypervisor vendor", "hypervisor"),
+                          ("L3 cache", "l3_cache")):
+            if key in fields:
+                out[name] = fields[key]
+        flags = fields.get("Flags", "").split()
+    except (OSError, subprocess.SubprocessError):
+        flags = []
+    if not out.get("cpu_model") or not flags:
+        try:
+            with open("/proc/cpuinfo") as f:
+                info = f.read()
+            m = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
+            if m and not out.get("cpu_model"):
+                out["cpu_model"] = m.group(1)
+            m = re.search(r"^flags\s*:\s*(.*)$", info, re.M)
+            if m and not flags:
+                flags = m.group(1).split()
+        except OSError:
+            pass
+    if not out.get("cpu_model"):
+        out["cpu_model"] = platform.processor() or platform.machine()
+    isa = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+    out["isa"] = [f for f in isa if f in flags]
+    return out
+
+
+def _load_avg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine a benchmark ran on: CPU model and ISA, cores, threads per library, versions, load.
+
+    ``xla_cpu_threads`` is the size of XLA:CPU's intra-op pool: the CPUs this process may run on
+    (jaxlib exposes no knob; ``taskset`` changes it). ``torch_threads`` is ``torch.get_num_threads()``
+    when torch is already imported (this helper never imports it). ``load_avg`` is the 1/5/15-minute
+    load at the time of the call: on a shared machine, a load above the core count means the
+    timings were contended.
+    """
+    info: dict[str, Any] = dict(_cpu_static())
+    info["logical_cpus"] = os.cpu_count()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    info["usable_cpus"] = usable
+    d = jax.devices()[0]
+    info["jax_platform"] = d.platform
+    info["xla_cpu_threads"] = usable
+    info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    info["jax"] = jax.__version__
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if os.environ.get(var):
+            info[var] = os.environ[var]
+    info["load_avg"] = _load_avg()
+    return info
+
+
+def machine_line(info: dict[str, Any] | None = None) -> str:
+    """One line naming the machine, for the head of every printed table and report."""
+    m = info or machine_info()
+    cores = m.get("usable_cpus")
+    parts = [f"{m.get('cpu_model', '?')}", f"{cores} CPUs"]
+    if m.get("isa"):
+        parts.append("+".join(m["isa"]))
+    parts.append(f"XLA threads {m.get('xla_cpu_threads')}")
+    if "torch_threads" in m:
+        parts.append(f"torch threads {m['torch_threads']}")
+    parts.append(f"jax {m.get('jax')}" + (f", torch {m['torch']}" if "torch" in m else ""))
+    if m.get("jax_platform") != "cpu":
+        parts.append(f"jax on {m.get('jax_platform')}")
+    if m.get("xla_flags"):
+        parts.append(f"XLA_FLAGS={m['xla_flags']}")
+    if m.get("load_avg"):
+        parts.append("load avg " + "/".join(str(x) for x in m["load_avg"]))
+    return "machine: " + "; ".join(parts)
 
 
 def fmt(v) -> str:
@@ -58,6 +164,9 @@ def md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def write_report(out_prefix: str, md_lines: list[str], plot_fn, rows) -> None:
     """Writes ``<out_prefix>.md`` and, when matplotlib is importable, ``<out_prefix>.png``."""
+    md_lines = list(md_lines)
+    if not any(line.startswith("machine: ") for line in md_lines):
+        md_lines[1:1] = ["", machine_line()]  # after the title line
     with open(out_prefix + ".md", "w") as f:
         f.write("\n".join(md_lines) + "\n")
     print(f"wrote {out_prefix}.md")
@@ -65,7 +174,10 @@ def write_report(out_prefix: str, md_lines: list[str], plot_fn, rows) -> None:
     print(f"wrote {png}" if png else "matplotlib not importable: plot skipped (pip install -e '.[bench]')")
 
 
-def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+def print_table(rows: list[dict[str, Any]], columns: list[str], machine: bool = True) -> None:
+    """Prints ``rows`` as an aligned table, headed by ``machine_line()`` unless ``machine=False``."""
+    if machine:
+        print(machine_line())
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
@@ -75,6 +187,8 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    payload = dict(payload)
+    payload.setdefault("machine", machine_info())
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=str)
     print(f"wrote {path}")

@@ -132,7 +132,7 @@ def main(argv):
                               "headroom_vs_step"])
     print()
     common.print_table([steps], ["synthetic_step_ms", "real_loader_step_ms", "real_over_synthetic",
-                                 "data_wait_frac"])
+                                 "data_wait_frac"], machine=False)
     common.write_json(FLAGS.out, {"device": info, "sources": rows, "train_step": steps,
                                   "flags": {k: FLAGS[k].value for k in ("batch_size", "seq_len", "batches", "steps")}})
 

@@ -506,6 +506,7 @@ def main(argv=None) -> dict[str, Any]:
     targets = target_lines(rows, meta)
     total = time.perf_counter() - t_start
     print()
+    print(common.machine_line())
     table = common.md_table(display_rows(rows), COLS)
     print(table)
     print()

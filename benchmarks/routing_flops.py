@@ -884,15 +884,15 @@ def main(argv=None):
     print("FLOPs (per token for fwd / inf, per step for train):")
     common.print_table(rows, FLOP_COLS)
     print("\nRatios vs dense (same run):")
-    common.print_table(rows, RATIO_COLS)
+    common.print_table(rows, RATIO_COLS, machine=False)
     print("\nRouter overhead vs one dense block (%):")
-    common.print_table(over, OVER_COLS)
+    common.print_table(over, OVER_COLS, machine=False)
     print("\nInference: prefill (causal forward, FLOPs per token):")
-    common.print_table(inference, PREFILL_COLS)
+    common.print_table(inference, PREFILL_COLS, machine=False)
     decoded = [r for r in inference if r.get("decode_tok_s") is not None]
     if decoded:
         print(f"\nInference: batch-1 decoding ({args.decode_prompt}-token prompt + {args.decode_tokens} new tokens):")
-        common.print_table(decoded, DECODE_COLS)
+        common.print_table(decoded, DECODE_COLS, machine=False)
     print()
     for line in inf_notes + notes + targets:
         print(line)
