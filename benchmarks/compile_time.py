@@ -152,9 +152,9 @@ def main(argv):
         r["step_speedup_vs_loop"] = (loop["step_total_s"] / r["step_total_s"]) if loop else None
     columns = ["model", "layout", "layers", "step_trace_s", "step_compile_s", "step_total_s",
                "step_speedup_vs_loop", "init_trace_s", "init_compile_s", "temp_gib"]
-    machine = common.device_info()
+    machine = common.machine_info()
     print(f"\nCompile time, batch {FLAGS.batch}, seq_len {FLAGS.seq_len}, {FLAGS.dtype}, remat={FLAGS.remat}, "
-          f"compiled for {FLAGS.topology or platform} ({mesh.devices.size} device(s)); machine: {machine}")
+          f"compiled for {FLAGS.topology or platform} ({mesh.devices.size} device(s))")
     common.print_table(rows, columns)
     out = FLAGS.out or f"benchmarks/results/compile_time_{'tpu' if FLAGS.topology else platform}.json"
     common.write_json(out, dict(flags=dict(batch=FLAGS.batch, seq_len=FLAGS.seq_len, dtype=FLAGS.dtype,
@@ -163,7 +163,7 @@ def main(argv):
                                 machine=machine, rows=rows))
     md = [f"# Compile time: looped vs scanned layers ({FLAGS.topology or platform})", "",
           f"`python benchmarks/compile_time.py {' '.join(sys.argv[1:])}`".replace("  ", " "), "",
-          f"Machine: {machine}", "",
+          common.machine_line(machine), "",
           f"Batch {FLAGS.batch}, seq_len {FLAGS.seq_len}, {FLAGS.dtype}, remat={FLAGS.remat}; seconds.", "",
           common.md_table(rows, columns)]
     with open(os.path.splitext(out)[0] + ".md", "w") as f:

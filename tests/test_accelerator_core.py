@@ -56,7 +56,7 @@ def _structure(b=2, t=7, left_pad=(0, 3)):
 
 @pytest.mark.parametrize("case", ["bidirectional", "causal_padding", "mask", "gqa_cross"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_xla_backend_equals_einsum_reference(case, dtype):
+def test_cpu_backends_equal_the_einsum_reference(case, dtype):
     t, s = (3, 9) if case == "gqa_cross" else (7, 7)
     q, k, v = _qkv(t=t, s=s, dtype=dtype)
     kw = {}
@@ -69,14 +69,18 @@ def test_xla_backend_equals_einsum_reference(case, dtype):
         qp = jnp.broadcast_to(jnp.arange(6, 9)[None], (2, 3))
         kp = jnp.broadcast_to(jnp.arange(9)[None], (2, 9))
         kw = dict(q_positions=qp, kv_positions=kp, kv_valid=jnp.asarray([[True] * 9, [False] * 2 + [True] * 7]))
-    ref = A.attend(q, k, v, dtype=dtype, implementation="einsum", **kw)
-    out = A.attend(q, k, v, dtype=dtype, implementation="xla", **kw)
-    assert out.shape == q.shape and out.dtype == dtype
+    mask = A.dense_mask(2, t, s, q_positions=kw.get("q_positions"), kv_positions=kw.get("kv_positions"),
+                        kv_valid=kw.get("kv_valid"), mask=kw.get("mask"))
+    ref = A.reference_attention(q, k, v, mask, dtype)  # the grouped-einsum path of before
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
-    # 'auto' on this CPU host is xla.
+    for impl in ("xla", "einsum"):
+        out = A.attend(q, k, v, dtype=dtype, implementation=impl, **kw)
+        assert out.shape == q.shape and out.dtype == dtype
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol,
+                                   err_msg=impl)
+    # 'auto' on this CPU host is the folded einsum.
     np.testing.assert_array_equal(np.asarray(A.attend(q, k, v, dtype=dtype, implementation="auto", **kw)),
-                                  np.asarray(out))
+                                  np.asarray(A.attend(q, k, v, dtype=dtype, implementation="einsum", **kw)))
 
 
 def test_reference_matches_a_dense_numpy_softmax_and_empty_rows_stay_finite():
@@ -110,7 +114,7 @@ def test_padding_wrapper_is_exact(t):
 
 def test_auto_falls_back_with_one_log_line_and_explicit_backends_fail_clearly(caplog):
     q, k, v = _qkv(t=1, s=7)
-    assert A.resolve("auto", q=q, k=k, mask=None, dtype=jnp.float32, platform="cpu") == "xla"
+    assert A.resolve("auto", q=q, k=k, mask=None, dtype=jnp.float32, platform="cpu") == "einsum"
     with caplog.at_level(logging.WARNING, logger="vlmjax"):
         assert A.resolve("auto", q=q, k=k, mask=None, dtype=jnp.float32, platform="tpu") == "xla"
     assert "splash cannot run this call" in caplog.text and "using xla" in caplog.text

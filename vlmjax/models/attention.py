@@ -11,8 +11,9 @@ not by a materialised [B, T, S] array, so that fused kernels can skip masked blo
 
 each factor optional (none = bidirectional). Backends (``model.attention_impl`` in every config):
 
-    einsum  the reference: two einsums with the query heads grouped per kv head (the path vlmjax
-            had before backends existed; tests compare every backend with it).
+    einsum  two batched matmuls with the query heads of each kv head folded into the rows; the
+            fastest on CPU (``auto`` picks it there). ``reference_attention`` is the same math in
+            the grouped 5-D layout vlmjax had before backends existed; tests compare with it.
     xla     ``jax.nn.dot_product_attention(implementation="xla")``: the same math through JAX's
             portable op (materialises [B, H, T, S] logits; any platform).
     cudnn   ``jax.nn.dot_product_attention(implementation="cudnn")``: cuDNN flash attention on
@@ -26,7 +27,8 @@ each factor optional (none = bidirectional). Backends (``model.attention_impl`` 
             (``jax.shard_map`` over the batch and head axes of the active logical rules).
     auto    the fastest valid one for the platform and the call: TPU -> splash, GPU -> cudnn, else
             xla; a call a backend cannot take (decode against a KV cache, an arbitrary ``mask``,
-            fp32 on cuDNN, cross-attention on splash) falls back to xla with one log line.
+            fp32 on cuDNN, cross-attention on splash) falls back to xla with one log line. On CPU
+            (and any other platform) auto is einsum.
 
 The causal factor is by *position id*, so a block may run on a gathered subset of tokens with their
 original positions (Mixture-of-Depths) or on left-padded rows. The splash backend's ``CausalMask`` is
@@ -91,9 +93,9 @@ def resolve(implementation: str, *, q: Array, k: Array, mask: Array | None, dtyp
         return implementation
     wanted = implementation
     if wanted == "auto":
-        wanted = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "xla")
-        if wanted == "xla":
-            return "xla"
+        wanted = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "einsum")
+        if wanted == "einsum":  # CPU: the folded-einsum layout is the fastest there (see _einsum)
+            return "einsum"
     reason = _unsupported(wanted, q=q, k=k, mask=mask, dtype=dtype, platform=platform)
     if reason is None:
         return wanted
@@ -173,7 +175,7 @@ def attend(
     full = dense_mask(b, t, s, q_positions=q_positions, kv_positions=kv_positions, kv_valid=kv_valid,
                       mask=mask)
     if impl == "einsum":
-        return reference_attention(q, k, v, full, dtype)
+        return _einsum(q, k, v, full, dtype)
     if impl == "xla":
         return _xla(q, k, v, full, dtype, "xla")
     return _padded(functools.partial(_xla, implementation="cudnn"), q, k, v, full, dtype, CUDNN_MULTIPLE)
@@ -198,7 +200,7 @@ def dense_mask(b: int, t: int, s: int, *, q_positions=None, kv_positions=None, k
 # ------------------------------------------------------------------------------------------------
 
 def reference_attention(q: Array, k: Array, v: Array, mask: Array | None, dtype: Dtype) -> Array:
-    """The einsum path: q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, T, S] bool or None -> [B, T, H, Dh].
+    """The reference (the path vlmjax had before backends, kept for tests): q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, T, S] bool or None -> [B, T, H, Dh].
 
     k/v are never materialised repeated: the query heads are grouped per kv head instead.
     """
@@ -212,6 +214,25 @@ def reference_attention(q: Array, k: Array, v: Array, mask: Array | None, dtype:
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype))
     return rearrange(out, "b t k g d -> b t (k g) d")
+
+
+def _einsum(q: Array, k: Array, v: Array, mask: Array | None, dtype: Dtype) -> Array:
+    """The reference math with the query heads of a kv head folded into the matmul rows
+    ([B, K, G*T, Dh] x [B, K, S, Dh]): plain batched matmuls that XLA:CPU runs without the
+    transposes the 5-D grouped einsum and ``jax.nn.dot_product_attention`` compile to (measured on a
+    2-core Xeon, ViT-B/16 layer forward: 16-26 ms vs 36 ms grouped, 28-34 ms xla; torch SDPA 8 ms)."""
+    kh = k.shape[2]
+    g = q.shape[2] // kh
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    q = rearrange(q, "b t (k g) d -> b k (g t) d", k=kh)
+    logits = jnp.einsum("bkmd,bskd->bkms", q, k, preferred_element_type=jnp.float32)
+    if mask is not None:
+        logits = rearrange(logits, "b k (g t) s -> b k g t s", g=g)
+        logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+        logits = rearrange(logits, "b k g t s -> b k (g t) s")
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    out = jnp.einsum("bkms,bskd->bkmd", probs, v.astype(dtype))
+    return rearrange(out, "b k (g t) d -> b t (k g) d", g=g)
 
 
 def _xla(q: Array, k: Array, v: Array, mask: Array | None, dtype: Dtype, implementation: str) -> Array:
