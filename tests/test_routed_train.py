@@ -53,7 +53,6 @@ def test_dtf_pretrained_lora_variant_trains_only_lora_and_routers(tmp_path):
     from vlmjax import sharding as shd
     from vlmjax import tasks
     from vlmjax.train import trainer as trainer_lib
-    from vlmjax import tree
     from vlmjax.tree import path_str
 
     _, path = _hf_model("qwen2_bias", tmp_path, vocab_size=320, num_hidden_layers=4, bos_token_id=1,
@@ -66,9 +65,8 @@ def test_dtf_pretrained_lora_variant_trains_only_lora_and_routers(tmp_path):
     assert task.model_config.lora_rank == 16 and task.model_config.lora_alpha == 32.0
     mesh = shd.make_mesh(cfg.mesh)
     tr = trainer_lib.Trainer(cfg, task, mesh)
-    state = tr.init()
     loaded = task.pretrained_params(tr.abstract_state.params, tr.state_shardings.params)
-    state = state.replace(params=tree.merge(state.params, loaded))
+    state = tr.init(loaded)  # the run's start: the checkpoint's arrays, only the rest initialised
     before = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
     assert all(not v.any() for k, v in before.items() if k.endswith("lora_b"))
     hf_names = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(loaded)[0]}

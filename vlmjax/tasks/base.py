@@ -19,8 +19,9 @@ def load_pretrained(entries, abstract_params, shardings, skip=()) -> dict[str, A
       ``config.optim.frozen`` style). Matching params are not looked for in the checkpoint and keep their
       init: params the pretrained model does not have, e.g. LoRA adapters (``("lora_",)``) or routers.
       Any other param without a checkpoint tensor is still the converter's error.
-    Returns a partial params tree with each tensor placed with its sharding; the trainer overrides
-    the random init with it. Shape or name mismatches raise the converter's one clear error.
+    Returns a partial params tree with each tensor placed with its sharding; the trainer builds the
+    state around it (``Trainer.init(pretrained)``: these arrays as they are, only the params they
+    lack initialised). Shape or name mismatches raise the converter's one clear error.
     """
     from vlmjax import convert  # pylint: disable=g-import-not-at-top  (transformers-free until used)
 

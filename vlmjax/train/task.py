@@ -83,8 +83,10 @@ class Task(abc.ABC):
     def pretrained_params(self, abstract_params, shardings) -> dict[str, Any] | None:
         """Weights from checkpoints the config names (``init_from``), placed with ``shardings``.
 
-        A partial tree replaces only the leaves it has (e.g. a pretrained decoder inside a VLM).
-        Called once on a fresh run, never on resume. None: keep the random init.
+        A partial tree gives only the leaves it has (e.g. a pretrained decoder inside a VLM): the
+        trainer calls this first, on the abstract state, and then initialises only the params it
+        lacks (``Trainer.init(pretrained)``), so the random init of the rest is never compiled nor
+        run. Called once on a fresh run, never on resume. None: every param is randomly initialised.
         """
         del abstract_params, shardings
         return None

@@ -1,8 +1,10 @@
 """The one trainer core shared by every task.
 
 Abstract init -> shardings from logical-axis rules -> params created already sharded
-(big_vision ``train.py``, flax ``examples/lm1b``); one jitted step with explicit in/out shardings and
-donated state, the step folded into the RNG (big_vision ``update_fn``, MaxText ``train_utils``);
+(big_vision ``train.py``, flax ``examples/lm1b``); a start from pretrained weights puts the loaded
+arrays in the state as they are and initialises only the params they lack; one jitted step with
+explicit in/out shardings and donated state, the step folded into the RNG (big_vision ``update_fn``,
+MaxText ``train_utils``);
 orbax checkpoints of state + grain iterator + config with automatic resume (MaxText
 ``checkpointing.py``).
 """
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from absl import logging
+from jax.extend import core as jex_core
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlmjax import sharding as shd
@@ -51,10 +54,15 @@ class Trainer:
         self.accum = int(config.optim.grad_accum_steps)
 
         rng = jax.random.PRNGKey(config.seed)
-        # Abstract, boxed variables: shapes and logical axis names, no memory. Init runs outside the
-        # mesh context: its output shardings come from out_shardings, and flax's DenseGeneral would
-        # otherwise constrain its kernel before reshaping it to the logical rank.
-        boxed = jax.eval_shape(task.init_variables, rng)
+        # The task's init is traced once, here (flax's Python for a 30-layer decoder takes seconds on
+        # a CPU host): its jaxpr gives the abstract, boxed variables (shapes and logical axis names,
+        # no memory), and every init after (random, or around pretrained params) replays the jaxpr.
+        # Init runs outside the mesh context: its output shardings come from out_shardings, and
+        # flax's DenseGeneral would otherwise constrain its kernel before reshaping it to the logical
+        # rank.
+        init_jaxpr, boxed = jax.make_jaxpr(task.init_variables, return_shape=True)(rng)
+        self._init_variables_flat = jex_core.jaxpr_as_fun(init_jaxpr)
+        self._init_variables_tree = jax.tree.structure(boxed)
         var_shardings = shd.logical_to_shardings(boxed, mesh, self.rules)
         abstract_vars = nn.meta.unbox(boxed)
         self.tx, self.schedule = opt_lib.make_optimizer(
@@ -70,10 +78,11 @@ class Trainer:
             model_state={c: var_shardings[c] for c in task.state_collections},
             rng=repl,
         )
-        self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+        # Pretrained arrays are donated: the state's params are the loaded buffers, not copies.
+        self._init = jax.jit(self._init_state, out_shardings=self.state_shardings, donate_argnums=(1,))
         self.abstract_state = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            jax.eval_shape(self._init_state, rng), self.state_shardings)
+            jax.eval_shape(self._init_state, rng, None), self.state_shardings)
         self.train_step = jax.jit(
             self._train_step,
             in_shardings=(self.state_shardings, None),
@@ -96,10 +105,21 @@ class Trainer:
                       nn.logical_axis_rules(self.rules))
 
     # -- pure functions (traced once) ------------------------------------------------------------
-    def _init_state(self, rng) -> TrainState:
+    def _init_state(self, rng, pretrained=None) -> TrainState:
+        """The step-0 state. rng: PRNG key (uint32[2]); pretrained: None, or a partial params tree
+        of arrays the state takes as they are (see ``init``).
+
+        The random init of a param ``pretrained`` has is a dead value here: jit's DCE drops it from
+        the jaxpr before lowering, so the compiled program neither holds nor runs it (and the params
+        it lacks get exactly the values of the random init with the same rng). The optimizer state
+        is built from the final params.
+        """
         init_rng, state_rng = jax.random.split(rng)
-        variables = nn.meta.unbox(self.task.init_variables(init_rng))
+        variables = nn.meta.unbox(jax.tree.unflatten(self._init_variables_tree,
+                                                     self._init_variables_flat(init_rng)))
         params = variables["params"]
+        if pretrained is not None:
+            params = tree.merge(params, pretrained, "pretrained param")
         model_state = {c: variables[c] for c in self.task.state_collections}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
                           model_state=model_state, rng=state_rng)
@@ -161,8 +181,20 @@ class Trainer:
             return self.task.eval_fn(params, model_state, batch)
 
     # -- helpers ---------------------------------------------------------------------------------
-    def init(self) -> TrainState:
-        return self._init(jax.random.PRNGKey(self.config.seed))
+    def init(self, pretrained=None) -> TrainState:
+        """The step-0 state for seed ``config.seed``, created sharded (``state_shardings``).
+
+        pretrained: None (every param randomly initialised), or a partial params tree of arrays,
+          e.g. ``task.pretrained_params(abstract_state.params, state_shardings.params)``: those leaves
+          become the params as they are, and only the params it lacks (LoRA adapters, routers) are
+          initialised, with the values a random init with this seed gives them. Its arrays are
+          DONATED (deleted; the state holds their buffers), so copy anything you compare later.
+        A pretrained path the model lacks, or an array of the wrong shape or dtype, is a ValueError.
+        """
+        rng = jax.random.PRNGKey(self.config.seed)
+        if pretrained is not None:
+            _check_pretrained(pretrained, self.abstract_state.params)
+        return self._init(rng, pretrained)
 
     def put(self, batch):
         return shd.put_batch(batch, self.mesh)
@@ -177,6 +209,23 @@ class Trainer:
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         return self.task.finalize_eval(sums)
+
+
+def _check_pretrained(pretrained, abstract_params) -> None:
+    """Raises one ValueError naming every pretrained array with no param, or of another shape or dtype
+    than the param it replaces (``abstract_state`` fixes the state's types for the jitted step and
+    the checkpoints)."""
+    want = tree.flatten(abstract_params)
+    bad = []
+    for path, x in tree.flatten(pretrained).items():
+        if path not in want:
+            bad.append(f"{path} (no such param)")
+        elif (tuple(x.shape), jnp.dtype(x.dtype)) != (tuple(want[path].shape), jnp.dtype(want[path].dtype)):
+            bad.append(f"{path}: {jnp.dtype(x.dtype).name}{list(x.shape)} vs the model's "
+                       f"{jnp.dtype(want[path].dtype).name}{list(want[path].shape)}")
+    if bad:
+        raise ValueError(f"{len(bad)} pretrained param array(s) do not fit the model: {'; '.join(bad[:3])}"
+                         + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "") + ".")
 
 
 def _opt_state_shardings(abstract_opt, abstract_params, param_shardings, replicated):
@@ -400,13 +449,14 @@ def _run_locked(config, workdir, task: Task, mesh, is_main: bool) -> dict[str, A
         if is_main:
             print(f"Resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
     else:
-        state, start = trainer.init(), 0
+        # Checkpoint weights first, then the state around them: the random init of the params they
+        # replace is never compiled nor run (Trainer.init).
         loaded = task.pretrained_params(trainer.abstract_state.params, trainer.state_shardings.params)
-        if loaded is not None:
-            state = state.replace(params=tree.merge(state.params, loaded, "pretrained param"))
-            if is_main:
-                print(f"Initialised {len(jax.tree.leaves(loaded))} of {len(jax.tree.leaves(state.params))} "
-                      "param arrays from pretrained checkpoints", flush=True)
+        n_loaded = len(jax.tree.leaves(loaded)) if loaded is not None else 0
+        state, start = trainer.init(loaded), 0
+        if loaded is not None and is_main:
+            print(f"Initialised {n_loaded} of {len(jax.tree.leaves(state.params))} "
+                  "param arrays from pretrained checkpoints", flush=True)
     if is_main:
         print(f"params: {n_params:,} ({n_params / 1e6:.2f}M)", flush=True)
 
