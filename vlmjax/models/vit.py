@@ -455,42 +455,10 @@ class VisionEmbeddings(nn.Module):
     (conv weight [D, C, p, p] -> kernel [p, p, C, D]); rows/columns past the last whole patch are
     dropped, as by the strided conv.
 
-    The matmul is one 2-D ``[B * Np, p*p*C] @ [p*p*C, D]`` (``PatchProjection``), not a dot with
-    three batch and three contracting dims: same forward HLO, but the kernel gradient becomes one
-    plain ``x^T g`` dot instead of a transposed dot plus two transpose copies (XLA:CPU, ViT-B/16,
-    batch 4: patch-projection backward 1.5x faster in isolation; see benchmarks/results/backbones_cpu.md).
-    A ``lax.conv_general_dilated`` with stride p is slower on XLA:CPU than either matmul form.
+    XLA:CPU measurements (2-core Xeon, 2026-12-03): a strided ``lax.conv_general_dilated`` is slower
+    than this matmul; flattening the patches into one 2-D dot made the projection's backward 1.5x
+    faster in isolation but nothing measurable at model scale, so the plain ``DenseGeneral`` stays.
     """
-
-    class PatchProjection(nn.Module):
-        """``patch_embedding``: kernel [p, p, C, D] (+ bias [D]) applied to flattened patches [M, p*p*C].
-
-        The parameters, their names, shapes, initialisers and logical axes are those of the
-        ``layers.DenseGeneral`` over ``[p, p, C]`` that this replaces (HF checkpoints load unchanged).
-        """
-
-        patch_size: int
-        num_channels: int
-        features: int
-        use_bias: bool
-        initializer_range: float = 0.02
-        dtype: Dtype = jnp.float32
-        param_dtype: Dtype = jnp.float32
-
-        @nn.compact
-        def __call__(self, x: Array) -> Array:
-            """x: [M, p*p*C] patches, (ph, pw, c) order -> [M, D] in ``dtype``."""
-            p, c, d = self.patch_size, self.num_channels, self.features
-            kernel = self.param("kernel", nn.with_logical_partitioning(
-                nn.initializers.normal(stddev=self.initializer_range), (None, None, None, "embed")),
-                (p, p, c, d), self.param_dtype)
-            y = jax.lax.dot_general(x.astype(self.dtype), kernel.reshape(p * p * c, d).astype(self.dtype),
-                                    (((1,), (0,)), ((), ())))
-            if self.use_bias:
-                bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-                                  (d,), self.param_dtype)
-                y = y + bias.astype(y.dtype)
-            return y
 
     config: ViTConfig
 
@@ -506,10 +474,11 @@ class VisionEmbeddings(nn.Module):
         gh, gw = height // p, width // p
         if gh == 0 or gw == 0:
             raise ValueError(f"Images of {height}x{width} are smaller than one {p}x{p} patch.")
-        x = rearrange(pixel_values[:, : gh * p, : gw * p], "b (gh ph) (gw pw) c -> (b gh gw) (ph pw c)", ph=p, pw=p)
-        x = self.PatchProjection(p, channels, d, use_bias=c.patch_bias, initializer_range=c.initializer_range,
-                                 dtype=c.dtype, param_dtype=c.param_dtype, name="patch_embedding")(x)
-        x = x.reshape(b, gh * gw, d)
+        x = rearrange(pixel_values[:, : gh * p, : gw * p], "b (gh ph) (gw pw) c -> b gh gw ph pw c", ph=p, pw=p)
+        x = layers.DenseGeneral(d, kernel_axes=(None, None, None, "embed"), axis=(-3, -2, -1),
+                                use_bias=c.patch_bias, initializer_range=c.initializer_range, dtype=c.dtype,
+                                param_dtype=c.param_dtype, name="patch_embedding")(x)
+        x = rearrange(x, "b gh gw d -> b (gh gw) d")
 
         vector = lambda name, shape, axes: self.param(
             name, nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range), axes), shape,
