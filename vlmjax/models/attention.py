@@ -25,10 +25,10 @@ each factor optional (none = bidirectional). Backends (``model.attention_impl`` 
             static ``CausalMask`` and padding through segment ids, so masked blocks are skipped;
             padded inside to a multiple of the 128-token block. Under a mesh it runs per shard
             (``jax.shard_map`` over the batch and head axes of the active logical rules).
-    auto    the fastest valid one for the platform and the call: TPU -> splash, GPU -> cudnn, else
-            xla; a call a backend cannot take (decode against a KV cache, an arbitrary ``mask``,
-            fp32 on cuDNN, cross-attention on splash) falls back to xla with one log line. On CPU
-            (and any other platform) auto is einsum.
+    auto    the fastest valid one for the platform and the call: TPU -> splash, GPU -> cudnn, CPU
+            (and any other platform) -> einsum; a call splash or cuDNN cannot take (decode against
+            a KV cache, an arbitrary ``mask``, fp32 on cuDNN, cross-attention on splash) falls back
+            to xla with one log line.
 
 The causal factor is by *position id*, so a block may run on a gathered subset of tokens with their
 original positions (Mixture-of-Depths) or on left-padded rows. The splash backend's ``CausalMask`` is
