@@ -82,6 +82,25 @@ def vision_tower(path: str, *, dtype: Any = jnp.float32) -> Spec:
                      f"use a CLIP/SigLIP (vision or two-tower) or DINOv2 checkpoint.")
 
 
+def text_tower(path: str, *, dtype: Any = jnp.float32) -> Spec:
+    """The text tower of ``path``: a CLIP / SigLIP text model, or the ``text_model`` half of a
+    two-tower checkpoint (its vision half and heads are ignored). Its module is a ``TextEncoder``."""
+    from vlmjax.convert import text as text_convert  # pylint: disable=g-import-not-at-top
+
+    hf = core.read_config(path)
+    mt = hf.get("model_type")
+    if mt in ("clip_text_model", "siglip_text_model"):
+        return text_convert.spec(hf, dtype)
+    if mt in ("clip", "siglip"):
+        sub = {**(hf.get("text_config") or {}), **(hf.get("text_config_dict") or {})}
+        text = text_convert.spec({**sub, "model_type": f"{mt}_text_model"}, dtype)
+        return Spec(module=text.module, init_args=text.init_args, rules=text.rules, prefixes=("text_model.",),
+                    ignore=text.ignore + ("vision_model.", "visual_projection.", "text_projection.",
+                                          "logit_scale", "logit_bias"))
+    raise ValueError(f"{path}/config.json has model_type={mt!r}, which has no text tower vlmjax can load; "
+                     f"use a CLIP or SigLIP (text or two-tower) checkpoint.")
+
+
 def load_hf(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, mesh=None,
             rules=None) -> tuple[nn.Module, dict[str, Any]]:
     """Loads an HF checkpoint directory into ``(module, params)``.

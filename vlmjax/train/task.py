@@ -74,11 +74,14 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def eval_fn(self, params, model_state, batch) -> dict[str, jax.Array]:
-        """Per-batch SUMS (e.g. summed NLL and token count), so batches combine exactly."""
+        """Per-batch SUMS as scalars (e.g. summed NLL and token count), so batches combine exactly;
+        and/or per-example arrays [B, ...] (e.g. embeddings), which the trainer concatenates over
+        batches, for metrics that need every item at once (retrieval)."""
 
     @abc.abstractmethod
-    def finalize_eval(self, sums: dict[str, float]) -> dict[str, float]:
-        """Turns summed eval statistics into reported metrics (loss, perplexity, ...)."""
+    def finalize_eval(self, sums: dict[str, Any]) -> dict[str, Any]:
+        """Turns the combined eval outputs (summed scalars as floats, concatenated per-example numpy
+        arrays) into reported metrics (loss, perplexity, R@K, ...)."""
 
     def pretrained_params(self, abstract_params, shardings) -> dict[str, Any] | None:
         """Weights from checkpoints the config names (``init_from``), placed with ``shardings``.
@@ -90,6 +93,12 @@ class Task(abc.ABC):
         """
         del abstract_params, shardings
         return None
+
+    def optimizer_config(self, optim_cfg):
+        """The optimizer block the trainer builds from: ``config.optim`` plus what the task's own
+        sections imply, as a copy (e.g. ``vision_encoder.freeze`` adds the tower's path regexes to
+        ``frozen``). Default: ``config.optim`` unchanged."""
+        return optim_cfg
 
     def log_summary(self, metrics: dict[str, float]) -> str:
         """Extra text for the training log line from this interval's metrics (e.g. router stats)."""

@@ -20,6 +20,7 @@ import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 from jax.extend import core as jex_core
@@ -66,7 +67,7 @@ class Trainer:
         var_shardings = shd.logical_to_shardings(boxed, mesh, self.rules)
         abstract_vars = nn.meta.unbox(boxed)
         self.tx, self.schedule = opt_lib.make_optimizer(
-            config.optim, abstract_vars["params"], config.total_steps)
+            task.optimizer_config(config.optim), abstract_vars["params"], config.total_steps)
         abstract_opt = jax.eval_shape(self.tx.init, abstract_vars["params"])
         repl = shd.replicated(mesh)
         opt_shardings = _opt_state_shardings(abstract_opt, abstract_vars["params"],
@@ -199,16 +200,25 @@ class Trainer:
     def put(self, batch):
         return shd.put_batch(batch, self.mesh)
 
-    def evaluate(self, state: TrainState, batches) -> dict[str, float]:
+    def evaluate(self, state: TrainState, batches) -> dict[str, Any]:
+        """Runs ``task.eval_fn`` on every batch and hands ``task.finalize_eval`` the combined outputs:
+        scalars are summed over batches (sums of losses, token counts), arrays with a leading batch
+        axis are concatenated in batch order (per-example embeddings for retrieval, which needs every
+        item at once). The step's outputs are replicated, so every process gets the global arrays."""
         sums: dict[str, float] = {}
+        rows: dict[str, list[np.ndarray]] = {}
         for b in batches:
             b = self.put(b)
             with jax.transfer_guard("disallow"):  # a silent host<->device copy in the step is a bug
                 out = self.eval_step(state.params, state.model_state, b)
             out = jax.device_get(out)
             for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        return self.task.finalize_eval(sums)
+                v = np.asarray(v)
+                if v.ndim == 0:
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                else:
+                    rows.setdefault(k, []).append(v)
+        return self.task.finalize_eval({**sums, **{k: np.concatenate(v) for k, v in rows.items()}})
 
 
 def _check_pretrained(pretrained, abstract_params) -> None:
