@@ -54,17 +54,18 @@ def test_scene_batches_layout(scene_data):
     assert batch["text"].shape == (4, 32) and batch["text"].dtype == np.int32
     assert batch["text_valid"].dtype == bool and batch["mask"].dtype == np.float32
     assert batch["index"].dtype == np.int32 and (batch["mask"] == 1).all()
-    for row, valid, index in zip(batch["text"], batch["text_valid"], batch["index"]):
+    for image, row, valid, index in zip(batch["image"], batch["text"], batch["text_valid"],
+                                        batch["index"]):
         n = int(valid.sum())
         assert valid[:n].all() and not valid[n:].any()
-        assert row[0] == data.bos_id and row[n - 1] == data.eos_id and (row[n:] == data.pad_id).all()
+        assert row[0] == data.bos_id and row[n - 1] == data.eos_id
+        assert (row[n:] == data.pad_id).all()
         assert 1 not in row[1 : n - 1]  # no [UNK]
         assert data.eos_id not in row[1 : n - 1] and data.eos_id == row.max()
         record = data.train_records[int(index)]
         assert data.tokenizer.decode(row) == " ".join(scenes.words(record["caption"]))
         # Pixels: normalised with CLIP mean/std from the rendered scene.
-        np.testing.assert_array_equal(_unnormalise(batch["image"][list(batch["index"]).index(index)],
-                                                   data), record["image"])
+        np.testing.assert_array_equal(_unnormalise(image, data), record["image"])
 
 
 def test_scene_vocabulary_is_closed(scene_data):
@@ -102,8 +103,12 @@ def test_eval_rows_are_images_with_their_own_distinct_captions(scene_data):
                                        max_batches=1)) == 1
 
 
-def test_truncated_text_keeps_eos():
-    data = image_text.build_image_text_data(make_config(max_text_len=5))
+def test_truncated_text_keeps_eos_and_the_tokenizer_is_saved(tmp_path):
+    data = image_text.build_image_text_data(make_config(max_text_len=5), workdir=str(tmp_path))
+    saved = hf_tokenizers.Tokenizer.from_file(str(tmp_path / image_text.SCENE_TOKENIZER_FILE))
+    text = data.train_records[3]["caption"]
+    assert saved.encode(text, add_special_tokens=False).ids == data.tokenizer.encode(text).tolist()
+    assert saved.token_to_id("[EOS]") == data.eos_id
     ex = data.example(0)
     assert ex["text_valid"].all() and ex["text"][0] == data.bos_id and ex["text"][-1] == data.eos_id
     np.testing.assert_array_equal(ex["text"][1:4], data.tokenizer.encode(
@@ -243,7 +248,8 @@ def test_file_source_errors_name_the_file_and_line(tmp_path, tokenizer_dir):
     file = _write_files(str(tmp_path), "jsonl", _pairs(4), missing=2)
     data = image_text.build_image_text_data(make_config(source="jsonl", path=file, num_eval=1,
                                                         tokenizer=tokenizer_dir))
-    with pytest.raises(FileNotFoundError, match=rf"pairs.jsonl:3: image file .*pairs_2.png not found"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"pairs.jsonl:3: image file .*pairs_2.png not found"):
         data.example(1)
     with pytest.raises(FileNotFoundError, match="pairs_2.png not found"):
         next(iter(data.train_dataset(global_batch_size=3, seed=0, process_index=0,
@@ -263,8 +269,8 @@ def test_file_source_errors_name_the_file_and_line(tmp_path, tokenizer_dir):
         image_text.build_image_text_data(make_config(source="csv", path=csv_file, num_eval=1,
                                                      tokenizer=tokenizer_dir, image_key="img"))
     with pytest.raises(FileNotFoundError, match="no_such.jsonl"):
-        image_text.build_image_text_data(make_config(source="jsonl", path=str(tmp_path / "no_such.jsonl"),
-                                                     tokenizer=tokenizer_dir))
+        image_text.build_image_text_data(make_config(
+            source="jsonl", path=str(tmp_path / "no_such.jsonl"), tokenizer=tokenizer_dir))
 
 
 def test_tfds_source(tmp_path, tokenizer_dir):

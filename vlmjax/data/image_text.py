@@ -222,7 +222,8 @@ class _Preprocess:
     def __init__(self, image_size: int, processor: image_processing.ImageProcessor | None):
         self._size, self._processor = image_size, processor
         if processor is None:
-            self.mean, self.std = image_processing.OPENAI_CLIP_MEAN, image_processing.OPENAI_CLIP_STD
+            self.mean = image_processing.OPENAI_CLIP_MEAN
+            self.std = image_processing.OPENAI_CLIP_STD
         elif processor.do_normalize:
             self.mean, self.std = tuple(processor.image_mean), tuple(processor.image_std)
         else:
@@ -256,7 +257,8 @@ def _read_image(file: str, where: str, root_field: str) -> np.ndarray:
         raise ValueError(f"{where}: cannot read image {file}: {e}") from e
 
 
-def _read_pairs(file: str, kind: str, image_key: str, caption_key: str) -> list[tuple[str, str, int]]:
+def _read_pairs(file: str, kind: str, image_key: str,
+                caption_key: str) -> list[tuple[str, str, int]]:
     """(image path, caption, line number) of every row of a jsonl / csv file."""
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{kind} file {file} not found (config.data.path / eval_path).")
@@ -324,8 +326,9 @@ def _file_sources(cfg) -> tuple[Sequence[dict], Sequence[dict], str]:
             f"{path} has {len(rows)} rows; holding out config.data.num_eval={cfg.num_eval} "
             "for evaluation leaves none to train on. Lower num_eval or set "
             "config.data.eval_path.")
-    return (FileRecords(path, rows[cfg.num_eval:], root), FileRecords(path, rows[:cfg.num_eval], root),
-            f"{cfg.source} {path} (first {cfg.num_eval} rows held out for eval)")
+    held = cfg.num_eval
+    return (FileRecords(path, rows[held:], root), FileRecords(path, rows[:held], root),
+            f"{cfg.source} {path} (first {held} rows held out for eval)")
 
 
 def _decode_tfds_image(value: Any) -> np.ndarray:
@@ -381,7 +384,8 @@ def _tfds_sources(cfg) -> tuple[Sequence[dict], Sequence[dict], str]:
     description = f"{origin} (splits {cfg.train_split!r} / {eval_split!r})"
     train, eval_ = (TfdsRecords(common.tfds_split(builder, split, field=field, origin=origin),
                                 cfg, f"{origin} {split!r}")
-                    for split, field in ((cfg.train_split, "train_split"), (eval_split, "eval_split")))
+                    for split, field in ((cfg.train_split, "train_split"),
+                                         (eval_split, "eval_split")))
     return train, eval_, description
 
 
@@ -541,7 +545,8 @@ class ImageTextData:
         rows = []
         for b in range(num_batches):
             first = b * global_batch_size + process_index * local_batch
-            rows += [(min(i, num_eval - 1), i < num_eval) for i in range(first, first + local_batch)]
+            rows += [(min(i, num_eval - 1), i < num_eval)
+                     for i in range(first, first + local_batch)]
         ds = grain.MapDataset.source(rows).map(_EvalRow(self.eval_records, self._to_example))
         return list(ds.to_iter_dataset(self._read_options()).batch(local_batch))
 
@@ -554,7 +559,8 @@ def _tokenizer(cfg, workdir):
         # Saved for reference (other tools, later stages): the vocabulary is fixed by the config.
         directory = epath.Path(workdir)
         directory.mkdir(parents=True, exist_ok=True)
-        tokenizers._atomic_write(directory / SCENE_TOKENIZER_FILE, tok.to_json())  # pylint: disable=protected-access
+        # pylint: disable-next=protected-access
+        tokenizers._atomic_write(directory / SCENE_TOKENIZER_FILE, tok.to_json())
     return tok
 
 

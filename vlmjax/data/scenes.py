@@ -295,7 +295,8 @@ def questions(scene: Scene) -> list[QA]:
 
     qa = [QA("COUNT", "how many shapes are there?", NUMBERS[len(objs)])]
     for colour in dict.fromkeys(o.colour for o in objs):
-        qa.append(QA("COUNT", f"how many {colour} shapes are there?", NUMBERS[count(colour=colour)]))
+        qa.append(QA("COUNT", f"how many {colour} shapes are there?",
+                     NUMBERS[count(colour=colour)]))
     for shape in dict.fromkeys(o.shape for o in objs):
         qa.append(QA("COUNT", f"how many {plural(shape)} are there?", NUMBERS[count(shape=shape)]))
     for size in dict.fromkeys(o.size for o in objs):
