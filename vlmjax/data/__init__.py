@@ -1,4 +1,4 @@
-"""Input pipelines (grain): document sources, tokenizers, LM packing, procedural video.
+"""Input pipelines (grain): document sources, tokenizers, LM packing, procedural video, image-text.
 
 Everything runs offline: the default source is an English corpus embedded in
 CPython (see `corpus`), and real data (text/JSONL files, TFDS ArrayRecord
@@ -18,8 +18,14 @@ Modules (each imports only those listed after it; no circles):
   video             video config and pipeline    <- clips, common, procedural_video,
                                                     video_files, tfds_video
   image_processing  CLIP-style image preprocessing (standalone)
+  scenes            procedural scenes of shapes: render, captions, QA (standalone)
+  image_text        image-caption config and pipeline <- clips, common, image_processing,
+                                                         scenes, tokenizers
 """
 
+from vlmjax.data import image_text
+from vlmjax.data.image_text import build_image_text_data
+from vlmjax.data.image_text import ImageTextData
 from vlmjax.data.lm import build_lm_data
 from vlmjax.data.lm import default_config
 from vlmjax.data.lm import LMData
@@ -27,4 +33,5 @@ from vlmjax.data import video
 from vlmjax.data.video import build_video_data
 from vlmjax.data.video import VideoData
 
-__all__ = ["LMData", "VideoData", "build_lm_data", "build_video_data", "default_config", "video"]
+__all__ = ["ImageTextData", "LMData", "VideoData", "build_image_text_data", "build_lm_data",
+           "build_video_data", "default_config", "image_text", "video"]

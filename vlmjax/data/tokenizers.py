@@ -196,8 +196,8 @@ class HFTokenizer:
     """A pretrained checkpoint's own tokenizer (``tokenizer.json`` in a local HF directory).
 
     Used to fine-tune a loaded checkpoint (``config.model.init_from``): the ids must be the ones the
-    embedding table was trained with. Special ids come from the directory's ``config.json`` /
-    ``generation_config.json`` (``bos_token_id``, ``eos_token_id``, ``pad_token_id``; pad falls back
+    embedding table was trained with. Special ids come from the directory's ``config.json`` (or its
+    ``text_config``, as in CLIP / SigLIP checkpoints) / ``generation_config.json`` (``bos_token_id``, ``eos_token_id``, ``pad_token_id``; pad falls back
     to eos, which the loss masks anyway).
     """
 
@@ -219,6 +219,9 @@ class HFTokenizer:
             if os.path.isfile(f):
                 with open(f) as fh:
                     d = json.load(fh)
+                # Dual-tower checkpoints (CLIP, SigLIP) keep the text ids in text_config.
+                if isinstance(d.get("text_config"), dict):
+                    d = {**d["text_config"], **d}
                 for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
                     if d.get(k) is not None and k not in ids:
                         v = d[k]
