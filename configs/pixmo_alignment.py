@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
         eval=dict(max_batches=0),  # 0 = every held-out pair (num_eval)
         optim=dict(lr=1e-3, warmup_steps=50, weight_decay=0.05, b2=0.98, clip_norm=1.0))
     c.data = image_text.default_config()
-    c.data.update(dict(source="scenes", image_size=64, num_eval=256, max_text_len=24))
+    c.data.update(dict(source="scenes", image_size=64, num_eval=256, max_text_len=32))
     # Towers trained from scratch on procedural scenes (fields of vit.ViTConfig / TextEncoderConfig).
     c.vision_encoder = dict(
         init_from="", freeze=(), tower=alignment.vision_tower_config(),
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None):
         perceiver_dim=0, perceiver_ffn_mult=4, perceiver_latent_init_std=1.0, perceiver_lr_mult=1.0,
         use_attention_pooling=True, pool_heads=4, pooling="cls", projection_layers=2)
     c.text_encoder = dict(init_from="", freeze=(), tower=alignment.text_tower_config())
-    c.text_encoder.tower.max_position_embeddings = 24
+    c.text_encoder.tower.max_position_embeddings = 32
     c.model = dict(embed_dim=256, use_mrl=True, mrl_dimensions=(256, 128, 64, 32, 16), mrl_tied=True,
                    attention_impl="auto", dtype="float32")
     c.losses = dict(type="clip", contrastive_weight=1.0, mrl_weights=(), sample_single_mrl_dim=False,
