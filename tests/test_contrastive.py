@@ -52,12 +52,12 @@ def test_clip_loss_matches_numpy(s):
     sim = IMG @ TXT.T
     np.testing.assert_allclose(m["i2t_acc"], np.mean(sim.argmax(1) == np.arange(6)))
     np.testing.assert_allclose(m["t2i_acc"], np.mean(sim.argmax(0) == np.arange(6)))
-    g = jax.grad(lambda t: clip_loss(IMG32, TXT32, t)[0])(jnp.float32(s))
+    g = jax.jit(jax.grad(lambda t: clip_loss(IMG32, TXT32, t)[0]))(jnp.float32(s))
     assert (float(g) == 0.0) == (s > math.log(100.0)), "the clamp stops the gradient only past log(100)"
 
 
 def test_clip_accuracy_on_aligned_pairs():
-    loss, m = clip_loss(IMG32, IMG32, jnp.float32(math.log(100.0)))
+    loss, m = jax.jit(clip_loss)(IMG32, IMG32, jnp.float32(math.log(100.0)))
     assert float(m["i2t_acc"]) == 1.0 and float(m["t2i_acc"]) == 1.0
     assert float(loss) < np_clip(IMG, TXT, math.log(100.0))
 
@@ -69,7 +69,7 @@ def test_siglip_loss_matches_numpy():
     np.testing.assert_allclose(m["logit_scale"], 10.0, rtol=1e-6)
     np.testing.assert_allclose(m["logit_bias"], -10.0)
     # A second point (positive bias, larger t) so the reference is not dominated by the negatives.
-    np.testing.assert_allclose(siglip_loss(IMG32, TXT32, jnp.float32(3.0), jnp.float32(2.0))[0],
+    np.testing.assert_allclose(jax.jit(siglip_loss)(IMG32, TXT32, jnp.float32(3.0), jnp.float32(2.0))[0],
                                np_siglip(IMG, TXT, 3.0, 2.0), rtol=1e-5)
     with pytest.raises(ValueError, match="paired"):
         siglip_loss(IMG32, TXT32[:5], 0.0, 0.0)
@@ -97,7 +97,7 @@ def test_losses_use_the_global_batch_on_8_devices():
 DIMS = (8, 4, 2)
 Z_IMG, Z_TXT = jnp.asarray(unit(2, (6, 8)), jnp.float32), jnp.asarray(unit(3, (6, 8)), jnp.float32)
 EMB_IMG, EMB_TXT = mrl_embeddings(Z_IMG, DIMS), mrl_embeddings(Z_TXT, DIMS)
-CLIP = functools.partial(clip_loss, logit_scale=jnp.float32(2.0))
+CLIP = jax.jit(functools.partial(clip_loss, logit_scale=jnp.float32(2.0)))
 
 
 def test_mrl_loss_is_the_weighted_sum_of_per_dim_losses():

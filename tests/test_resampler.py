@@ -211,7 +211,7 @@ def np_attention_pool(x, valid, p):
     return (y + h @ p["mlp"]["fc2"]["kernel"] + p["mlp"]["fc2"]["bias"])[0]
 
 
-def test_attention_pool_matches_numpy_and_masks_and_is_permutation_invariant():
+def test_attention_pool_matches_numpy_masks_is_permutation_invariant_and_takes_probes():
     pool = AttentionPool(num_heads=2, mlp_dim=8, initializer_range=0.5)
     x = randn(0, (2, 5, 4))
     valid = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
@@ -235,15 +235,17 @@ def test_attention_pool_matches_numpy_and_masks_and_is_permutation_invariant():
     # Unmasking those tokens does change the output (the checks above can fail).
     assert not np.allclose(pool.apply({"params": p}, x, jnp.ones_like(valid))[0], out[0], atol=1e-3)
 
+    # P = 3 probes, the first one the probe above, the rest of the weights shared: [B, 3, D], row 0
+    # the single-probe output, each probe pooled on its own.
+    multi = AttentionPool(num_heads=2, mlp_dim=8, num_probes=3)
+    assert shapes(jax.eval_shape(multi.init, KEY(1), x, valid))["params/probe"] == (3, 4)
+    p3 = {**p, "probe": jnp.concatenate([p["probe"], randn(9, (2, 4))])}
+    y = jax.jit(multi.apply)({"params": p3}, x, valid)
+    assert y.shape == (2, 3, 4)
+    np.testing.assert_allclose(y[:, 0], out, atol=1e-5)
+    assert not np.allclose(y[:, 1], y[:, 2], atol=1e-3)
 
-def test_attention_pool_multiple_probes():
-    pool = AttentionPool(num_heads=4, num_probes=3, initializer_range=0.5)
-    x = randn(0, (2, 7, 16))
-    variables = jax.jit(pool.init)(KEY(1), x)
-    y = jax.jit(pool.apply)(variables, x)
-    assert y.shape == (2, 3, 16)
-    assert shapes(variables)["params/probe"] == (3, 16)
-    assert not np.allclose(y[:, 0], y[:, 1], atol=1e-4)  # distinct probes pool differently
+
 
 
 # ---- token pooling and projection heads ----------------------------------------------------------
