@@ -112,6 +112,9 @@ def test_mrl_loss_is_the_weighted_sum_of_per_dim_losses():
     expected = sum(weights[m] * per_dim[m] for m in DIMS)
     np.testing.assert_allclose(mrl_loss(EMB_IMG, EMB_TXT, CLIP, weights)[0], expected, rtol=1e-6)
     np.testing.assert_allclose(mrl_loss(EMB_IMG, EMB_TXT, CLIP, [1.0, 0.5, 0.25])[0], expected, rtol=1e-6)
+    # Dict order does not matter (jit sorts dict keys): sequence weights go with the dims largest first.
+    rev = lambda d: {m: d[m] for m in sorted(d)}
+    np.testing.assert_allclose(mrl_loss(rev(EMB_IMG), EMB_TXT, CLIP, [1.0, 0.5, 0.25])[0], expected, rtol=1e-6)
     sig = lambda i, t: siglip_loss(i, t, jnp.float32(1.0), jnp.float32(-1.0))
     np.testing.assert_allclose(mrl_loss(EMB_IMG, EMB_TXT, sig)[0],
                                sum(float(sig(EMB_IMG[m], EMB_TXT[m])[0]) for m in DIMS), rtol=1e-6)

@@ -9,6 +9,7 @@ import pytest
 
 from vlmjax.models import (AttentionPool, MatryoshkaHead, PerceiverResampler, ProjectionHead, mrl_embeddings,
                            pool_tokens)
+from vlmjax import sharding as shd
 from vlmjax.tree import path_str
 
 
@@ -138,6 +139,15 @@ def test_resampler_shapes_and_param_tree(resampler):
     # Every param carries logical axis names (one per array axis).
     leaves = jax.tree.leaves(boxed, is_leaf=lambda a: isinstance(a, nn.Partitioned))
     assert all(isinstance(a, nn.Partitioned) and len(a.names) == a.value.ndim for a in leaves)
+    # ... and the project's default rules map them to valid mesh specs (no mesh axis twice).
+    specs = {path_str(k): nn.logical_to_mesh_axes(v.names, shd.DEFAULT_RULES)
+             for k, v in jax.tree_util.tree_flatten_with_path(
+                 boxed, is_leaf=lambda a: isinstance(a, nn.Partitioned))[0]}
+    for name, spec in specs.items():
+        used = [a for a in spec if a is not None]
+        assert len(used) == len(set(used)), (name, spec)
+    assert tuple(specs["params/layers_0/attn/q_proj/kernel"]) == ("fsdp", "tensor", None)
+    assert tuple(specs["params/layers_0/ffn/fc2/kernel"]) == ("tensor", "fsdp")
     # Dv == D: no input projection; head_dim given explicitly; 3 layers (shapes only: eval_shape
     # compiles nothing).
     same = PerceiverResampler(num_latents=3, num_layers=3, num_heads=4, head_dim=8)
@@ -271,7 +281,8 @@ def test_projection_head():
     assert shapes(v) == {"params/fc1/kernel": (8, 6), "params/fc1/bias": (6,), "params/fc2/kernel": (6, 5),
                          "params/fc2/bias": (5,)}
     p = nn.unbox(v)["params"]
-    ref = jax.nn.gelu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"], approximate=False) @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+    h = jax.nn.gelu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"], approximate=False)
+    ref = h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
     np.testing.assert_allclose(jax.jit(mlp.apply)(v, x), ref, atol=1e-5)
     with pytest.raises(ValueError, match="num_layers"):
         jax.eval_shape(ProjectionHead(features=5, num_layers=3).init, KEY(1), x)
