@@ -140,16 +140,20 @@ def mrl_loss(img_embs: Mapping[int, Array], txt_embs: Mapping[int, Array], loss_
 
     Args:
         img_embs, txt_embs: {m: [B, m]} L2-normalised embeddings per dim (``MatryoshkaHead`` /
-            ``mrl_embeddings`` output), the same keys in both; the key order is the dim order.
+            ``mrl_embeddings`` output), the same keys in both. Dims are taken largest first,
+            whatever the dict order (jax pytrees sort dict keys).
         loss_fn: ``(img [B, m], txt [B, m]) -> (loss [], metrics {name: []})``, e.g.
             ``functools.partial(clip_loss, logit_scale=s)`` or
             ``lambda i, t: siglip_loss(i, t, s, b)`` (one temperature shared by all dims).
-        weights: c_m per dim: None (all 1, as the paper), a {m: c_m} mapping or a sequence in key order.
+        weights: c_m per dim: None (all 1, as the paper), a {m: c_m} mapping or a sequence for the
+            dims sorted largest first.
         sample_single: False: ``loss = sum_m c_m * loss_fn(img_m, txt_m)``, every dim computed.
             True: ONE dim m drawn uniformly from ``rng`` per call, ``loss = c_m * loss_fn(img_m,
             txt_m)`` (not rescaled by the number of dims); ``jax.lax.switch`` runs only the drawn
             dim's loss. Deterministic given ``rng``.
-        rng: PRNG key, required when ``sample_single``.
+        rng: PRNG key, required when ``sample_single``; give the loss its own key (e.g.
+            ``jax.random.fold_in(rng, step)`` split off for it) so the draw is not correlated with
+            dropout or other randomness of the step.
 
     Returns:
         (loss [], metrics). All dims: ``loss``, and every metric ``k`` of ``loss_fn`` at dim m as
@@ -158,9 +162,11 @@ def mrl_loss(img_embs: Mapping[int, Array], txt_embs: Mapping[int, Array], loss_
         and loss_fn's other metrics as ``{k}_sampled``; no per-dim keys, since only one dim was
         computed.
     """
-    dims = tuple(img_embs)
-    if tuple(txt_embs) != dims:
-        raise ValueError(f"mrl_loss: image dims {dims} and text dims {tuple(txt_embs)} differ.")
+    # Canonical order, largest dim first: dict order does not survive jax transformations (pytree
+    # flattening sorts dict keys), so nothing here depends on it.
+    dims = tuple(sorted(img_embs, reverse=True))
+    if set(txt_embs) != set(dims):
+        raise ValueError(f"mrl_loss: image dims {dims} and text dims {tuple(sorted(txt_embs, reverse=True))} differ.")
     if not dims:
         raise ValueError("mrl_loss needs at least one dim.")
     w = _mrl_weights(dims, weights)

@@ -44,7 +44,7 @@ Parameter trees (``D`` width, ``H`` heads, ``Dh`` head dim, ``F = ffn_mult * D``
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -336,7 +336,8 @@ def validate_dims(dims: Sequence[int], width: int) -> tuple[int, ...]:
 
 def mrl_embeddings(z: Array, dims: Sequence[int], *, normalize: bool = True) -> dict[int, Array]:
     """Weight-tied Matryoshka embeddings (MRL-E, Kusupati et al. 2022, sec. 3): z [B, D] ->
-    ``{m: l2_normalize(z[:, :m])}`` ([B, m] float32) for each m in ``dims`` (in the given order).
+    ``{m: l2_normalize(z[:, :m])}`` ([B, m] float32) for each m in ``dims`` (index by dim: dict
+    order does not survive jax transformations).
     ``normalize=False`` returns the raw prefixes (in z's dtype)."""
     dims = validate_dims(dims, z.shape[-1])
     return {m: (l2_normalize(z[:, :m]) if normalize else z[:, :m]) for m in dims}
@@ -344,7 +345,9 @@ def mrl_embeddings(z: Array, dims: Sequence[int], *, normalize: bool = True) -> 
 
 class MatryoshkaHead(nn.Module):
     """Matryoshka embeddings at nested dims (Kusupati et al. 2022): z [B, D] -> dict {m: [B, m]}
-    float32, L2-normalised, keys in the order of ``dims`` (the largest must equal D).
+    float32, L2-normalised, one key per m in ``dims`` (the largest must equal D). Built in the order
+    of ``dims``, but jax pytrees sort dict keys (e.g. on leaving ``jit``): index by dim, never rely on
+    the order.
 
     ``tied=True`` (MRL-E, the paper's weight-tied variant): the dim-m embedding is the first m
     coordinates of z (``mrl_embeddings``); no params.
@@ -365,8 +368,9 @@ class MatryoshkaHead(nn.Module):
             return mrl_embeddings(z, dims)
         out = {}
         for m in dims:
+            # Replicated (None, None): at most 512 x 512, and small dims need not divide a mesh axis.
             w = self.param(f"head_{m}", nn.with_logical_partitioning(
-                lambda key, shape, dtype: jnp.eye(shape[0], dtype=dtype), ("embed", None)), (m, m), self.param_dtype)
+                lambda key, shape, dtype: jnp.eye(shape[0], dtype=dtype), (None, None)), (m, m), self.param_dtype)
             y = jnp.einsum("bi,io->bo", z[:, :m].astype(self.dtype), w.astype(self.dtype),
                            preferred_element_type=jnp.float32)
             out[m] = l2_normalize(y)
