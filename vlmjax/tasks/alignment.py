@@ -199,8 +199,7 @@ class AlignmentTask(Task):
                                              sample_single=bool(self.config.losses.sample_single_mrl_dim),
                                              rng=mrl_rng)
         loss = loss * float(self.config.losses.contrastive_weight)
-        metrics = {**metrics, "loss": loss, "temperature": jnp.exp(scalars["logit_scale"]),
-                   "logit_bias": scalars["logit_bias"]}
+        metrics = {**metrics, "loss": loss}
         return loss, {"metrics": metrics, "model_state": model_state}
 
     # ---- evaluation ---------------------------------------------------------------------
