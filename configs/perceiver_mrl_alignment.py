@@ -28,7 +28,7 @@ def get_config(arg: str | None = None):
         eval=dict(max_batches=0),  # 0 = every held-out pair (num_eval)
         optim=dict(lr=1e-3, warmup_steps=50, weight_decay=0.05, b2=0.98, clip_norm=1.0))
     c.data = image_text.default_config()
-    c.data.update(dict(source="scenes", image_size=64, num_eval=256, max_text_len=32))
+    c.data.update(dict(source="scenes", image_size=96, num_eval=256, max_text_len=32))
     c.vision_encoder = dict(
         init_from="", freeze=(), tower=alignment.vision_tower_config(),
         use_perceiver=True, perceiver_num_latents=16, perceiver_num_layers=2, perceiver_num_heads=4,

@@ -19,7 +19,10 @@ def _train_losses(workdir):
     return {r["step"]: r["loss"] for r in read_metrics(workdir, "train")}
 
 
-@pytest.mark.parametrize("name", ["pixmo_alignment", "perceiver_mrl_alignment"])
+# The Perceiver profile's own end-to-end run is slow-only: its path trains in the default suite through
+# test_frozen_vision_tower_and_perceiver_lr_group, and the resume machinery is the same.
+@pytest.mark.parametrize("name", ["pixmo_alignment",
+                                  pytest.param("perceiver_mrl_alignment", marks=pytest.mark.slow)])
 def test_smoke_profiles_train_evaluate_and_resume_exactly(name, tmp_path, capsys):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     over = {"log_every": 1, "ckpt_every": 2}
