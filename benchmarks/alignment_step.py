@@ -15,7 +15,9 @@ step compiles once). Per profile:
                of the time spent in ``next(it)`` + ``put`` (the step itself is dispatched async);
   pipeline_ratio = (real-loader steps/s) / (synthetic steps/s); >= 0.9 means the loader keeps up;
   loader_batches_per_s = the loader alone (fresh iterator, no step running), for reference.
-Each phase: 2 warm-up steps, then the median of --steps timed steps. The real-loader phase starts
+Each phase: 2 warm-up steps, then --steps timed steps with one step in flight (batch i is fetched
+and put while step i-1 runs, as in the trainer's loop); step time = median interval between
+consecutive step completions. The real-loader phase starts
 with the loader's prefetch (prefetch_batches + grain read-ahead) already filled while the synthetic
 phase ran, so with few steps a loader slower than the step looks better than its steady state;
 loader_batches_per_s is the check. On a CPU the loader threads and XLA share the same cores.
@@ -116,13 +118,24 @@ def forward_flops(task, batch_size: int) -> dict[str, float]:
             "projections": batch_size * projections, "similarity": sim}
 
 
-def _timed(run, steps: int) -> list[float]:
-    out = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        run()
-        out.append(time.perf_counter() - t0)
-    return out
+def _phase(step, box, get_batch, n: int) -> tuple[list[float], list[float]]:
+    """n steps with one in flight (batch i is fetched and put while step i-1 runs, as in the trainer's
+    loop): the intervals between consecutive step completions and the time spent in get_batch."""
+    times, waits, prev = [], [], None
+    t_prev = time.perf_counter()
+    for _ in range(n):
+        t1 = time.perf_counter()
+        b = get_batch()
+        waits.append(time.perf_counter() - t1)
+        box["state"], m = step(box["state"], b)
+        if prev is not None:
+            jax.block_until_ready(prev)
+            times.append(time.perf_counter() - t_prev)
+            t_prev = time.perf_counter()
+        prev = m
+    jax.block_until_ready(prev)
+    times.append(time.perf_counter() - t_prev)
+    return times, waits
 
 
 def bench(profile: str) -> dict:
@@ -139,31 +152,22 @@ def bench(profile: str) -> dict:
     compile_s = time.perf_counter() - t0
     xla = common.compiled_flops(step)
     box = {"state": state}
-
-    def synthetic():
-        box["state"], m = step(box["state"], batch)
-        jax.block_until_ready(m)
-
-    wait = []
-
-    def real():
-        t1 = time.perf_counter()
-        b = tr.put(next(it))
-        wait.append(time.perf_counter() - t1)
-        box["state"], m = step(box["state"], b)
-        jax.block_until_ready(m)
-
-    _timed(synthetic, 2)
-    synth_times = _timed(synthetic, FLAGS.steps)
+    _phase(step, box, lambda: batch, 2)
+    synth_times, _ = _phase(step, box, lambda: batch, FLAGS.steps)
     synth = statistics.median(synth_times)
-    _timed(real, 2)
-    wait.clear()
-    real_times = _timed(real, FLAGS.steps)
+    real_batch = lambda: tr.put(next(it))
+    _phase(step, box, real_batch, 2)
+    real_times, wait = _phase(step, box, real_batch, FLAGS.steps)
     real_s = statistics.median(real_times)
     it2 = loader()
     for _ in range(2):
         next(it2)
-    loader_s = statistics.median(_timed(lambda: next(it2), FLAGS.steps))
+    loader_times = []
+    for _ in range(FLAGS.steps):
+        t1 = time.perf_counter()
+        next(it2)
+        loader_times.append(time.perf_counter() - t1)
+    loader_s = statistics.median(loader_times)
     fwd = forward_flops(task, c.batch_size)
     analytic = 3.0 * sum(fwd.values())
     peak = common.device_peak_tflops(FLAGS.dtype, FLAGS.peak_tflops)
