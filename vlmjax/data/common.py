@@ -163,6 +163,20 @@ def open_tfds_builder(name: str, data_dir: str, *,
     return builder, origin
 
 
+def resolve_eval_split(builder, requested: str, candidates: Sequence[str], origin: str) -> str:
+    """``requested`` (config.data.eval_split), or when empty the first of ``candidates`` the TFDS
+    builder has; none: a ValueError saying how to name one."""
+    if requested:
+        return requested
+    available = sorted(builder.info.splits.keys())
+    found = [s for s in candidates if s in available]
+    if not found:
+        raise ValueError(
+            f"{origin} has none of the evaluation splits {tuple(candidates)} (splits: {available}); "
+            "set config.data.eval_split (e.g. 'train[90%:]' with train_split='train[:90%]').")
+    return found[0]
+
+
 def tfds_split(builder, split: str, *, field: str, origin: str) -> Sequence[Any]:
     """`builder.as_data_source(split)`: random-access records of one split (`split` comes from
     `config.data.<field>`, named in the error for an unknown split)."""

@@ -371,16 +371,7 @@ def _tfds_sources(cfg) -> tuple[Sequence[dict], Sequence[dict], str]:
         if cfg[field] not in features:
             raise ValueError(f"config.data.{field}={cfg[field]!r}: {origin} has no such "
                              f"feature (features: {features}).")
-    available = sorted(builder.info.splits.keys())
-    eval_split = cfg.eval_split
-    if not eval_split:
-        found = [s for s in clips.EVAL_SPLIT_CANDIDATES if s in available]
-        if not found:
-            raise ValueError(
-                f"{origin} has none of the eval splits {clips.EVAL_SPLIT_CANDIDATES} (splits: "
-                f"{available}); set config.data.eval_split (e.g. 'train[:1%]' with "
-                "train_split='train[1%:]').")
-        eval_split = found[0]
+    eval_split = common.resolve_eval_split(builder, cfg.eval_split, clips.EVAL_SPLIT_CANDIDATES, origin)
     description = f"{origin} (splits {cfg.train_split!r} / {eval_split!r})"
     train, eval_ = (TfdsRecords(common.tfds_split(builder, split, field=field, origin=origin),
                                 cfg, f"{origin} {split!r}")

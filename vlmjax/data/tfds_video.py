@@ -210,16 +210,7 @@ def tfds_clip_sources(cfg) -> clips.ClipSources:
             raise ValueError(
                 f"{origin} has no feature config.data.{field}={key!r} "
                 f"(features: {sorted(features.keys())}).")
-    available = sorted(builder.info.splits.keys())
-    eval_split = cfg.eval_split
-    if not eval_split:
-        found = [s for s in clips.EVAL_SPLIT_CANDIDATES if s in available]
-        if not found:
-            raise ValueError(
-                f"{origin} has none of the evaluation splits "
-                f"{clips.EVAL_SPLIT_CANDIDATES} (splits: {available}); set "
-                "config.data.eval_split (e.g. 'train[90%:]' with train_split='train[:90%]').")
-        eval_split = found[0]
+    eval_split = common.resolve_eval_split(builder, cfg.eval_split, clips.EVAL_SPLIT_CANDIDATES, origin)
     sources = {}
     for split, field in ((cfg.train_split, "train_split"), (eval_split, "eval_split")):
         data_source = common.tfds_split(builder, split, field=field, origin=origin)
