@@ -254,8 +254,9 @@ def _plot(rows, path, n):
         import matplotlib  # pylint: disable=g-import-not-at-top
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-    except ImportError:
-        return  # matplotlib is an optional extra ([bench]); the table is in the log and metrics.jsonl
+    except ImportError:  # an optional extra; the table is in the log and metrics.jsonl either way
+        print(f"(no {os.path.basename(path)}: matplotlib is not installed; pip install -e '.[bench]')", flush=True)
+        return
     dims = [m for m, _, _ in rows]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for key in [k for k in rows[0][1] if k.endswith("R@1")]:
