@@ -237,7 +237,7 @@ def _folded_forward(q, k, v, mask, g):
     e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     inv_l = 1.0 / jnp.sum(e, axis=-1, keepdims=True)  # [B, K, M, 1], fp32
     out = jnp.einsum("bkms,bskd->bkmd", e.astype(v.dtype), v, preferred_element_type=jnp.float32) * inv_l
-    return out.astype(v.dtype), (q, k, v, mask, e, inv_l, out)
+    return out.astype(v.dtype), (q, k, v, mask, e, inv_l)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -246,14 +246,17 @@ def _folded_attention(q: Array, k: Array, v: Array, mask: Array | None, g: int) 
 
 
 def _folded_backward(g, residuals, d_out):
-    # With p = e / l: dv = p^T do, dp = do v^T, ds = p * (dp - rowsum(do * o)) (the flash-attention
-    # identity rowsum(dp * p) = rowsum(do * o), an [M, Dh] reduction instead of [M, S]). The 1/l
-    # factor is applied to do's rows, so the saved e is used as is and nothing is recomputed.
-    q, k, v, mask, e, inv_l, out = residuals
+    # With p = e / l: dv = p^T do, dp = do v^T, ds = p * (dp - rowsum(p * dp)). The 1/l factor is
+    # applied to do's rows, so the saved e is used as is and nothing is recomputed. rowsum(p * dp) is
+    # taken over [M, S] rather than by the flash-attention identity rowsum(do * o) ([M, Dh]): the
+    # identity rounds differently from dp, so a query with one visible key (the first token under a
+    # causal mask), whose ds is exactly 0, got noise that differed between remat and plain backward
+    # passes (tests/test_text_towers.py::test_remat_matches_plain_with_grads).
+    q, k, v, mask, e, inv_l = residuals
     d_scaled = d_out.astype(jnp.float32) * inv_l  # [B, K, M, Dh]
     dv = jnp.einsum("bkms,bkmd->bskd", e.astype(v.dtype), d_scaled.astype(v.dtype), preferred_element_type=jnp.float32)
     dp = jnp.einsum("bkmd,bskd->bkms", d_scaled.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    delta = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1, keepdims=True) * inv_l
+    delta = jnp.sum(e * dp, axis=-1, keepdims=True) * inv_l
     ds = (e * (dp - delta)).astype(q.dtype)  # masked entries have e = 0
     dq = jnp.einsum("bkms,bskd->bkmd", ds, k, preferred_element_type=jnp.float32)
     dk = jnp.einsum("bkms,bkmd->bskd", ds, q, preferred_element_type=jnp.float32)
@@ -270,7 +273,8 @@ def _einsum(q: Array, k: Array, v: Array, mask: Array | None, dtype: Dtype) -> A
     the 5-D grouped einsum and ``jax.nn.dot_product_attention`` compile to, normalised after the value
     matmul with a hand-written backward (``_folded_backward``). Measured on a 2-core Xeon, ViT-B/16
     layer at batch 4: forward 9 ms (grouped einsum 36, xla 28-34, the folded einsum with a plain
-    softmax 16; torch SDPA 6), forward + backward 32 ms (36; torch 22)."""
+    softmax 16; torch SDPA 6), forward + backward 32 ms with the flash-attention form of the
+    backward (36; torch 22; the backward now sums rowsum(p * dp) over [M, S], see _folded_backward)."""
     kh = k.shape[2]
     g = q.shape[2] // kh
     q = q.astype(dtype) * jnp.asarray(q.shape[-1] ** -0.5, dtype)
