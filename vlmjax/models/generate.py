@@ -2,6 +2,14 @@
 
 One jitted program: prefill the prompt (``decode=True``, T = P), then a ``jax.lax.while_loop`` that
 feeds one token per step (T = 1) and stops early once every row has emitted ``eos_id``.
+
+A visual prefix (``prefix_embeds`` [B, N, D], or ``images`` that the model's ``visual_prefix``
+method turns into one inside the same program) is prefilled into the KV cache before the prompt:
+the prefill sequence is ``[prefix_embeds, embed(prompt)]`` with the mask ``[1] * N + prompt_mask``,
+so positions continue after the prefix (``vlmjax.models.vlm``). N = 0 is exactly the plain path.
+Any module with the decoder protocol works: ``embed``, ``backbone(..., decode=True)``, ``unembed``
+and ``__call__(tokens, positions=, decode=)`` (``Decoder``, routed decoders, ``TRMDecoder``,
+``VisionLanguageModel``).
 """
 
 from __future__ import annotations
@@ -70,23 +78,32 @@ def sample_logits(
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
-def _generate(model, variables, prompt, prompt_mask, rng, temperature, top_p, eos_id, *, max_new_tokens):
+def _generate(model, variables, prompt, prompt_mask, rng, temperature, top_p, eos_id, prefix_embeds,
+              images, *, max_new_tokens):
     # eos_id is traced (-1 = none) so changing it does not recompile.
     b, p = prompt.shape
-    total = p + max_new_tokens
     fill = jnp.maximum(eos_id, 0)
     tokens = jnp.concatenate(
         [prompt.astype(jnp.int32), jnp.full((b, max_new_tokens), fill, jnp.int32)], axis=1
     )
-    # Left padding: real tokens get positions 0, 1, ...; padding keys are masked via the cache.
-    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
+    if images is not None:  # the model's own visual prefix, computed inside this program
+        prefix_embeds = model.apply(variables, images, method="visual_prefix")
+    n = 0 if prefix_embeds is None else prefix_embeds.shape[1]
+    total = n + p + max_new_tokens
+    mask = prompt_mask
+    if n:
+        mask = jnp.concatenate([jnp.ones((b, n), prompt_mask.dtype), prompt_mask], axis=1)
+    # Left padding: real tokens get positions 0, 1, ...; padding keys are masked via the cache. A
+    # prefix takes positions 0..N-1 and the prompt continues from N.
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     next_position = positions[:, -1] + 1  # [B]
 
     def prefill(module: Decoder):
-        # Unembed the last position only: [B, 1, V] instead of [B, P, V] logits.
-        hidden, _ = module.backbone(
-            module.embed(prompt), positions=positions, attention_mask=prompt_mask, decode=True
-        )
+        x = module.embed(prompt)
+        if n:
+            x = jnp.concatenate([prefix_embeds.astype(x.dtype), x], axis=1)
+        # Unembed the last position only: [B, 1, V] instead of [B, N + P, V] logits.
+        hidden, _ = module.backbone(x, positions=positions, attention_mask=mask, decode=True)
         return module.unembed(hidden[:, -1:])
 
     cache = init_cache(model, b, total)
@@ -136,6 +153,8 @@ def generate(
     eos_id: int | None = None,
     prompt_mask: Array | None = None,
     model_state: dict | None = None,
+    prefix_embeds: Array | None = None,
+    images: Array | None = None,
 ) -> Array:
     """Generates ``max_new_tokens`` tokens after ``prompt`` (jitted; recompiles per shape/model).
 
@@ -151,7 +170,10 @@ def generate(
             have. None: always generate ``max_new_tokens``.
         prompt_mask: [B, P], 1 = real token, 0 = left padding. Default: all real.
         model_state: other read-only variable collections, e.g. ``{"router_state": ...}`` of a
-            routed decoder (``TrainState.model_state``).
+            routed decoder or ``{"quant": ...}`` of a 4-bit base (``TrainState.model_state``).
+        prefix_embeds: [B, N, D] embeddings prefilled before the prompt (a visual prefix), N >= 0.
+        images: [B, S, S, 3] instead of ``prefix_embeds``: the model's ``visual_prefix(images)``
+            (``VisionLanguageModel``) is computed in the same jitted program.
 
     Returns:
         [B, P + max_new_tokens] int32: the prompt followed by the generated tokens.
@@ -164,7 +186,12 @@ def generate(
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
     if eos_id is not None and eos_id < 0:
         raise ValueError(f"eos_id must be a token id >= 0 or None, got {eos_id}.")
+    if prefix_embeds is not None and images is not None:
+        raise ValueError("Pass prefix_embeds [B, N, D] or images [B, S, S, 3], not both.")
     prompt = jnp.asarray(prompt, jnp.int32)
+    for name, x in (("prefix_embeds", prefix_embeds), ("images", images)):
+        if x is not None and x.shape[0] != prompt.shape[0]:
+            raise ValueError(f"{name} has {x.shape[0]} rows but the prompt has {prompt.shape[0]}.")
     if prompt_mask is None:
         prompt_mask = jnp.ones(prompt.shape, jnp.int32)
     return _generate(
@@ -176,5 +203,7 @@ def generate(
         jnp.asarray(temperature, jnp.float32),
         jnp.asarray(top_p, jnp.float32),
         jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32),
+        prefix_embeds,
+        images,
         max_new_tokens=max_new_tokens,
     )

@@ -94,6 +94,13 @@ class Task(abc.ABC):
         del abstract_params, shardings
         return None
 
+    def pretrained_model_state(self, abstract_model_state, shardings) -> dict[str, Any] | None:
+        """Checkpoint-derived values of ``state_collections`` (a partial tree, placed with
+        ``shardings``), e.g. a decoder's frozen 4-bit base in ``{"quant": ...}``. Called once on a
+        fresh run, right after ``pretrained_params``. None: the collections keep their init."""
+        del abstract_model_state, shardings
+        return None
+
     def optimizer_config(self, optim_cfg):
         """The optimizer block the trainer builds from: ``config.optim`` plus what the task's own
         sections imply, as a copy (e.g. ``vision_encoder.freeze`` adds the tower's path regexes to

@@ -80,7 +80,7 @@ class Trainer:
             rng=repl,
         )
         # Pretrained arrays are donated: the state's params are the loaded buffers, not copies.
-        self._init = jax.jit(self._init_state, out_shardings=self.state_shardings, donate_argnums=(1,))
+        self._init = jax.jit(self._init_state, out_shardings=self.state_shardings, donate_argnums=(1, 2))
         self.abstract_state = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             jax.eval_shape(self._init_state, rng, None), self.state_shardings)
@@ -106,7 +106,7 @@ class Trainer:
                       nn.logical_axis_rules(self.rules))
 
     # -- pure functions (traced once) ------------------------------------------------------------
-    def _init_state(self, rng, pretrained=None) -> TrainState:
+    def _init_state(self, rng, pretrained=None, pretrained_state=None) -> TrainState:
         """The step-0 state. rng: PRNG key (uint32[2]); pretrained: None, or a partial params tree
         of arrays the state takes as they are (see ``init``).
 
@@ -122,6 +122,8 @@ class Trainer:
         if pretrained is not None:
             params = tree.merge(params, pretrained, "pretrained param")
         model_state = {c: variables[c] for c in self.task.state_collections}
+        if pretrained_state is not None:
+            model_state = tree.merge(model_state, pretrained_state, "pretrained model_state")
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
                           model_state=model_state, rng=state_rng)
 
@@ -182,7 +184,7 @@ class Trainer:
             return self.task.eval_fn(params, model_state, batch)
 
     # -- helpers ---------------------------------------------------------------------------------
-    def init(self, pretrained=None) -> TrainState:
+    def init(self, pretrained=None, pretrained_state=None) -> TrainState:
         """The step-0 state for seed ``config.seed``, created sharded (``state_shardings``).
 
         pretrained: None (every param randomly initialised), or a partial params tree of arrays,
@@ -190,12 +192,17 @@ class Trainer:
           become the params as they are, and only the params it lacks (LoRA adapters, routers) are
           initialised, with the values a random init with this seed gives them. Its arrays are
           DONATED (deleted; the state holds their buffers), so copy anything you compare later.
+        pretrained_state: None, or a partial tree of the model_state collections
+          (``task.pretrained_model_state``, e.g. a quantised 4-bit base in ``{"quant": ...}``), taken
+          the same way (donated, checked).
         A pretrained path the model lacks, or an array of the wrong shape or dtype, is a ValueError.
         """
         rng = jax.random.PRNGKey(self.config.seed)
         if pretrained is not None:
             _check_pretrained(pretrained, self.abstract_state.params)
-        return self._init(rng, pretrained)
+        if pretrained_state is not None:
+            _check_pretrained(pretrained_state, self.abstract_state.model_state, "model_state")
+        return self._init(rng, pretrained, pretrained_state)
 
     def put(self, batch):
         return shd.put_batch(batch, self.mesh)
@@ -221,7 +228,7 @@ class Trainer:
         return self.task.finalize_eval({**sums, **{k: np.concatenate(v) for k, v in rows.items()}})
 
 
-def _check_pretrained(pretrained, abstract_params) -> None:
+def _check_pretrained(pretrained, abstract_params, what: str = "param") -> None:
     """Raises one ValueError naming every pretrained array with no param, or of another shape or dtype
     than the param it replaces (``abstract_state`` fixes the state's types for the jitted step and
     the checkpoints)."""
@@ -229,12 +236,12 @@ def _check_pretrained(pretrained, abstract_params) -> None:
     bad = []
     for path, x in tree.flatten(pretrained).items():
         if path not in want:
-            bad.append(f"{path} (no such param)")
+            bad.append(f"{path} (no such {what})")
         elif (tuple(x.shape), jnp.dtype(x.dtype)) != (tuple(want[path].shape), jnp.dtype(want[path].dtype)):
             bad.append(f"{path}: {jnp.dtype(x.dtype).name}{list(x.shape)} vs the model's "
                        f"{jnp.dtype(want[path].dtype).name}{list(want[path].shape)}")
     if bad:
-        raise ValueError(f"{len(bad)} pretrained param array(s) do not fit the model: {'; '.join(bad[:3])}"
+        raise ValueError(f"{len(bad)} pretrained {what} array(s) do not fit the model: {'; '.join(bad[:3])}"
                          + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "") + ".")
 
 
@@ -462,8 +469,10 @@ def _run_locked(config, workdir, task: Task, mesh, is_main: bool) -> dict[str, A
         # Checkpoint weights first, then the state around them: the random init of the params they
         # replace is never compiled nor run (Trainer.init).
         loaded = task.pretrained_params(trainer.abstract_state.params, trainer.state_shardings.params)
+        loaded_state = task.pretrained_model_state(trainer.abstract_state.model_state,
+                                                   trainer.state_shardings.model_state)
         n_loaded = len(jax.tree.leaves(loaded)) if loaded is not None else 0
-        state, start = trainer.init(loaded), 0
+        state, start = trainer.init(loaded, loaded_state), 0
         if loaded is not None and is_main:
             print(f"Initialised {n_loaded} of {len(jax.tree.leaves(state.params))} "
                   "param arrays from pretrained checkpoints", flush=True)
