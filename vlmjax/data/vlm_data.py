@@ -447,10 +447,10 @@ class _Encoder:
         for length, limit, field in ((n_p, self.max_prompt_len, "max_prompt_len"),
                                      (n, self.max_len, "max_text_len")):
             if length > limit:
-                raise ValueError(
-                    f"config.data.{field}={limit} is too short for an example of {length} "
-                    f"tokens ({format_example(record['kind'], record['question'], record['answer'])}"
-                    f"); raise it.")
+                text = "".join(format_example(record["kind"], record["question"],
+                                              record["answer"]))
+                raise ValueError(f"config.data.{field}={limit} is too short for an example of "
+                                 f"{length} tokens ({text!r}); raise it.")
         input_ids = np.full((self.max_len,), self.pad_id, np.int32)
         input_ids[:n] = prompt + target
         labels = np.full((self.max_len,), IGNORE, np.int32)
