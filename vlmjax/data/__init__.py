@@ -21,6 +21,8 @@ Modules (each imports only those listed after it; no circles):
   scenes            procedural scenes of shapes: render, captions, QA (standalone)
   image_text        image-caption config and pipeline <- clips, common, image_processing,
                                                          scenes, tokenizers
+  vlm_data          captioning + VQA config and pipeline <- common, image_text, scenes,
+                                                            tokenizers
 """
 
 from vlmjax.data import image_text
@@ -32,6 +34,10 @@ from vlmjax.data.lm import LMData
 from vlmjax.data import video
 from vlmjax.data.video import build_video_data
 from vlmjax.data.video import VideoData
+from vlmjax.data import vlm_data
+from vlmjax.data.vlm_data import build_vlm_data
+from vlmjax.data.vlm_data import VLMData
 
-__all__ = ["ImageTextData", "LMData", "VideoData", "build_image_text_data", "build_lm_data",
-           "build_video_data", "default_config", "image_text", "video"]
+__all__ = ["ImageTextData", "LMData", "VLMData", "VideoData", "build_image_text_data",
+           "build_lm_data", "build_video_data", "build_vlm_data", "default_config", "image_text",
+           "video", "vlm_data"]

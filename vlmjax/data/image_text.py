@@ -216,7 +216,7 @@ def encode_text(tokenizer, text: str, max_len: int) -> tuple[np.ndarray, np.ndar
     return out, np.arange(max_len) < len(ids) + 2
 
 
-class _Preprocess:
+class Preprocess:
     """uint8 [H, W, C] (any size) -> float32 [S, S, 3] normalised."""
 
     def __init__(self, image_size: int, processor: image_processing.ImageProcessor | None):
@@ -246,7 +246,7 @@ class _Preprocess:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_image(file: str, where: str, root_field: str) -> np.ndarray:
+def read_image(file: str, where: str, root_field: str) -> np.ndarray:
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{where}: image file {file} not found (relative paths start at "
                                 f"{root_field}).")
@@ -257,20 +257,31 @@ def _read_image(file: str, where: str, root_field: str) -> np.ndarray:
         raise ValueError(f"{where}: cannot read image {file}: {e}") from e
 
 
-def _read_pairs(file: str, kind: str, image_key: str,
-                caption_key: str) -> list[tuple[str, str, int]]:
-    """(image path, caption, line number) of every row of a jsonl / csv file."""
+def read_rows(file: str, kind: str, required: Mapping[str, str],
+              optional: Mapping[str, str] | None = None) -> list[tuple[dict[str, str], int]]:
+    """Every row of a jsonl / csv file as ({config field: value}, line number).
+
+    Args:
+      file: the file (named in errors as config.data.path / eval_path).
+      kind: 'jsonl' (one JSON object per line; blank lines skipped) or 'csv' (header row).
+      required: config field -> key (e.g. {'image_key': 'image'}); every row needs a non-empty
+        string there (a csv header must name the column).
+      optional: config field -> key whose value may be absent or empty ('' then); when present
+        it must be a string.
+    """
+    optional = dict(optional or {})
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{kind} file {file} not found (config.data.path / eval_path).")
     rows = []
     with open(file, newline="" if kind == "csv" else None, encoding="utf-8") as f:
         if kind == "csv":
             reader = csv.DictReader(f)
-            missing = [k for k in (image_key, caption_key) if k not in (reader.fieldnames or ())]
+            missing = [k for k in required.values() if k not in (reader.fieldnames or ())]
             if missing:
+                fields = " / ".join(required)
                 raise ValueError(
                     f"{file}:1: the header {reader.fieldnames} has no column {missing[0]!r} "
-                    "(config.data.image_key / caption_key).")
+                    f"(config.data.{fields}).")
             items = ((reader.line_num, row) for row in reader)
         else:
             items = enumerate(f, start=1)
@@ -285,12 +296,27 @@ def _read_pairs(file: str, kind: str, image_key: str,
                 if not isinstance(row, dict):
                     raise ValueError(f"{file}:{line}: expected a JSON object, got "
                                      f"{type(row).__name__}.")
-            for key, field in ((image_key, "image_key"), (caption_key, "caption_key")):
+            values = {}
+            for field, key in required.items():
                 if not isinstance(row.get(key), str) or not row[key]:
                     raise ValueError(f"{file}:{line}: no non-empty string {key!r} "
                                      f"(config.data.{field}={key!r}); got {row.get(key)!r}.")
-            rows.append((row[image_key], row[caption_key], line))
+                values[field] = row[key]
+            for field, key in optional.items():
+                value = row.get(key)  # csv: None for a short row, '' for an empty cell.
+                if value is not None and not isinstance(value, str):
+                    raise ValueError(f"{file}:{line}: {key!r} (config.data.{field}) must be a "
+                                     f"string; got {value!r}.")
+                values[field] = value or ""
+            rows.append((values, line))
     return rows
+
+
+def _read_pairs(file: str, kind: str, image_key: str,
+                caption_key: str) -> list[tuple[str, str, int]]:
+    """(image path, caption, line number) of every row of a jsonl / csv file."""
+    return [(r["image_key"], r["caption_key"], line) for r, line in
+            read_rows(file, kind, {"image_key": image_key, "caption_key": caption_key})]
 
 
 class FileRecords:
@@ -304,7 +330,7 @@ class FileRecords:
 
     def __getitem__(self, index: int) -> dict:
         path, text, line = self._rows[int(index)]
-        image = _read_image(os.path.join(self._root, path), f"{self._file}:{line}",
+        image = read_image(os.path.join(self._root, path), f"{self._file}:{line}",
                             f"config.data.image_root={self._root!r}")
         return {"image": image, "caption": text, "index": int(index)}
 
@@ -437,6 +463,27 @@ class _ToExample(grain.transforms.Map):
                 "mask": np.float32(1.0), "index": np.int32(record["index"])}
 
 
+def eval_rows(num_eval: int, global_batch_size: int, process_index: int, process_count: int,
+              max_batches: int | None = None) -> list[tuple[int, bool]]:
+    """This process's (example index, real?) rows of the padded evaluation batches, in order.
+
+    Global batch b holds examples [b G, (b + 1) G); process p gets rows [p B, (p + 1) B),
+    B = G // process_count. Rows past the last example repeat it with real=False, so every
+    process gets ceil(num_eval / G) batches (at most `max_batches`; None or 0 = all).
+    """
+    local_batch = common.check_batching(global_batch_size, process_index, process_count)
+    if max_batches is not None and max_batches < 0:
+        raise ValueError(f"max_batches={max_batches} must be >= 0 (0 or None = all).")
+    num_batches = math.ceil(num_eval / global_batch_size)
+    if max_batches:
+        num_batches = min(num_batches, max_batches)
+    rows = []
+    for b in range(num_batches):
+        first = b * global_batch_size + process_index * local_batch
+        rows += [(min(i, num_eval - 1), i < num_eval) for i in range(first, first + local_batch)]
+    return rows
+
+
 class _EvalRow(grain.transforms.Map):
     """(index, real?) -> example; padding rows repeat the last example with mask 0."""
 
@@ -525,19 +572,10 @@ class ImageTextData:
           max_batches: at most this many leading global batches (None or 0 = all).
         """
         local_batch = common.check_batching(global_batch_size, process_index, process_count)
-        if max_batches is not None and max_batches < 0:
-            raise ValueError(f"max_batches={max_batches} must be >= 0 (0 or None = all).")
         num_eval = len(self.eval_records)
         if not num_eval:
             raise ValueError(f"{self.description} has no evaluation examples.")
-        num_batches = math.ceil(num_eval / global_batch_size)
-        if max_batches:
-            num_batches = min(num_batches, max_batches)
-        rows = []
-        for b in range(num_batches):
-            first = b * global_batch_size + process_index * local_batch
-            rows += [(min(i, num_eval - 1), i < num_eval)
-                     for i in range(first, first + local_batch)]
+        rows = eval_rows(num_eval, global_batch_size, process_index, process_count, max_batches)
         ds = grain.MapDataset.source(rows).map(_EvalRow(self.eval_records, self._to_example))
         return list(ds.to_iter_dataset(self._read_options()).batch(local_batch))
 
@@ -545,7 +583,12 @@ class ImageTextData:
 def _tokenizer(cfg, workdir):
     if cfg.tokenizer:
         return tokenizers.HFTokenizer(cfg.tokenizer)
-    tok = SceneTokenizer(scenes.vocabulary(cfg.scenes))
+    return scene_tokenizer(scenes.vocabulary(cfg.scenes), workdir)
+
+
+def scene_tokenizer(vocabulary: Sequence[str], workdir: epath.PathLike | None) -> SceneTokenizer:
+    """The built-in word tokenizer over `vocabulary`, saved as <workdir>/scene_tokenizer.json."""
+    tok = SceneTokenizer(vocabulary)
     if workdir:
         # Saved for reference (other tools, later stages): the vocabulary is fixed by the config.
         directory = epath.Path(workdir)
@@ -555,7 +598,7 @@ def _tokenizer(cfg, workdir):
     return tok
 
 
-def _processor(cfg) -> image_processing.ImageProcessor | None:
+def make_processor(cfg) -> image_processing.ImageProcessor | None:
     if not cfg.processor:
         return None
     processor = image_processing.ImageProcessor.from_pretrained(cfg.processor)
@@ -582,7 +625,7 @@ def build_image_text_data(data_cfg, workdir: epath.PathLike | None = None) -> Im
     _check_config(data_cfg)
     cfg = ml_collections.FrozenConfigDict(data_cfg)
     tokenizer = _tokenizer(cfg, workdir)
-    preprocess = _Preprocess(cfg.image_size, _processor(cfg))
+    preprocess = Preprocess(cfg.image_size, make_processor(cfg))
     if cfg.source == "scenes":
         sc = cfg.scenes
         train = scenes.SceneRecords(sc, "train", cfg.image_size)

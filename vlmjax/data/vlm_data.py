@@ -1,0 +1,712 @@
+"""Captioning + VQA examples for the vision-language decoder (task `vlm`): config and pipeline.
+
+The decoder sees a visual prefix [B, N, D] followed by the text below; it is trained with
+next-token loss on the target (HF convention: `labels` are -100 where ignored and are shifted
+inside the loss) and evaluated by greedy generation from the left-padded prompt, exact match
+(`normalize_answer`) per question type, beside the answer-prior baseline (`answer_prior`).
+
+Each example is a dict of numpy arrays; batches add a leading per-process axis B
+(S = image_size, L = max_text_len, P = max_prompt_len):
+
+  image:          float32 [S, S, 3]  preprocessed as in `image_text` (resize + CLIP mean/std,
+                                     or the HF processor of `processor`)
+  input_ids:      int32   [L]  [BOS] + prompt + target + [EOS], right-padded with pad_id
+  attention_mask: int32   [L]  1 on those tokens, 0 on padding
+  labels:         int32   [L]  input_ids on the target tokens and [EOS]; -100 on [BOS], the
+                               prompt and padding (not shifted)
+  prompt_ids:     int32   [P]  [BOS] + prompt, LEFT-padded with pad_id, so generation appends
+                               at column P for every row (equal to input_ids[:n] of the row)
+  prompt_mask:    int32   [P]  1 on [BOS] + prompt, 0 on the left padding
+  kind:           int32   []   0 = caption (CAPTION), 1 = VQA (VQA)
+  qtype:          int32   []   index into VLMData.qtypes; -1 for captions
+  index:          int32   []   train: the record index; eval: the row of VLMData.eval_examples
+  mask:           int32   []   1 = real example, 0 = padding row of the last eval batch
+
+Prompt format (`format_example`, the only place that spells it):
+  VQA         "question: <q> answer:"  -> target " <a>" + [EOS]
+  captioning  "caption:"               -> target " <caption>" + [EOS]
+[BOS] comes first when the tokenizer has one. Prompt and target are tokenized separately, so the
+ids the model is trained to continue are exactly the prompt_ids it generates from.
+
+Over-long examples are an error naming config.data.max_text_len / max_prompt_len and the length
+needed (never silently cut: a truncated answer would teach wrong answers). `build_vlm_data`
+measures every row of a jsonl/csv file and, for 'scenes', the eval examples and the
+answer-prior sample of training examples, so a too-small limit fails at the start of a run.
+
+Sources (`config.data.source`):
+  'scenes'  procedural scenes (`vlmjax.data.scenes`). Training record i is train scene i with
+            a caption (probability `caption_fraction`; a random template and object order) or
+            one question: a question type drawn uniformly among those the scene has, then one
+            of its questions (all have unique answers); drawn from (scenes.seed, i), so
+            deterministic per index. Eval: the `num_eval` held-out scenes of
+            `scenes.eval_indices` (every one has a held-out colour-shape pair), each as one
+            caption (template 0) followed by all its questions, or a fixed random subset of
+            `eval_questions` of them.
+  'jsonl'   one JSON object per line (PixMo style), e.g.
+            {"image": "imgs/1.jpg", "question": "what colour is the car?", "answer": "red",
+             "question_type": "color"}; an empty or absent question makes the row a captioning
+            example with the answer as the caption.
+  'csv'     the same fields as columns of a header row (UTF-8).
+For 'jsonl'/'csv', image paths are relative to `image_root` ('' = the file's folder);
+evaluation reads `eval_path`, or holds out the FIRST num_eval rows. Question types come from
+`qtype_key`; when no VQA row has one, every question has type 'ALL'.
+
+Tokenizer (`config.data.tokenizer`): '' = the scenes word tokenizer (`image_text.
+SceneTokenizer`) over the scene vocabulary plus the prompt words, so no scene text encodes to
+[UNK]; or a local HF directory with tokenizer.json (`tokenizers.HFTokenizer`). Its BOS is the
+`bos_token` of tokenizer_config.json when that file names one (null, as in Qwen2/2.5, or
+add_bos_token=false: no BOS); without tokenizer_config.json, config.json's bos_token_id unless it
+equals the EOS id (GPT-2 style: no BOS).
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import difflib
+import json
+import math
+import os
+import types
+import unicodedata
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from absl import logging
+from etils import epath
+import grain
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from vlmjax.data import common
+from vlmjax.data import image_text
+from vlmjax.data import scenes
+from vlmjax.data import tokenizers
+
+SOURCES = ("scenes", "jsonl", "csv")
+CAPTION, VQA = 0, 1
+KINDS = ("caption", "vqa")
+IGNORE = -100  # HF's ignore_index for labels.
+ALL_TYPES = "ALL"  # The one question type of a file without types.
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `data` section of a vision-language (captioning + VQA) experiment config."""
+    c = ml_collections.ConfigDict()
+    # 'scenes' (procedural, nothing to download), 'jsonl' or 'csv' (+ a folder of images).
+    c.source = "scenes"
+    # S: images are S x S (a multiple of the vision tower's patch size).
+    c.image_size = 64
+    # Mixed with the trainer's seed for the training order only (scene content: scenes.seed).
+    c.seed = 0
+    # 'scenes': held-out eval scenes; 'jsonl'/'csv' without eval_path: leading rows held out.
+    c.num_eval = 128
+    # 'scenes': questions per eval scene (a fixed random subset; 0 = all of them).
+    c.eval_questions = 0
+    # 'scenes': fraction of training examples that are captions (the rest are VQA).
+    c.caption_fraction = 0.2
+    # 'scenes': training records read (text only, nothing rendered) for the answer prior and
+    # the length check; 'jsonl'/'csv' always use every training row.
+    c.answer_prior_samples = 20_000
+    # L: [BOS] + prompt + target + [EOS] tokens (the longest scene caption with 2 objects and
+    # the word tokenizer needs 28).
+    c.max_text_len = 40
+    # P: [BOS] + prompt tokens, the generation prefix (scene questions need at most 13).
+    c.max_prompt_len = 16
+    # '' = built-in scene word tokenizer ('scenes' only), or a local HF directory holding
+    # tokenizer.json (+ config.json / tokenizer_config.json for the special tokens), e.g. the
+    # decoder's own checkpoint directory.
+    c.tokenizer = ""
+    # '' = resize to S x S + CLIP mean/std, or a local HF directory (or file) with
+    # preprocessor_config.json (`vlmjax.data.image_processing`).
+    c.processor = ""
+    # 'jsonl'/'csv': the training file, a separate evaluation file ('' = hold out num_eval
+    # leading rows), and the folder relative image paths start from ('' = the file's folder).
+    c.path = ""
+    c.eval_path = ""
+    c.image_root = ""
+    # 'jsonl'/'csv' field names. An empty/absent question = a captioning row; qtype_key may be
+    # absent from the file (every question is then of type 'ALL').
+    c.image_key = "image"
+    c.question_key = "question"
+    c.answer_key = "answer"
+    c.qtype_key = "question_type"
+    # grain reader threads (rendering / decoding images; 0 = inline), their read-ahead, and
+    # batches prepared ahead on a background thread (0 = none).
+    c.num_threads = 2
+    c.prefetch_buffer_size = 16
+    c.prefetch_batches = 2
+    # 'scenes' only: content seed, objects per scene, colours, shapes, held-out pairs.
+    c.scenes = scenes.default_config()
+    return c
+
+
+def _check_config(cfg) -> None:
+    """Fails early, naming the field, on values that cannot work."""
+    if cfg.source not in SOURCES:
+        close = difflib.get_close_matches(str(cfg.source), SOURCES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        raise ValueError(f"config.data.source={cfg.source!r} is not one of {SOURCES}{hint}")
+    for field in ("image_size", "num_eval", "answer_prior_samples"):
+        if not isinstance(cfg[field], int) or cfg[field] < 1:
+            raise ValueError(f"config.data.{field}={cfg[field]!r} must be an int >= 1.")
+    for field in ("eval_questions", "num_threads", "prefetch_buffer_size", "prefetch_batches"):
+        if not isinstance(cfg[field], int) or cfg[field] < 0:
+            raise ValueError(f"config.data.{field}={cfg[field]!r} must be an int >= 0.")
+    if not isinstance(cfg.max_prompt_len, int) or cfg.max_prompt_len < 2:
+        raise ValueError(f"config.data.max_prompt_len={cfg.max_prompt_len!r} must be an int >= 2.")
+    if not isinstance(cfg.max_text_len, int) or cfg.max_text_len <= cfg.max_prompt_len:
+        raise ValueError(
+            f"config.data.max_text_len={cfg.max_text_len!r} must be an int > max_prompt_len="
+            f"{cfg.max_prompt_len} (the prompt plus at least one target token and [EOS]).")
+    if not isinstance(cfg.caption_fraction, (int, float)) or not 0 <= cfg.caption_fraction <= 1:
+        raise ValueError(
+            f"config.data.caption_fraction={cfg.caption_fraction!r} must be a number in [0, 1].")
+    for field in ("tokenizer", "processor", "path", "eval_path", "image_root", "image_key",
+                  "question_key", "answer_key", "qtype_key"):
+        if not isinstance(cfg[field], str):
+            raise ValueError(f"config.data.{field}={cfg[field]!r} must be a string.")
+    for field in ("image_key", "question_key", "answer_key"):
+        if not cfg[field]:
+            raise ValueError(f"config.data.{field} is empty; name the {field[:-4]} field/column.")
+    if cfg.source == "scenes":
+        scenes.check_config(cfg.scenes)
+        return
+    if not cfg.tokenizer:
+        raise ValueError(
+            f"source={cfg.source!r} needs config.data.tokenizer: a local HF directory with "
+            "tokenizer.json (the built-in word tokenizer only knows the scene vocabulary).")
+    if not cfg.path:
+        raise ValueError(f"source={cfg.source!r} needs config.data.path: the {cfg.source} file "
+                         "of (image, question, answer) rows.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt format, answer normalisation.
+# ---------------------------------------------------------------------------------------------
+
+
+def format_example(kind: int, question: str, answer: str) -> tuple[str, str]:
+    """(prompt text, target text) of one example: THE prompt format of the vlm task.
+
+    VQA: "question: <q> answer:" -> " <a>"; captioning: "caption:" -> " <caption>"
+    ([BOS] and [EOS] are added as ids, not text). The target's leading space makes byte-level
+    BPEs (SmolLM2, Qwen) encode the answer with the same word tokens as in running text
+    (' red' = 'Ġred'); the word tokenizer ignores it. Question and answer are stripped.
+    """
+    if kind == CAPTION:
+        return "caption:", " " + answer.strip()
+    if kind == VQA:
+        return f"question: {question.strip()} answer:", " " + answer.strip()
+    raise ValueError(f"kind={kind!r} is not {CAPTION} (caption) or {VQA} (vqa).")
+
+
+def prompt_vocabulary() -> tuple[str, ...]:
+    """Words of the prompt format (for the scene word tokenizer)."""
+    texts = format_example(CAPTION, "", "") + format_example(VQA, "", "")
+    return tuple(sorted({w for t in texts for w in scenes.words(t)}))
+
+
+def normalize_answer(text: str) -> str:
+    """The exact-match normal form: lowercase, whitespace collapsed and stripped, trailing
+    punctuation (any Unicode punctuation class) removed: 'Two.' == ' two' == 'TWO !'."""
+    text = " ".join(text.lower().split())
+    end = len(text)
+    while end and (unicodedata.category(text[end - 1]).startswith("P") or text[end - 1] == " "):
+        end -= 1
+    return text[:end]
+
+
+def most_frequent(answers: Sequence[str]) -> str:
+    """The most frequent normalised answer; ties go to the alphabetically first (deterministic)."""
+    counts = collections.Counter(normalize_answer(a) for a in answers)
+    return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Records: text(i) = {'kind', 'qtype' (id), 'question', 'answer'}; [i] adds 'image', 'index'.
+# ---------------------------------------------------------------------------------------------
+
+
+def _plain(cfg) -> types.SimpleNamespace:
+    """The scenes config as plain attributes: a FrozenConfigDict lookup costs ~7 us, and
+    sampling one scene makes about 13 of them (a third of the time of the prior sample)."""
+    return types.SimpleNamespace(**{k: tuple(tuple(x) if isinstance(x, (list, tuple)) else x
+                                             for x in v) if isinstance(v, (list, tuple)) else v
+                                    for k, v in cfg.items()})
+
+
+class SceneTrainRecords:
+    """Training records of the procedural scenes (module docstring): record i is a function of
+    (scenes.seed, i); `text(i)` samples the scene without rendering it."""
+
+    def __init__(self, cfg, image_size: int, caption_fraction: float):
+        self._cfg = _plain(cfg)
+        self._size, self._caption_fraction = image_size, float(caption_fraction)
+        self._qtype_id = {t: i for i, t in enumerate(scenes.QA_TYPES)}
+
+    def __len__(self) -> int:
+        return self._cfg.num_train
+
+    def _sample(self, index: int) -> tuple[scenes.Scene, dict]:
+        scene = scenes.sample_scene(self._cfg.seed, index, "train", self._cfg)
+        # Stream 2 of the index (scenes.SceneRecords uses 1 for its captions).
+        rng = np.random.default_rng([self._cfg.seed, scenes.SPLITS["train"], index, 2])
+        if rng.random() < self._caption_fraction:
+            return scene, {"kind": CAPTION, "qtype": -1, "question": "",
+                           "answer": scenes.caption(scene, rng=rng)}
+        by_type: dict[str, list[scenes.QA]] = {}
+        for qa in scenes.questions(scene):
+            by_type.setdefault(qa.type, []).append(qa)
+        # A uniform type first: COUNT questions outnumber the others about 3 to 1 per scene.
+        options = by_type[list(by_type)[int(rng.integers(len(by_type)))]]
+        qa = options[int(rng.integers(len(options)))]
+        return scene, {"kind": VQA, "qtype": self._qtype_id[qa.type], "question": qa.question,
+                       "answer": qa.answer}
+
+    def text(self, index: int) -> dict:
+        return self._sample(int(index))[1]
+
+    def where(self, index: int) -> str:
+        return f"training scene {index}"
+
+    def __getitem__(self, index: int) -> dict:
+        scene, record = self._sample(int(index))
+        return {**record, "image": scenes.render(scene, self._size), "index": int(index)}
+
+    def __repr__(self) -> str:
+        return f"SceneTrainRecords(n={len(self)}, caption_fraction={self._caption_fraction})"
+
+
+class _ListRecords:
+    """Records from a list of text entries, each with a way to its image."""
+
+    def __init__(self, entries: Sequence[dict], image: Callable[[dict], np.ndarray], name: str):
+        self._entries, self._image, self._name = list(entries), image, name
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def text(self, index: int) -> dict:
+        e = self._entries[int(index)]
+        return {k: e[k] for k in ("kind", "qtype", "question", "answer")}
+
+    def where(self, index: int) -> str:
+        e = self._entries[int(index)]
+        return f"{e['file']}:{e['line']}" if "file" in e else f"{self._name} {index}"
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.text(index), "image": self._image(self._entries[int(index)]),
+                "index": int(index)}
+
+    def __repr__(self) -> str:
+        return f"{self._name}(n={len(self)})"
+
+
+def _scene_eval_records(cfg) -> _ListRecords:
+    sc = _plain(cfg.scenes)
+    qtype_id = {t: i for i, t in enumerate(scenes.QA_TYPES)}
+    entries = []
+    for raw in scenes.eval_indices(sc, cfg.num_eval):
+        scene = scenes.sample_scene(sc.seed, raw, "eval", sc)
+        entries.append({"raw": raw, "kind": CAPTION, "qtype": -1, "question": "",
+                        "answer": scenes.caption(scene)})
+        qas = scenes.questions(scene)
+        if cfg.eval_questions and len(qas) > cfg.eval_questions:
+            rng = np.random.default_rng([sc.seed, scenes.SPLITS["eval"], raw, 2])
+            qas = [qas[i] for i in sorted(rng.choice(len(qas), cfg.eval_questions, replace=False))]
+        entries += [{"raw": raw, "kind": VQA, "qtype": qtype_id[qa.type], "question": qa.question,
+                     "answer": qa.answer} for qa in qas]
+
+    def image(entry):
+        return scenes.render(scenes.sample_scene(sc.seed, entry["raw"], "eval", sc),
+                             cfg.image_size)
+
+    return _ListRecords(entries, image, "SceneEvalRecords")
+
+
+def _read_vqa_rows(file: str, cfg) -> list[dict]:
+    rows = []
+    for r, line in image_text.read_rows(
+            file, cfg.source, {"image_key": cfg.image_key, "answer_key": cfg.answer_key},
+            {"question_key": cfg.question_key, "qtype_key": cfg.qtype_key} if cfg.qtype_key
+            else {"question_key": cfg.question_key}):
+        if not r["answer_key"].strip():
+            raise ValueError(f"{file}:{line}: the answer {cfg.answer_key!r} "
+                             f"(config.data.answer_key) is blank.")
+        question = r["question_key"].strip()
+        rows.append({"file": file, "line": line, "path": r["image_key"],
+                     "kind": VQA if question else CAPTION, "question": question,
+                     "answer": r["answer_key"], "qtype_name": r.get("qtype_key", "").strip()})
+    return rows
+
+
+def _file_records(cfg) -> tuple[_ListRecords, _ListRecords, tuple[str, ...], str]:
+    path = os.fspath(cfg.path)
+    train = _read_vqa_rows(path, cfg)
+    root = cfg.image_root or os.path.dirname(os.path.abspath(path))
+    if cfg.eval_path:
+        eval_ = _read_vqa_rows(cfg.eval_path, cfg)
+        description = f"{cfg.source} {path} (eval {cfg.eval_path})"
+    else:
+        if len(train) <= cfg.num_eval:
+            raise ValueError(
+                f"{path} has {len(train)} rows; holding out config.data.num_eval={cfg.num_eval} "
+                "for evaluation leaves none to train on. Lower num_eval or set "
+                "config.data.eval_path.")
+        train, eval_ = train[cfg.num_eval:], train[: cfg.num_eval]
+        description = f"{cfg.source} {path} (first {cfg.num_eval} rows held out for eval)"
+    vqa = [r for r in train + eval_ if r["kind"] == VQA]
+    typed = [r for r in vqa if r["qtype_name"]]
+    if typed and len(typed) < len(vqa):
+        r = next(r for r in vqa if not r["qtype_name"])
+        raise ValueError(
+            f"{r['file']}:{r['line']}: question without a type {cfg.qtype_key!r} "
+            "(config.data.qtype_key), while other rows have one; give every question a type, "
+            "or set config.data.qtype_key='' to treat all as 'ALL'.")
+    qtypes = tuple(sorted({r["qtype_name"] for r in typed})) if typed else (ALL_TYPES,)
+    qtype_id = {t: i for i, t in enumerate(qtypes)}
+    for r in train + eval_:
+        r["qtype"] = -1 if r["kind"] == CAPTION else qtype_id[r["qtype_name"] or ALL_TYPES]
+
+    def image(entry):
+        return image_text.read_image(os.path.join(root, entry["path"]),
+                                     f"{entry['file']}:{entry['line']}",
+                                     f"config.data.image_root={root!r}")
+
+    return (_ListRecords(train, image, "FileTrainRecords"),
+            _ListRecords(eval_, image, "FileEvalRecords"), qtypes, description)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization.
+# ---------------------------------------------------------------------------------------------
+
+
+def _hf_bos_id(tokenizer: tokenizers.HFTokenizer) -> int | None:
+    """The BOS id this checkpoint's tokenizer puts first, or None (module docstring)."""
+    file = os.path.join(tokenizer.path, "tokenizer_config.json")
+    if os.path.isfile(file):
+        with open(file, encoding="utf-8") as f:
+            tc = json.load(f)
+        if "bos_token" in tc:
+            token = tc["bos_token"]
+            if isinstance(token, dict):  # AddedToken serialisation
+                token = token.get("content")
+            if not token or tc.get("add_bos_token") is False:
+                return None
+            # pylint: disable-next=protected-access
+            bos = tokenizer._tok.token_to_id(token)
+            if bos is None:
+                raise ValueError(f"{file}: bos_token {token!r} is not in tokenizer.json.")
+            return int(bos)
+    # HFTokenizer falls back to EOS when config.json names no BOS; that is no BOS.
+    return None if tokenizer.bos_id == tokenizer.eos_id else int(tokenizer.bos_id)
+
+
+class _Encoder:
+    """(kind, question, answer) -> the text arrays of an example (module docstring)."""
+
+    def __init__(self, tokenizer, bos_id: int | None, eos_id: int, pad_id: int, max_len: int,
+                 max_prompt_len: int):
+        self._tok, self.bos_id, self.eos_id, self.pad_id = tokenizer, bos_id, eos_id, pad_id
+        self.max_len, self.max_prompt_len = max_len, max_prompt_len
+        self._bos = [] if bos_id is None else [bos_id]
+
+    def ids(self, record: dict) -> tuple[list[int], list[int]]:
+        """([BOS] + prompt ids, target ids + [EOS])."""
+        prompt, target = format_example(record["kind"], record["question"], record["answer"])
+        return (self._bos + self._tok.encode(prompt).tolist(),
+                self._tok.encode(target).tolist() + [self.eos_id])
+
+    def check_lengths(self, records: Sequence[dict], where: Callable[[int], str]) -> None:
+        """Raises naming the config field when any record is too long (encoded in batches)."""
+        texts = [format_example(r["kind"], r["question"], r["answer"]) for r in records]
+        if not texts:
+            return
+        prompts = self._tok.encode_batch([p for p, _ in texts])
+        targets = self._tok.encode_batch([t for _, t in texts])
+        p_len = np.asarray([len(self._bos) + len(p) for p in prompts])
+        t_len = p_len + np.asarray([len(t) + 1 for t in targets])
+        for lengths, limit, field, what in (
+                (p_len, self.max_prompt_len, "max_prompt_len", "[BOS] + prompt"),
+                (t_len, self.max_len, "max_text_len", "[BOS] + prompt + target + [EOS]")):
+            if lengths.max() > limit:
+                i = int(lengths.argmax())
+                raise ValueError(
+                    f"config.data.{field}={limit} is too short: {where(i)} needs "
+                    f"{int(lengths[i])} tokens ({what}: {''.join(texts[i])!r}); "
+                    f"{int((lengths > limit).sum())} of {len(lengths)} checked examples are "
+                    f"longer. Set config.data.{field}={int(lengths.max())} or more.")
+
+    def encode(self, record: dict) -> dict[str, np.ndarray]:
+        prompt, target = self.ids(record)
+        n_p, n = len(prompt), len(prompt) + len(target)
+        for length, limit, field in ((n_p, self.max_prompt_len, "max_prompt_len"),
+                                     (n, self.max_len, "max_text_len")):
+            if length > limit:
+                text = "".join(format_example(record["kind"], record["question"],
+                                              record["answer"]))
+                raise ValueError(f"config.data.{field}={limit} is too short for an example of "
+                                 f"{length} tokens ({text!r}); raise it.")
+        input_ids = np.full((self.max_len,), self.pad_id, np.int32)
+        input_ids[:n] = prompt + target
+        labels = np.full((self.max_len,), IGNORE, np.int32)
+        labels[n_p:n] = target  # The target tokens and [EOS]: what the model must produce.
+        prompt_ids = np.full((self.max_prompt_len,), self.pad_id, np.int32)
+        prompt_ids[self.max_prompt_len - n_p:] = prompt  # Left padding: generation appends at P.
+        return {"input_ids": input_ids,
+                "attention_mask": (np.arange(self.max_len) < n).astype(np.int32),
+                "labels": labels, "prompt_ids": prompt_ids,
+                "prompt_mask": (np.arange(self.max_prompt_len)
+                                >= self.max_prompt_len - n_p).astype(np.int32)}
+
+
+class _ToExample(grain.transforms.Map):
+    """Record -> example dict (module docstring)."""
+
+    def __init__(self, preprocess: Callable[[np.ndarray], np.ndarray], encoder: _Encoder):
+        self._preprocess, self._encoder = preprocess, encoder
+
+    def map(self, record: dict) -> dict[str, np.ndarray]:
+        return {"image": self._preprocess(record["image"]), **self._encoder.encode(record),
+                "kind": np.int32(record["kind"]), "qtype": np.int32(record["qtype"]),
+                "index": np.int32(record["index"]), "mask": np.int32(1)}
+
+
+class _EvalRow(grain.transforms.Map):
+    """(index, real?) -> example; padding rows repeat the last example with mask 0."""
+
+    def __init__(self, records: Sequence[dict], to_example: _ToExample):
+        self._records, self._to_example = records, to_example
+
+    def map(self, row: tuple[int, bool]) -> dict[str, np.ndarray]:
+        index, real = row
+        example = self._to_example.map(self._records[index])
+        example["mask"] = np.int32(real)
+        return example
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class VLMData:
+    """Captioning + VQA examples of one data config: training stream, eval batches, baseline.
+
+    Attributes:
+      config: the data config (frozen copy).
+      train_records / eval_records: random-access records ([i] renders/reads the image; `.text(i)`
+        gives kind, qtype id, question, answer without it).
+      tokenizer: `.encode(text)` -> int32 ids, `.decode(ids)`.
+      vocab_size, pad_id, bos_id (None: the tokenizer has no BOS), eos_id.
+      qtypes: question-type names; batch `qtype` indexes them.
+      eval_examples: row i = eval example i: {'kind' (0/1), 'qtype' (name, None for captions),
+        'question', 'answer'}.
+      answer_prior: question type -> the most frequent normalised TRAINING answer.
+      mean / std: per-channel normalisation of `image`; image_size: S.
+      description: where the examples come from, for logs.
+    """
+
+    config: Any
+    train_records: Any
+    eval_records: Any
+    tokenizer: Any
+    vocab_size: int
+    pad_id: int
+    bos_id: int | None
+    eos_id: int
+    qtypes: tuple[str, ...]
+    eval_examples: list[dict]
+    answer_prior: dict[str, str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+    description: str
+    _to_example: _ToExample = dataclasses.field(repr=False, default=None)
+
+    normalize_answer = staticmethod(normalize_answer)
+
+    def example(self, index: int, split: str = "train") -> dict[str, np.ndarray]:
+        """One example of `split` ('train' / 'eval') exactly as the pipelines produce it."""
+        records = self.train_records if split == "train" else self.eval_records
+        return self._to_example.map(records[index])
+
+    def _read_options(self) -> grain.ReadOptions:
+        return grain.ReadOptions(num_threads=self.config.num_threads,
+                                 prefetch_buffer_size=self.config.prefetch_buffer_size)
+
+    def train_dataset(self, *, global_batch_size: int, seed: int, process_index: int,
+                      process_count: int) -> grain.IterDataset:
+        """The infinite, shuffled training stream of this process.
+
+        Records are shuffled with (seed, config.seed), reshuffled every epoch, dealt round-robin
+        to the processes (`common.sharded_train_dataset`), and rendered / read lazily.
+
+        Returns:
+          A grain.IterDataset of batches (module docstring) with leading axis
+          B = global_batch_size // process_count; checkpoint its iterator with
+          `grain.checkpoint.CheckpointSave`.
+        """
+        local_batch = common.check_batching(global_batch_size, process_index, process_count)
+        if len(self.train_records) < global_batch_size:
+            raise ValueError(
+                f"the training split of {self.description} has {len(self.train_records)} "
+                f"examples, fewer than the global batch size {global_batch_size}.")
+        ds = common.sharded_train_dataset(
+            self.train_records, seed=seed, shuffle_seed=self.config.seed,
+            process_index=process_index, process_count=process_count,
+            transform=self._to_example, read_options=self._read_options())
+        return common.batch_and_prefetch(ds, local_batch, self.config.prefetch_batches)
+
+    def eval_batches(self, *, global_batch_size: int, process_index: int, process_count: int,
+                     max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
+        """This process's share of the evaluation batches, in a fixed order.
+
+        Global batch b holds eval examples [b G, (b + 1) G); process p gets rows
+        [p B, (p + 1) B), B = G // process_count; rows past the last example repeat it with
+        mask 0, so every process gets the same number of batches (`image_text.eval_rows`).
+
+        Args:
+          global_batch_size: G.
+          process_index / process_count: this process and the number of processes.
+          max_batches: at most this many leading global batches (None or 0 = all).
+        """
+        local_batch = common.check_batching(global_batch_size, process_index, process_count)
+        rows = image_text.eval_rows(len(self.eval_records), global_batch_size, process_index,
+                                    process_count, max_batches)
+        ds = grain.MapDataset.source(rows).map(_EvalRow(self.eval_records, self._to_example))
+        return list(ds.to_iter_dataset(self._read_options()).batch(local_batch))
+
+    def accuracy(self, predictions: Mapping[int, str]) -> dict[str, float]:
+        """Exact match (`normalize_answer`) of predicted answers on the VQA eval rows given.
+
+        Args:
+          predictions: eval row (batch `index`) -> generated answer text; caption rows and
+            rows not given are skipped.
+
+        Returns:
+          {'overall': fraction correct, <qtype>: fraction correct of that type, ...} for the
+          types present (overall is NaN when no VQA row is given).
+        """
+        right: dict[str, list[bool]] = {}
+        for index, text in predictions.items():
+            ex = self.eval_examples[int(index)]
+            if ex["kind"] == VQA:
+                right.setdefault(ex["qtype"], []).append(
+                    normalize_answer(text) == normalize_answer(ex["answer"]))
+        scores = [r for rs in right.values() for r in rs]
+        out = {"overall": float(np.mean(scores)) if scores else math.nan}
+        out.update({t: float(np.mean(right[t])) for t in self.qtypes if t in right})
+        return out
+
+    def prior_accuracy(self) -> dict[str, float]:
+        """`accuracy` of the answer-prior baseline (each question answered with its type's most
+        frequent training answer; a type never seen in training counts as wrong)."""
+        return self.accuracy({i: self.answer_prior.get(ex["qtype"], "")
+                              for i, ex in enumerate(self.eval_examples) if ex["kind"] == VQA})
+
+
+def _tokenizer(cfg, workdir) -> tuple[Any, int | None]:
+    if cfg.tokenizer:
+        tok = tokenizers.HFTokenizer(cfg.tokenizer)
+        return tok, _hf_bos_id(tok)
+    # The scene words plus the prompt words ("question", "answer", "caption").
+    vocab = sorted(set(scenes.vocabulary(cfg.scenes)) | set(prompt_vocabulary()))
+    tok = image_text.scene_tokenizer(vocab, workdir)
+    return tok, tok.bos_id
+
+
+def build_vlm_data(data_cfg, workdir: epath.PathLike | None = None) -> VLMData:
+    """Validates the config, reads the sources, builds the tokenizer and the answer prior.
+
+    Args:
+      data_cfg: the data section (`default_config()`).
+      workdir: with the built-in scene tokenizer, its tokenizer.json is written to
+        `<workdir>/scene_tokenizer.json` (None: not written).
+
+    Returns:
+      VLMData. jsonl/csv rows are read and checked here (images only when an example is read);
+      every checked example fits max_text_len / max_prompt_len (else a ValueError).
+    """
+    _check_config(data_cfg)
+    cfg = ml_collections.FrozenConfigDict(data_cfg)
+    tokenizer, bos_id = _tokenizer(cfg, workdir)
+    preprocess = image_text.Preprocess(cfg.image_size, image_text.make_processor(cfg))
+    if cfg.source == "scenes":
+        sc = cfg.scenes
+        train = SceneTrainRecords(sc, cfg.image_size, cfg.caption_fraction)
+        eval_ = _scene_eval_records(cfg)
+        qtypes = scenes.QA_TYPES
+        # A fixed sample of training records (their text only) for the prior and length check.
+        checked = range(min(cfg.answer_prior_samples, len(train)))
+        description = (f"procedural scenes ({sc.min_objects}-{sc.max_objects} objects, "
+                       f"{len(sc.held_out)} held-out pairs, caption_fraction "
+                       f"{cfg.caption_fraction})")
+    else:
+        train, eval_, qtypes, description = _file_records(cfg)
+        checked = range(len(train))
+    train_texts = [train.text(i) for i in checked]
+    eval_texts = [eval_.text(i) for i in range(len(eval_))]
+    encoder = _Encoder(tokenizer, bos_id, int(tokenizer.eos_id), int(tokenizer.pad_id),
+                       cfg.max_text_len, cfg.max_prompt_len)
+    encoder.check_lengths(train_texts, lambda i: train.where(checked[i]))
+    encoder.check_lengths(eval_texts, eval_.where)
+    answers: dict[str, list[str]] = {}
+    for t in train_texts:
+        if t["kind"] == VQA:
+            answers.setdefault(qtypes[t["qtype"]], []).append(t["answer"])
+    prior = {t: most_frequent(answers[t]) for t in qtypes if t in answers}
+    eval_examples = [{"kind": t["kind"], "qtype": None if t["kind"] == CAPTION
+                      else qtypes[t["qtype"]], "question": t["question"], "answer": t["answer"]}
+                     for t in eval_texts]
+    num_vqa = sum(e["kind"] == VQA for e in eval_examples)
+    logging.info("vlm data: %s; %d eval examples (%d VQA, %d captions), types %s, prior %s",
+                 description, len(eval_examples), num_vqa, len(eval_examples) - num_vqa, qtypes,
+                 prior)
+    return VLMData(
+        config=cfg, train_records=train, eval_records=eval_, tokenizer=tokenizer,
+        vocab_size=int(tokenizer.vocab_size), pad_id=int(tokenizer.pad_id), bos_id=bos_id,
+        eos_id=int(tokenizer.eos_id), qtypes=tuple(qtypes), eval_examples=eval_examples,
+        answer_prior=prior, mean=preprocess.mean, std=preprocess.std,
+        image_size=cfg.image_size, description=description,
+        _to_example=_ToExample(preprocess, encoder))
+
+
+def write_vqa_files(folder: str, rows: Sequence[Mapping[str, Any]], fmt: str = "jsonl", *,
+                    name: str = "vqa") -> str:
+    """Writes a VQA file + its PNG images (for tests and docs); returns the file's path.
+
+    Args:
+      folder: created if missing; images go to `<folder>/images/<name>_<i>.png`.
+      rows: dicts with 'image' (uint8 [H, W, 3]), 'question' ('' = a caption row), 'answer',
+        and optionally 'question_type'.
+      fmt: 'jsonl' or 'csv' (UTF-8; columns image, question, answer[, question_type]).
+      name: the file's stem (`<folder>/<name>.<fmt>`).
+    """
+    if fmt not in ("jsonl", "csv"):
+        raise ValueError(f"fmt={fmt!r} is not 'jsonl' or 'csv'.")
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    out = []
+    for i, row in enumerate(rows):
+        rel = f"images/{name}_{i}.png"
+        Image.fromarray(np.asarray(row["image"], np.uint8)).save(os.path.join(folder, rel))
+        out.append({"image": rel, "question": row.get("question", ""), "answer": row["answer"],
+                    **({"question_type": row["question_type"]} if "question_type" in row
+                       else {})})
+    file = os.path.join(folder, f"{name}.{fmt}")
+    with open(file, "w", encoding="utf-8", newline="") as f:
+        if fmt == "jsonl":
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in out)
+        else:
+            fields = ["image", "question", "answer"]
+            if any("question_type" in r for r in out):
+                fields.append("question_type")
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(out)
+    return file
