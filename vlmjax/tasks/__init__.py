@@ -20,11 +20,11 @@ def register(name: str, cls: type[Task]) -> None:
 
 def _registry() -> dict[str, type[Task]]:
     # Imported lazily so that `import vlmjax.tasks` stays light.
-    from vlmjax.tasks import alignment, lm, reuse, routed_lm, video_cls  # pylint: disable=g-import-not-at-top
+    from vlmjax.tasks import alignment, lm, reuse, routed_lm, video_cls, vlm  # pylint: disable=g-import-not-at-top
 
     return {"alignment": alignment.AlignmentTask, "lm": lm.LMTask, "routed_lm": routed_lm.RoutedLMTask,
             "video_cls": video_cls.VideoClsTask,
-            "reuse": reuse.ReuseTask, **_EXTRA}
+            "reuse": reuse.ReuseTask, "vlm": vlm.VLMTask, **_EXTRA}
 
 
 def task_class(name: str) -> type[Task]:

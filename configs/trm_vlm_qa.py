@@ -1,0 +1,115 @@
+r"""Vision-language captioning + VQA: a Perceiver visual prefix into a decoder with LoRA on a 4-bit
+(NF4) base (the seed's ``trm_vlm_qa_3b_reg`` profile; docs/vlm.md).
+
+Two stages on the procedural scenes (nothing to download):
+  1. 'decoder' (WORKDIR/decoder): the small decoder learns the scenes' language from the text of
+     the examples alone (captions, "question: ... answer: ..."), so it knows the answer format and
+     the answer prior but cannot see;
+  2. the VLM (WORKDIR/vlm): that decoder quantised to NF4 and frozen, LoRA adapters on every
+     projection, a vision tower + Perceiver resampler (64 latents) + projector trained from scratch.
+     Evaluation generates the answers of held-out scenes (held-out colour-shape compositions) and
+     reports exact match per question type beside the answer-prior baseline.
+
+  python -m vlmjax.main --config=configs/trm_vlm_qa.py --workdir=/tmp/vlm            # 2-core CPU, < 10 min
+  python -m vlmjax.main --config=configs/trm_vlm_qa.py:smoke --workdir=/tmp/vlm_smoke
+  python -m vlmjax.main --config=configs/trm_vlm_qa.py:trm --workdir=/tmp/vlm_trm     # decoder.type=trm
+  # SmolLM2-135M-Instruct (offline: python -m vlmjax.convert.gguf --out=/ckpt/smollm2) as a 4-bit base:
+  python -m vlmjax.main --config=configs/trm_vlm_qa.py:smollm2 --workdir=/tmp/vlm_smol \
+      --config.decoder.init_from=/ckpt/smollm2
+  # The seed's profile on an accelerator (Qwen2.5-3B in NF4 + LoRA, a SigLIP tower, PixMo-style QA):
+  python -m vlmjax.main --config=configs/trm_vlm_qa.py:qwen3b --workdir=gs://bucket/vlm_qwen3b \
+      --config.decoder.init_from=/ckpt/Qwen2.5-3B --config.vision_encoder.init_from=/ckpt/siglip-so400m \
+      --config.data.source=jsonl --config.data.path=/data/pixmo/qa.jsonl --config.data.image_root=/data/pixmo
+"""
+
+import ml_collections
+
+from configs import common
+from vlmjax.data import vlm_data
+from vlmjax.tasks import vlm
+
+VARIANTS = ("default", "smoke", "trm", "smollm2", "qwen3b")
+
+
+def vision_tower_config() -> ml_collections.ConfigDict:
+    """A small CLIP-style ViT for 96 px scenes (``vit.ViTConfig`` fields): patch 32 = one token per cell
+    of the scenes' 3x3 grid (docs/alignment.md measured it beat 64 px / patch 16 for retrieval)."""
+    return ml_collections.ConfigDict(dict(
+        variant="clip", hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+        patch_size=32, image_size=96, hidden_act="quick_gelu", layer_norm_eps=1e-5, dropout_rate=0.0,
+        drop_path_rate=0.0, remat="none", scan_layers=False))
+
+
+def small_decoder(c: ml_collections.ConfigDict) -> None:
+    """A 4-layer, 128-wide Llama-style decoder (the scene vocabulary is ~60 words)."""
+    c.update(dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=0, rope_theta=10000.0, max_position_embeddings=256,
+                  tie_word_embeddings=True))
+
+
+def get_config(arg: str | None = None):
+    v = common.variant(arg, VARIANTS, __file__)
+    c = common.trainer(
+        "vlm", total_steps=900, batch_size=64, log_every=100, eval_every=300, ckpt_every=300,
+        eval=dict(max_batches=0),
+        optim=dict(lr=1e-3, warmup_steps=50, weight_decay=0.05, b2=0.98, clip_norm=1.0))
+    c.data = vlm_data.default_config()
+    c.data.update(dict(source="scenes", image_size=96, num_eval=128, eval_questions=3, caption_fraction=0.2))
+    c.vision_encoder = dict(init_from="", freeze=(), tower=vision_tower_config())
+    c.connector = dict(type="perceiver", num_latents=64, perceiver_num_layers=2, perceiver_num_heads=4,
+                       perceiver_dim=0, perceiver_ffn_mult=4, perceiver_latent_init_std=1.0, pool_probes=16,
+                       pool_heads=4, projector_layers=2, prefix_dropout=0.0)
+    c.decoder = vlm.decoder_section()
+    small_decoder(c.decoder)
+    # QLoRA (Dettmers et al. 2023): the stage's decoder frozen in NF4, adapters on every projection.
+    c.decoder.update(dict(load_in_4bit=True, use_lora=True, lora_rank=16, lora_alpha=32.0, lora_dropout=0.0))
+    c.model = dict(attention_impl="auto", dtype="float32")
+    c.generation = vlm.generation_config()
+    c.text_only = False
+
+    # Stage 'decoder': the same task, text only, the decoder trained in full precision.
+    stage = ml_collections.ConfigDict(c.to_dict())
+    stage.text_only = True
+    stage.decoder.update(dict(load_in_4bit=False, use_lora=False, lora_rank=0, lora_alpha=0.0))
+    stage.update(dict(total_steps=400, eval_every=400, ckpt_every=400))
+    c.stages = ml_collections.ConfigDict(dict(decoder=stage))
+
+    if v == "smoke":
+        for cfg in (c, c.stages.decoder):
+            cfg.vision_encoder.tower.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, patch_size=16, image_size=32))
+            cfg.connector.update(dict(num_latents=8, perceiver_num_layers=1, perceiver_num_heads=2))
+            cfg.decoder.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=1))
+            cfg.data.update(dict(image_size=32, num_eval=8, eval_questions=2, answer_prior_samples=300,
+                                 num_threads=0, prefetch_batches=0))
+            cfg.update(dict(total_steps=4, batch_size=8, log_every=2, eval_every=4, ckpt_every=4))
+            cfg.optim.warmup_steps = 1
+        c.decoder.lora_rank, c.decoder.lora_alpha = 4, 8.0
+    if v == "trm":
+        # The tiny recursive decoder (seed 3.2): 2 layers applied over 3 cycles of 2 latent updates, trained
+        # from scratch in full precision (no pretrained base to quantise), no decoder stage.
+        c.decoder.update(dict(type="trm", num_hidden_layers=2, load_in_4bit=False, use_lora=False, lora_rank=0,
+                              lora_alpha=0.0))
+        c.decoder.trm.update(dict(num_cycles=3, latent_steps=2, grad_last_cycle_only=False, deep_supervision=True))
+        c.stages = ml_collections.ConfigDict()
+    if v == "smollm2":
+        # SmolLM2-135M-Instruct as the 4-bit base (--config.decoder.init_from=<dir>); its tokenizer is the data's.
+        c.stages = ml_collections.ConfigDict()
+        c.decoder.update(dict(lora_rank=16, lora_alpha=32.0))
+        c.data.update(dict(max_text_len=48, max_prompt_len=24))
+        c.optim.update(dict(lr=5e-4))
+    if v == "qwen3b":
+        # The seed's trm_vlm_qa_3b_reg: 64 Perceiver latents -> Qwen2.5-3B in 4 bit + LoRA, lr 2e-5, weight
+        # decay 0.2, dropout 0.2; a pretrained (SigLIP) tower, frozen. Real checkpoints via init_from.
+        c.stages = ml_collections.ConfigDict()
+        c.vision_encoder.freeze = ("",)
+        c.connector.update(dict(num_latents=64, perceiver_num_layers=3, perceiver_num_heads=8, prefix_dropout=0.2))
+        c.decoder.update(dict(lora_rank=16, lora_alpha=32.0, lora_dropout=0.2, dtype="bfloat16", remat="full",
+                              scan_layers=True))
+        c.model.dtype = "bfloat16"
+        c.data.update(dict(image_size=384, max_text_len=128, max_prompt_len=96, caption_fraction=0.0))
+        c.optim.update(dict(lr=2e-5, weight_decay=0.2, warmup_steps=200))
+        c.generation.max_new_tokens = 16
+        c.update(dict(total_steps=5000, batch_size=64, eval_every=1000, ckpt_every=1000))
+    return c
