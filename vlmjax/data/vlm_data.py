@@ -103,7 +103,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     # 'scenes': held-out eval scenes; 'jsonl'/'csv' without eval_path: leading rows held out.
     c.num_eval = 128
-    # 'scenes': questions per eval scene (a fixed random subset; 0 = all of them).
+    # 'scenes': questions per eval scene, drawn like the training ones (a uniform question type,
+    # then one of its questions; fixed per scene); 0 = all of them (~3/4 are COUNT questions).
     c.eval_questions = 0
     # 'scenes': fraction of training examples that are captions (the rest are VQA).
     c.caption_fraction = 0.2
@@ -315,8 +316,19 @@ def _scene_eval_records(cfg) -> _ListRecords:
                         "answer": scenes.caption(scene)})
         qas = scenes.questions(scene)
         if cfg.eval_questions and len(qas) > cfg.eval_questions:
+            # Drawn as training draws them (a uniform question type, then one of its questions), without
+            # repeats: the eval mix matches the training mix instead of being ~3/4 COUNT questions.
             rng = np.random.default_rng([sc.seed, scenes.SPLITS["eval"], raw, 2])
-            qas = [qas[i] for i in sorted(rng.choice(len(qas), cfg.eval_questions, replace=False))]
+            by_type: dict[str, list[scenes.QA]] = {}
+            for qa in qas:
+                by_type.setdefault(qa.type, []).append(qa)
+            picked = []
+            for _ in range(cfg.eval_questions):
+                t = sorted(by_type)[int(rng.integers(len(by_type)))]
+                picked.append(by_type[t].pop(int(rng.integers(len(by_type[t])))))
+                if not by_type[t]:
+                    del by_type[t]
+            qas = [qa for qa in qas if qa in picked]
         entries += [{"raw": raw, "kind": VQA, "qtype": qtype_id[qa.type], "question": qa.question,
                      "answer": qa.answer} for qa in qas]
 
