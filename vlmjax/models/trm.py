@@ -214,7 +214,8 @@ class _RecursionStep(nn.Module):
 
 
 class TRMDecoder(nn.Module):
-    """Tiny recursive decoder (``decoder.type="trm"``) with the ``decoder.Decoder`` protocol.
+    """Tiny recursive decoder (``decoder.type="trm"``; the task switch that builds it from
+    ``TRMConfig.from_config`` lives in the task, not here) with the ``decoder.Decoder`` protocol.
 
     Methods (all usable with ``model.apply(..., method=...)``): ``__call__``, ``embed``,
     ``backbone``, ``unembed``, ``cycle_logits``. Decoding: ``decoder.init_cache(model, b, max_len)``
@@ -440,7 +441,7 @@ class RecursiveRefiner(nn.Module):
                                        param_dtype=self.param_dtype)
 
     def __call__(self, h0: Array) -> tuple[Array, dict[str, Array]]:
-        """h0: [B, T, D] final hidden states -> (refined [B, T, D] in h0's dtype, aux) with aux
+        """h0: [B, T, D] final hidden states -> (refined [B, T, D] in the compute dtype, aux) with aux
         ``trm_refiner/update_rms`` (RMS of the total update h - h0; exactly 0 at init)."""
         rc = self.config
         h0 = h0.astype(self.dtype)
