@@ -50,6 +50,7 @@ from vlmjax.data import vlm_data
 from vlmjax.models import decoder as decoder_lib
 from vlmjax.models import generate as generate_lib
 from vlmjax.models import lora as lora_lib
+from vlmjax.models import trm as trm_lib
 from vlmjax.models import vit as vit_lib
 from vlmjax.models import vlm as vlm_lib
 from vlmjax.tasks.base import Task
@@ -77,9 +78,8 @@ def decoder_section() -> ml_collections.ConfigDict:
     c.use_lora = False
     c.freeze = ()
     c.use_trm_recursion = False
-    c.refine = ml_collections.ConfigDict(dict(steps=0))
-    c.trm = ml_collections.ConfigDict(dict(num_cycles=3, latent_steps=2, grad_last_cycle_only=False,
-                                           deep_supervision=False))
+    c.refine = trm_lib.refiner_default_config()
+    c.trm = trm_lib.default_config()
     return c
 
 
@@ -128,7 +128,7 @@ class VLMTask(Task):
         self.gen = config.generation
         if int(self.gen.max_new_tokens) < 1:
             raise ValueError(f"config.generation.max_new_tokens={self.gen.max_new_tokens} must be >= 1.")
-        self._fp_decoder = None  # pretrained fp decoder weights waiting to be quantised
+        self._quantized = None  # the pretrained decoder's NF4 weights, until pretrained_model_state
 
     # ---- building ----------------------------------------------------------------------------
     def _decoder_config(self, config) -> decoder_lib.DecoderConfig:
@@ -155,8 +155,18 @@ class VLMTask(Task):
                                                      vocab_size=self.data.vocab_size)
 
     def build_decoder(self):
-        """The decoder module (``decoder/`` subtree): a ``Decoder``, or the TRM decoder, optionally
-        wrapped with the recursive refinement loop."""
+        """The decoder module (``decoder/`` subtree): the TRM decoder (``decoder.type='trm'``), or a
+        ``Decoder``, with the recursive refinement loop before its LM head when ``use_trm_recursion``."""
+        dc = self.config.decoder
+        if dc.type == "trm":
+            if dc.use_trm_recursion:
+                raise ValueError("config.decoder.use_trm_recursion refines a pretrained Llama/Qwen decoder's "
+                                 "hidden states; the TRM decoder (decoder.type='trm') is recursive already: set one.")
+            self.trm_config = trm_lib.TRMConfig(decoder=self.decoder_config, **dict(dc.trm.items()))
+            self.trm_config.validate()
+            return trm_lib.TRMDecoder(self.trm_config)
+        if dc.use_trm_recursion:
+            return trm_lib.RefinedDecoder(self.decoder_config, refiner=trm_lib.RefinerConfig.from_config(dc.refine))
         return decoder_lib.Decoder(self.decoder_config)
 
     def _vision_config(self, config) -> vit_lib.ViTConfig:
@@ -204,12 +214,12 @@ class VLMTask(Task):
                 abstract = nn.meta.unbox(jax.eval_shape(lambda: self.model.init(
                     jax.random.key(0), None, jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32),
                     method="forward")))
-                rest, quant = quant_lib.quantize_params(fp, {"params": abstract["params"]["decoder"],
-                                                             "quant": abstract["quant"]["decoder"]},
-                                                        self.decoder_config)
-                self._fp_decoder = quant
-                fp = rest
-            out["decoder"] = jax.tree.map(lambda x, s: jax.device_put(x, s), fp, _subset(sh, fp)) if sh else fp
+                fp, self._quantized = quant_lib.quantize_params(
+                    fp, {"quant": abstract["quant"]["decoder"]}, self.decoder_config.quant,
+                    shardings=None if sh is None else {"params": sh})
+            elif sh is not None:
+                fp = jax.tree.map(lambda x, s: jax.device_put(x, s), fp, _subset(sh, fp))
+            out["decoder"] = fp
         return out or None
 
     def _load_decoder(self):
@@ -229,9 +239,9 @@ class VLMTask(Task):
         return tree_lib.unflatten({k: jnp.asarray(params[k], want[k].dtype) for k in want})
 
     def pretrained_model_state(self, abstract_model_state, shardings):
-        if self._fp_decoder is None:
+        if self._quantized is None:
             return None
-        quant, self._fp_decoder = self._fp_decoder, None
+        quant, self._quantized = self._quantized, None
         sh = None if shardings is None else shardings["quant"]["decoder"]
         if sh is not None:
             quant = jax.tree.map(lambda x, s: jax.device_put(x, s), quant, _subset(sh, quant))
@@ -239,14 +249,14 @@ class VLMTask(Task):
 
     def optimizer_config(self, optim_cfg):
         """Freezes the vision tower's ``freeze`` regexes and, with LoRA or a 4-bit base, every decoder
-        param except the adapters (and the refinement loop, which trains from zero)."""
+        param except the adapters (and ``trm_refiner/``, the refinement loop, which trains from zero)."""
         frozen = list(optim_cfg.frozen)
         for pattern in self.config.vision_encoder.freeze:
             inner = f"(?:{pattern[1:]})" if pattern.startswith("^") else f".*(?:{pattern})"
             frozen.append(f"^vision_tower/{inner}")
         dc = self.config.decoder
         if dc.use_lora or getattr(self.decoder_config, "load_in_4bit", False):
-            frozen.append(r"^decoder/(?!refiner/)(?!.*(^|/)lora_[ab]$)")
+            frozen.append(r"^decoder/(?!trm_refiner/)(?!.*(^|/)lora_[ab]$)")
         for pattern in dc.freeze:
             inner = f"(?:{pattern[1:]})" if pattern.startswith("^") else f".*(?:{pattern})"
             frozen.append(f"^decoder/{inner}")
@@ -264,7 +274,7 @@ class VLMTask(Task):
                                  deterministic=deterministic)
             cycles = out["aux"].get("trm/cycle_hidden")
             if cycles is not None:  # TRM deep supervision: the LM loss after every cycle
-                out["cycle_logits"] = module.unembed(cycles[:, :, out["prefix_len"]:])
+                out["cycle_logits"] = module.decoder.cycle_logits(cycles[:, :, out["prefix_len"]:])
             return out
 
         rngs = {} if deterministic else {"dropout": rng}
