@@ -17,6 +17,13 @@ tensor: ``vlmjax.models.lora.merge_lora`` folds them into ``kernel``; ``convert.
 The four flat ``lora_*`` fields are the experiment-file spelling (``config.model.lora_rank=16``);
 ``DecoderConfig.lora`` turns them into the one ``lora.LoraConfig`` the layers receive.
 
+With ``load_in_4bit=True`` (QLoRA, Dettmers et al. 2023) the frozen base weights (the seven
+projections of every layer, and with ``quant_embeddings`` the embedding table and an untied
+lm_head) are NF4 codes + block scales in the "quant" collection instead of "params"
+(``vlmjax/models/quant.py``): ``kernel`` -> ``kernel_codes`` / ``kernel_scales`` / ...; norms,
+q/k/v biases and LoRA adapters stay fp params. Apply with ``{"params": ..., "quant": ...}``;
+``quant.quantize_params`` makes both from fp params, ``memory_table`` reports the bytes.
+
 ``DecoderConfig`` is the one source of the defaults: ``default_config()`` (the ``config.model``
 section an experiment edits) is derived from it.
 
@@ -29,6 +36,7 @@ convert between the two layouts, and the HF converter does so on load and save).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -41,6 +49,7 @@ from vlmjax.models import attention as attention_lib
 from vlmjax.models import axes
 from vlmjax.models import layers
 from vlmjax.models import lora as lora_lib
+from vlmjax.models import quant as quant_lib
 
 Array = jax.Array
 
@@ -92,6 +101,17 @@ class DecoderConfig:
     lora_alpha: float = 0.0  # Required > 0 when lora_rank > 0 (peft's default is 8; 2 * rank is common).
     lora_dropout: float = 0.0  # Dropout on the adapter input, active when a "dropout" rng is passed.
     lora_targets: tuple[str, ...] = lora_lib.LORA_TARGETS  # any of q/k/v/o_proj, gate/up/down_proj
+    # QLoRA 4-bit base (Dettmers et al. 2023, arXiv 2305.14314): the frozen decoder weights are
+    # stored as NF4 codes with one absmax scale per quant_block_size values (blocks along the
+    # contracted axis: hidden_size, head_dim and intermediate_size must be multiples of it), in the
+    # "quant" collection (never trained; list it in the task's state_collections). quant_double:
+    # the block scales are int8 too (blocks of 256, QLoRA's double quantisation: 4.127 instead of
+    # 4.5 bits per weight). quant_embeddings: also the vocab matrices (embed_tokens, an untied
+    # lm_head; SmolLM2-135M: 28M of its 135M params). Train LoRA adapters (lora_rank > 0) on top.
+    load_in_4bit: bool = False
+    quant_block_size: int = 64
+    quant_double: bool = True
+    quant_embeddings: bool = True
 
     def __post_init__(self):
         # Resolve head_dim=0 (HF default: hidden_size // num_attention_heads) once, here.
@@ -110,6 +130,19 @@ class DecoderConfig:
         """The LoRA settings as the layers take them (``rank == 0``: no adapters)."""
         return lora_lib.LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
                                    targets=self.lora_targets)
+
+    @property
+    def quant(self) -> quant_lib.QuantConfig | None:
+        """The 4-bit settings as the layers take them; None without ``load_in_4bit``."""
+        if not self.load_in_4bit:
+            return None
+        return quant_lib.QuantConfig(qtype="nf4", block_size=self.quant_block_size,
+                                     double_quant=self.quant_double)
+
+    @property
+    def embedding_quant(self) -> quant_lib.QuantConfig | None:
+        """``quant`` for the vocab matrices (embed_tokens, an untied lm_head), None if they stay fp."""
+        return self.quant if self.quant_embeddings else None
 
     @classmethod
     def from_config(
@@ -170,6 +203,19 @@ class DecoderConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}.")
         self.lora.validate()
+        for name in ("load_in_4bit", "quant_double", "quant_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.load_in_4bit:
+            self.quant.validate()
+            # Block axes: embed (q/k/v/gate/up, embedding, lm_head), head_dim (o_proj), mlp (down).
+            for name in ("hidden_size", "head_dim", "intermediate_size"):
+                if getattr(self, name) % self.quant_block_size:
+                    raise ValueError(
+                        f"load_in_4bit quantises in blocks of quant_block_size={self.quant_block_size} "
+                        f"along {name}={getattr(self, name)}, which it does not divide; set "
+                        f"quant_block_size to a divisor of hidden_size, head_dim and intermediate_size "
+                        f"(e.g. {math.gcd(self.hidden_size, self.head_dim, self.intermediate_size)}).")
         attention_lib.validate_implementation("attention_impl", self.attention_impl)
         allowed = {jnp.dtype(d) for d in layers.DTYPES.values()}
         for name in ("dtype", "param_dtype"):
@@ -222,6 +268,7 @@ class Decoder(nn.Module):
             initializer_range=c.initializer_range,
             dtype=c.dtype,
             param_dtype=c.param_dtype,
+            quant=c.embedding_quant,
         )
         self.layers = self.make_layers()
         self.norm = layers.RMSNorm(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
@@ -234,6 +281,7 @@ class Decoder(nn.Module):
                 dtype=c.dtype,
                 param_dtype=c.param_dtype,
                 preferred_element_type=jnp.float32,
+                quant=c.embedding_quant,
             )
         self.decode_position = _DecodePosition()
 
@@ -246,9 +294,9 @@ class Decoder(nn.Module):
         if c.scan_layers:
             # One module "layers" whose params carry a leading [L] axis (logical name "layers"); the
             # carry is the residual stream, positions / mask / decode are the same for every layer.
-            # The "cache" collection (KV cache) is stacked the same way.
+            # The "cache" collection (KV cache) and the 4-bit weights ("quant") are stacked the same way.
             return nn.scan(
-                block, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                block, variable_axes={"params": 0, "cache": 0, quant_lib.COLLECTION: 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: axes.LAYERS},
@@ -356,3 +404,25 @@ def init_cache(model: Decoder, batch_size: int, max_len: int) -> dict[str, Any]:
         lambda: model.init(jax.random.key(0), dummy, decode=True)
     )["cache"]
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def memory_table(config: DecoderConfig) -> dict[str, int | float]:
+    """Parameter bytes of ``config``'s decoder base (no LoRA adapters) stored three ways.
+
+    ``fp32`` / ``bf16``: every param in that dtype; ``nf4``: the "quant" collection of the
+    ``load_in_4bit`` model (with ``config``'s block size, double quantisation and
+    ``quant_embeddings``) plus its remaining params (norms, biases; fp vocab matrices when
+    ``quant_embeddings=False``) at bf16. Shapes from ``jax.eval_shape`` of ``init``: nothing is
+    materialised. Also ``num_params``, ``nf4_quant``, ``nf4_other`` and ``nf4_over_bf16``.
+    """
+    base = dataclasses.replace(config, lora_rank=0, load_in_4bit=False)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    shapes = lambda c: nn.meta.unbox(jax.eval_shape(lambda: Decoder(c).init(jax.random.key(0), tokens)))
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes(base)["params"]))
+    q = shapes(dataclasses.replace(base, load_in_4bit=True))
+    other = sum(math.prod(x.shape) for x in jax.tree.leaves(q["params"]))
+    nf4_quant = quant_lib.param_bytes(q[quant_lib.COLLECTION])
+    out = {"num_params": num_params, "fp32": 4 * num_params, "bf16": 2 * num_params,
+           "nf4": nf4_quant + 2 * other, "nf4_quant": nf4_quant, "nf4_other": 2 * other}
+    out["nf4_over_bf16"] = out["nf4"] / out["bf16"]
+    return out

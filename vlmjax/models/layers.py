@@ -33,6 +33,11 @@ Conventions (followed by every module here):
     projections named in its ``targets`` (``LORA_TARGETS``); ``DecoderBlock`` takes the whole
     ``DecoderConfig`` (as MaxText passes ``config`` to every layer). ``vlmjax/models/lora.py`` holds
     the settings and merges the adapters.
+- 4-bit bases (QLoRA, Dettmers et al. 2023): a ``DenseGeneral`` or ``Embed`` given a
+    ``quant.QuantConfig`` holds no ``kernel`` / ``embedding`` param; its weight lives in the "quant"
+    collection as NF4 codes and block scales (``vlmjax/models/quant.py``), dequantised to ``dtype``
+    in the forward. Bias, norms and LoRA adapters stay fp params. ``Attention`` and ``MLP`` take one
+    ``quant`` field for all their projections; ``DecoderBlock`` reads ``config.quant``.
 - Attention masks are built from *position ids*, not from array indices: a query at position p sees
     the keys at positions <= p. A block can therefore run on a gathered subset of tokens
     (Mixture-of-Depths: ``[B, k, D]`` with their original positions) and stay causal.
@@ -50,7 +55,9 @@ from jax.ad_checkpoint import checkpoint_name
 
 from vlmjax.models import attention as attention_lib
 from vlmjax.models import axes
+from vlmjax.models import quant as quant_lib
 from vlmjax.models.lora import LORA_TARGETS, LoraConfig, lora_a_init
+from vlmjax.models.quant import QuantConfig
 
 Array = jax.Array
 Dtype = Any
@@ -110,6 +117,12 @@ class DenseGeneral(nn.Module):
     caller passes a "dropout" rng (``apply(..., rngs={"dropout": key})``); without one the layer is
     deterministic. ``kernel`` keeps its name and shape, so HF checkpoints load unchanged.
     ``lora.targets`` is not read here: the caller decides which projections get ``lora``.
+
+    4-bit base (``quant`` given): no ``kernel`` param; the "quant" collection holds
+    ``kernel_codes`` / ``kernel_scales`` / ... blocked along the last contracted axis (see
+    ``quant.py``), initialised by quantising the usual N(0, initializer_range^2) draw. The forward
+    dequantises them to fp32, casts to ``dtype`` and runs the same ``dot_general``, so it equals the
+    fp layer holding the dequantised kernel. No gradient reaches them (they are not params).
     """
 
     features: int | tuple[int, ...]
@@ -122,6 +135,7 @@ class DenseGeneral(nn.Module):
     # fp32 for the output logits: bf16 inputs, fp32 accumulation and result.
     preferred_element_type: Dtype | None = None
     lora: LoraConfig | None = None  # None or rank 0 = no adapter
+    quant: QuantConfig | None = None  # None = fp kernel param; else a frozen quantised kernel
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -134,12 +148,22 @@ class DenseGeneral(nn.Module):
             raise ValueError(
                 f"kernel_axes {self.kernel_axes} do not match kernel shape {kernel_shape}."
             )
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(_normal(self.initializer_range), self.kernel_axes),
-            kernel_shape,
-            self.param_dtype,
-        )
+        if self.quant is None:
+            kernel = self.param(
+                "kernel",
+                nn.with_logical_partitioning(_normal(self.initializer_range), self.kernel_axes),
+                kernel_shape,
+                self.param_dtype,
+            )
+        else:
+            # Blocks along the last contracted axis (embed / head_dim / mlp): B input weights of one
+            # output unit share a scale, as bitsandbytes blocks the torch [out, in] weight.
+            block_axis = len(axis) - 1
+            self.quant.check_divisible(kernel_shape, block_axis, f"{self.path} kernel")
+            q = quant_lib.quantized_variables(
+                self, "kernel", _normal(self.initializer_range), kernel_shape, self.param_dtype,
+                self.kernel_axes, block_axis, self.quant)
+            kernel = quant_lib.dequantize(q, self.quant, block_axis)  # fp32, cast below like params
         contract = ((axis, tuple(range(len(axis)))), ((), ()))
         y = jax.lax.dot_general(
             x.astype(self.dtype),
@@ -462,6 +486,7 @@ class Attention(nn.Module):
     # LoRA adapters on the projections named in lora.targets (see DenseGeneral); None = none.
     lora: LoraConfig | None = None
     attention_impl: str = "xla"  # backend of ``attention.attend`` (config ``attention_impl``)
+    quant: QuantConfig | None = None  # 4-bit q/k/v/o_proj kernels (see DenseGeneral); None = fp
 
     @nn.compact
     def __call__(
@@ -484,6 +509,7 @@ class Attention(nn.Module):
                 param_dtype=self.param_dtype,
                 name=name,
                 lora=_lora_for(self.lora, name),
+                quant=self.quant,
             )
 
         # HF q_proj/k_proj/v_proj: weight [heads*Dh, D] -> kernel [D, heads, Dh]; bias [heads, Dh].
@@ -525,6 +551,7 @@ class Attention(nn.Module):
             param_dtype=self.param_dtype,
             name="o_proj",
             lora=_lora_for(self.lora, "o_proj"),
+            quant=self.quant,
         )(out)
 
     def skip_cache(self, positions: Array) -> None:
@@ -590,6 +617,7 @@ class MLP(nn.Module):
     param_dtype: Dtype = jnp.float32
     # LoRA adapters on the projections named in lora.targets (see DenseGeneral); None = none.
     lora: LoraConfig | None = None
+    quant: QuantConfig | None = None  # 4-bit gate/up/down_proj kernels (see DenseGeneral); None = fp
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -603,6 +631,7 @@ class MLP(nn.Module):
                 param_dtype=self.param_dtype,
                 name=name,
                 lora=_lora_for(self.lora, name),
+                quant=self.quant,
             )
 
         gate = dense("gate_proj", self.intermediate_size, ("embed", "mlp"))(x)
@@ -615,8 +644,8 @@ class MLP(nn.Module):
 class DecoderBlock(nn.Module):
     """Pre-norm decoder layer (HF ``LlamaDecoderLayer``): ``x + attn(norm(x))``, ``x + mlp(norm(x))``.
 
-    Takes the whole ``decoder.DecoderConfig`` (its head counts, RoPE, norms, dtypes and LoRA settings,
-    ``config.lora``). The block only needs positions and a key-validity mask, so a routing wrapper
+    Takes the whole ``decoder.DecoderConfig`` (its head counts, RoPE, norms, dtypes, LoRA settings
+    ``config.lora`` and 4-bit base settings ``config.quant``). The block only needs positions and a key-validity mask, so a routing wrapper
     can call it on a gathered subset ``[B, k, D]`` with the subset's original positions. With
     ``return_update=True`` it returns the residual update ``Block(x) = attn + mlp`` instead of
     ``x + Block(x)`` (routed layers scale it by a gate; subtracting ``x`` afterwards would lose
@@ -644,6 +673,7 @@ class DecoderBlock(nn.Module):
             param_dtype=c.param_dtype,
             lora=c.lora,
             attention_impl=c.attention_impl,
+            quant=c.quant,
         )
         self.post_attention_layernorm = norm()
         self.mlp = MLP(
@@ -652,6 +682,7 @@ class DecoderBlock(nn.Module):
             dtype=c.dtype,
             param_dtype=c.param_dtype,
             lora=c.lora,
+            quant=c.quant,
         )
 
     def __call__(
@@ -685,6 +716,10 @@ class Embed(nn.Module):
     """Token embedding with an fp32-accumulated ``attend`` for tied output logits.
 
     HF ``model.embed_tokens.weight`` [V, D] -> ``embedding`` [V, D] (same layout).
+
+    4-bit table (``quant`` given): no ``embedding`` param; "quant" holds ``embedding_codes`` [V, D/2]
+    and ``embedding_scales`` [V, D/B] (+ double-quantisation parts), blocked along D so a lookup
+    dequantises only the gathered rows; ``attend`` dequantises the whole table.
     """
 
     num_embeddings: int
@@ -692,27 +727,38 @@ class Embed(nn.Module):
     initializer_range: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: QuantConfig | None = None  # None = fp table param; else a frozen quantised table
 
     def setup(self):
-        self.embedding = self.param(
-            "embedding",
-            nn.with_logical_partitioning(_normal(self.initializer_range), ("vocab", "embed")),
-            (self.num_embeddings, self.features),
-            self.param_dtype,
-        )
+        shape, names = (self.num_embeddings, self.features), ("vocab", "embed")
+        if self.quant is None:
+            self.embedding = self.param(
+                "embedding", nn.with_logical_partitioning(_normal(self.initializer_range), names),
+                shape, self.param_dtype)
+        else:
+            self.quant.check_divisible(shape, 1, f"{self.path} embedding")
+            self.embedding_quant = quant_lib.quantized_variables(
+                self, "embedding", _normal(self.initializer_range), shape, self.param_dtype, names, 1, self.quant)
 
     def __call__(self, tokens: Array) -> Array:
         """tokens: [B, T] int -> [B, T, D] in ``dtype``."""
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}.")
-        x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+        if self.quant is None:
+            x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+        else:
+            x = quant_lib.dequantize_rows(self.embedding_quant, self.quant, tokens, self.dtype)
         return nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
 
     def attend(self, x: Array) -> Array:
         """x: [B, T, D] -> logits [B, T, V] float32 (inputs in ``dtype``, fp32 accumulation)."""
+        if self.quant is None:
+            table = self.embedding
+        else:
+            table = quant_lib.dequantize(self.embedding_quant, self.quant, 1)
         return jnp.einsum(
             "btd,vd->btv",
             x.astype(self.dtype),
-            self.embedding.astype(self.dtype),
+            table.astype(self.dtype),
             preferred_element_type=jnp.float32,
         )
