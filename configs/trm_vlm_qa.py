@@ -41,16 +41,17 @@ def vision_tower_config() -> ml_collections.ConfigDict:
 
 
 def small_decoder(c: ml_collections.ConfigDict) -> None:
-    """A 4-layer, 128-wide Llama-style decoder (the scene vocabulary is ~60 words)."""
+    """A 4-layer, 128-wide Llama-style decoder (the scene vocabulary is ~60 words); NF4 blocks of 32
+    (its head_dim, and every contracted axis, must be a multiple of the block)."""
     c.update(dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=0, rope_theta=10000.0, max_position_embeddings=256,
-                  tie_word_embeddings=True))
+                  tie_word_embeddings=True, quant_block_size=32))
 
 
 def get_config(arg: str | None = None):
     v = common.variant(arg, VARIANTS, __file__)
     c = common.trainer(
-        "vlm", total_steps=900, batch_size=64, log_every=100, eval_every=300, ckpt_every=300,
+        "vlm", total_steps=600, batch_size=32, log_every=100, eval_every=300, ckpt_every=300,
         eval=dict(max_batches=0),
         optim=dict(lr=1e-3, warmup_steps=50, weight_decay=0.05, b2=0.98, clip_norm=1.0))
     c.data = vlm_data.default_config()
@@ -63,7 +64,9 @@ def get_config(arg: str | None = None):
     small_decoder(c.decoder)
     # QLoRA (Dettmers et al. 2023): the stage's decoder frozen in NF4, adapters on every projection.
     c.decoder.update(dict(load_in_4bit=True, use_lora=True, lora_rank=16, lora_alpha=32.0, lora_dropout=0.0))
-    c.model = dict(attention_impl="auto", dtype="float32")
+    # 'xla' attention: on a 2-core CPU the VLM step took half the time of 'auto' at these short
+    # sequences (64 prefix + 40 text tokens).
+    c.model = dict(attention_impl="xla", dtype="float32")
     c.generation = vlm.generation_config()
     c.text_only = False
 
@@ -71,7 +74,7 @@ def get_config(arg: str | None = None):
     stage = ml_collections.ConfigDict(c.to_dict())
     stage.text_only = True
     stage.decoder.update(dict(load_in_4bit=False, use_lora=False, lora_rank=0, lora_alpha=0.0))
-    stage.update(dict(total_steps=400, eval_every=400, ckpt_every=400))
+    stage.update(dict(total_steps=150, batch_size=64, eval_every=150, ckpt_every=150))
     c.stages = ml_collections.ConfigDict(dict(decoder=stage))
 
     if v == "smoke":
@@ -80,7 +83,7 @@ def get_config(arg: str | None = None):
                                                  num_attention_heads=2, patch_size=16, image_size=32))
             cfg.connector.update(dict(num_latents=8, perceiver_num_layers=1, perceiver_num_heads=2))
             cfg.decoder.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                    num_key_value_heads=1))
+                                    num_key_value_heads=1, quant_block_size=16))
             cfg.data.update(dict(image_size=32, num_eval=8, eval_questions=2, answer_prior_samples=300,
                                  num_threads=0, prefetch_batches=0))
             cfg.update(dict(total_steps=4, batch_size=8, log_every=2, eval_every=4, ckpt_every=4))

@@ -118,9 +118,17 @@ class QuantConfig:
 # ------------------------------------------------------------------------------------------------
 
 
-def nf4_levels() -> Array:
-    """The 16 NF4 levels in [-1, 1] (QLoRA App. E), as qwix defines them: [16] fp32."""
-    return qwix_numerics.get_nf4_buckets().astype(jnp.float32)
+@functools.lru_cache(maxsize=None)
+def _nf4_levels_host() -> tuple[float, ...]:
+    # Read once, with transfers allowed: qwix builds the table as a jax array, and the first call may
+    # come from inside a jitted step run under jax.transfer_guard("disallow") (the trainer's eval).
+    with jax.transfer_guard("allow"), jax.ensure_compile_time_eval():
+        return tuple(float(v) for v in np.asarray(qwix_numerics.get_nf4_buckets(), np.float32))
+
+
+def nf4_levels() -> np.ndarray:
+    """The 16 NF4 levels in [-1, 1] (QLoRA App. E), as qwix defines them: [16] fp32 (host constant)."""
+    return np.asarray(_nf4_levels_host(), np.float32)
 
 
 def nf4_codes(x: Array) -> Array:
@@ -130,8 +138,7 @@ def nf4_codes(x: Array) -> Array:
     ``[N, 16]`` distance table: a running minimum over the 16 levels, 16 elementwise steps that XLA
     fuses into one pass (O(N) memory). x: [...] float -> [...] uint8.
     """
-    with jax.ensure_compile_time_eval():  # constants, also when traced
-        levels = [float(v) for v in np.asarray(nf4_levels())]
+    levels = _nf4_levels_host()  # constants, also when traced
     x = x.astype(jnp.float32)
     best = jnp.zeros(x.shape, jnp.uint8)
     best_d = jnp.abs(jnp.float32(levels[0]) - x)
