@@ -99,7 +99,7 @@ def get_config(arg: str | None = None):
     if v == "smollm2":
         # SmolLM2-135M-Instruct as the 4-bit base (--config.decoder.init_from=<dir>); its tokenizer is the data's.
         c.stages = ml_collections.ConfigDict()
-        c.decoder.update(dict(lora_rank=16, lora_alpha=32.0))
+        c.decoder.update(dict(lora_rank=16, lora_alpha=32.0, quant_block_size=64))
         c.data.update(dict(max_text_len=48, max_prompt_len=24))
         c.optim.update(dict(lr=5e-4))
     if v == "qwen3b":
@@ -109,7 +109,7 @@ def get_config(arg: str | None = None):
         c.vision_encoder.freeze = ("",)
         c.connector.update(dict(num_latents=64, perceiver_num_layers=3, perceiver_num_heads=8, prefix_dropout=0.2))
         c.decoder.update(dict(lora_rank=16, lora_alpha=32.0, lora_dropout=0.2, dtype="bfloat16", remat="full",
-                              scan_layers=True))
+                              scan_layers=True, quant_block_size=64))
         c.model.dtype = "bfloat16"
         c.data.update(dict(image_size=384, max_text_len=128, max_prompt_len=96, caption_fraction=0.0))
         c.optim.update(dict(lr=2e-5, weight_decay=0.2, warmup_steps=200))

@@ -42,7 +42,10 @@ def main():
     results["max_param_diff"] = max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in a)
     qa, qb = (tree.flatten(jax.device_get(states[k].model_state)) for k in ("single", "mesh24"))
     results["quant_leaves"] = len(qa)
-    results["quant_equal"] = all(np.array_equal(np.asarray(qa[k]), np.asarray(qb[k])) for k in qa)
+    # The random 4-bit init quantises the same normal draws on both meshes; a value within rounding of
+    # an NF4 decision boundary may land in the neighbouring code, so count differing elements.
+    results["quant_diff_frac"] = (sum(int(np.sum(np.asarray(qa[k]) != np.asarray(qb[k]))) for k in qa)
+                                  / sum(np.asarray(qa[k]).size for k in qa))
     results["sharded_params"] = sum(1 for x in jax.tree.leaves(states["mesh24"].params)
                                     if len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated)
     print("RESULT " + json.dumps(results))

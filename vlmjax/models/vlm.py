@@ -184,8 +184,10 @@ class VisionLanguageModel(nn.Module):
         elif c.connector == "attention_pool":
             self.vision_pool = resampler_lib.AttentionPool(num_heads=c.pool_heads, num_probes=c.pool_probes,
                                                            **common)
-        self.vision_proj = resampler_lib.ProjectionHead(
-            features=self.decoder.config.hidden_size, num_layers=c.projector_layers, dtype=c.dtype)
+        dec = self.decoder.config
+        width = getattr(dec, "hidden_size", None) or dec.decoder.hidden_size  # Decoder | TRMDecoder config
+        self.vision_proj = resampler_lib.ProjectionHead(features=width, num_layers=c.projector_layers,
+                                                        dtype=c.dtype)
         self.prefix_drop = nn.Dropout(rate=c.prefix_dropout)
 
     # -- the visual prefix ---------------------------------------------------------------------------
