@@ -55,7 +55,7 @@ def test_dtf_pretrained_lora_variant_trains_only_lora_and_routers(tmp_path):
     from vlmjax.train import trainer as trainer_lib
     from vlmjax.tree import path_str
 
-    _, path = _hf_model("qwen2_bias", tmp_path, vocab_size=320, num_hidden_layers=4, bos_token_id=1,
+    _, path = _hf_model("qwen2_bias", tmp_path, vocab_size=320, num_hidden_layers=2, bos_token_id=1,
                         eos_token_id=2)
     _with_tokenizer(path)
     cfg = load_config("dtf", "pretrained_lora", init_from=path, total_steps=4, batch_size=4,
