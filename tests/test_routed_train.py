@@ -55,7 +55,7 @@ def test_dtf_pretrained_lora_variant_trains_only_lora_and_routers(tmp_path):
     from vlmjax.train import trainer as trainer_lib
     from vlmjax.tree import path_str
 
-    _, path = _hf_model("qwen2_bias", tmp_path, vocab_size=320, num_hidden_layers=4, bos_token_id=1,
+    _, path = _hf_model("qwen2_bias", tmp_path, vocab_size=320, num_hidden_layers=2, bos_token_id=1,
                         eos_token_id=2)
     _with_tokenizer(path)
     cfg = load_config("dtf", "pretrained_lora", init_from=path, total_steps=4, batch_size=4,
@@ -104,13 +104,14 @@ def test_routed_eval_is_blind_to_padding(tmp_path):
     from vlmjax import tasks
 
     task = tasks.build(load_config("dtf", "smoke"), str(tmp_path))
-    v = task.init_variables(jax.random.key(0))
+    v = jax.jit(task.init_variables)(jax.random.key(0))  # jitted: eagerly, every op compiles alone
     params, state = v["params"], {k: x for k, x in v.items() if k != "params"}
     t = task.seq_len
     inputs = jax.random.randint(jax.random.key(1), (2, t), 3, 200)
     real = jnp.arange(t)[None, :] < jnp.asarray([[t], [t // 3]])
     batch = {"targets": jnp.roll(inputs, -1, 1), "loss_mask": real.astype(jnp.float32),
              "attention_mask": real.astype(jnp.int32)}
-    sums = [task.eval_fn(params, state, {**batch, "inputs": jnp.where(real, inputs, pad)}) for pad in (0, 7)]
+    eval_fn = jax.jit(task.eval_fn)
+    sums = [eval_fn(params, state, {**batch, "inputs": jnp.where(real, inputs, pad)}) for pad in (0, 7)]
     for key in ("nll_sum", "nll_sum_topk", "selected_frac_sum", "selected_frac_sum_topk"):
         np.testing.assert_allclose(float(sums[0][key]), float(sums[1][key]), rtol=1e-6, err_msg=key)

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +15,18 @@ from vlmjax.train.metrics import read_metrics
 def _losses(workdir):
     """step -> loss of the LAST logged record for that step (a resumed run may repeat steps)."""
     return {r["step"]: r["loss"] for r in read_metrics(workdir, "train")}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One uninterrupted smoke run (checkpoints at 3 and 6), shared: tests that change a workdir copy it."""
+    wd = str(tmp_path_factory.mktemp("e2e") / "full")
+    runner.run(smoke_config(), wd)
+    return wd
+
+
+def _copy(run_dir, tmp_path):
+    return shutil.copytree(run_dir, str(tmp_path / "run"))
 
 
 def test_main_smoke_cli_runs_and_writes_everything(tmp_path):
@@ -45,9 +58,8 @@ def test_main_smoke_cli_runs_and_writes_everything(tmp_path):
     assert read_metrics(str(wd)) == recs
 
 
-def test_resume_gives_identical_losses(tmp_path, capsys):
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    runner.run(smoke_config(), full)
+def test_resume_gives_identical_losses(finished_run, tmp_path, capsys):
+    full, part = finished_run, str(tmp_path / "part")
     # "Preempted" after step 3 (the checkpoint interval), then resumed from the workdir.
     s1 = runner.run(smoke_config(stop_after=3), part)
     assert s1["step"] == 3 and not s1["finished"]
@@ -63,9 +75,8 @@ def test_resume_gives_identical_losses(tmp_path, capsys):
     assert resumed == [1, 2, 3, 4, 5, 6]
 
 
-def test_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
-    wd = str(tmp_path / "run")
-    runner.run(smoke_config(), wd)  # checkpoints at 3 and 6
+def test_corrupt_latest_checkpoint_falls_back(finished_run, tmp_path, capsys):
+    wd = _copy(finished_run, tmp_path)  # checkpoints at 3 and 6
     files = [f for f in glob.glob(os.path.join(wd, "checkpoints", "6", "state", "**", "*"), recursive=True)
              if os.path.isfile(f)]
     assert files
@@ -126,9 +137,8 @@ def test_wandb_offline_logs_and_disabled_never_imports_it(tmp_path):
     assert runs and glob.glob(os.path.join(runs[0], "*.wandb"))
 
 
-def test_resume_with_a_different_model_is_a_clear_error_and_keeps_checkpoints(tmp_path):
-    wd = str(tmp_path / "run")
-    runner.run(smoke_config(), wd)
+def test_resume_with_a_different_model_is_a_clear_error_and_keeps_checkpoints(finished_run, tmp_path):
+    wd = _copy(finished_run, tmp_path)
     with pytest.raises(ValueError, match=r"different model or optimizer config.*shape mismatches: \[params/embed_tokens/embedding: "
                        r"checkpoint \(264, 32\) vs config \(264, 48\)"):
         runner.run(smoke_config(**{"model.hidden_size": 48}), wd)

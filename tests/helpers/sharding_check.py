@@ -1,7 +1,11 @@
 """Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (set by tests/test_sharding.py).
 
-One train step of the smoke LM on a (data=2, fsdp=2, tensor=2) mesh vs on a single device, then a
-checkpoint written on that mesh restored onto a (data=4, fsdp=1, tensor=2) mesh. Prints JSON.
+Usage: sharding_check.py [lm] [dtf] [tdtf] [mod] (default: all)
+
+lm: one train step of the smoke LM on a (data=2, fsdp=2, tensor=2) mesh vs on a single device, then a
+checkpoint written on that mesh restored onto a (data=4, fsdp=1, tensor=2) mesh, and an HF checkpoint
+loaded onto the mesh. dtf / tdtf / mod: two train steps of that routed smoke LM on the mesh vs one
+device. Prints JSON.
 """
 
 import json
@@ -31,8 +35,18 @@ def flat(tree):
     return {path_str(k): np.asarray(jax.device_get(v)) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def main():
+def main(parts):
     assert jax.device_count() == 8, jax.devices()
+    results = {}
+    if "lm" in parts:
+        results.update(check_lm())
+    for kind in ("dtf", "tdtf", "mod"):
+        if kind in parts:
+            results[f"routed_{kind}"] = check_routed(kind)
+    print("RESULT " + json.dumps(results))
+
+
+def check_lm():
     # fp32 and a wider model than smoke so tensor=2 splits heads/mlp evenly.
     cfg = smoke_config(**{"model.num_attention_heads": 4, "model.num_key_value_heads": 2,
                           "batch_size": 8, "optim.warmup_steps": 0})
@@ -102,29 +116,31 @@ def main():
         k = params["layers_0"]["self_attn"]["q_proj"]["kernel"]
         results["hf_mesh_q_spec"] = spec_list(k.sharding)
         results["hf_mesh_q_shard"] = list(k.addressable_shards[0].data.shape)
-    # Routed decoders (gather / top_k / scatter, router_state) on the mesh equal one device.
-    for kind in ("dtf", "tdtf", "mod"):
-        rcfg = load_config(kind, "smoke", **{"model.num_attention_heads": 4, "model.num_key_value_heads": 2,
-                                             "batch_size": 8, "optim.warmup_steps": 0})
-        rtask = tasks.build(rcfg, None)
-        rbatch = next(iter(rtask.train_dataset(global_batch_size=8, seed=0, process_index=0, process_count=1)))
-        out = {}
-        for name, mesh_cfg, devices in [("single", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
-                                        ("mesh222", dict(data=2, fsdp=2, tensor=2), None)]:
-            tr = Trainer(rcfg, rtask, shd.make_mesh(mesh_cfg, devices))
-            st = tr.init()
-            for _ in range(2):
-                st, m = tr.train_step(st, tr.put(rbatch))
-            out[name] = (float(m["loss"]), flat(st.params), flat(st.model_state))
-        results[f"routed_{kind}"] = {
-            "loss_single": out["single"][0], "loss_mesh": out["mesh222"][0],
-            "max_param_diff": max(float(np.max(np.abs(out["single"][1][k] - out["mesh222"][1][k])))
-                                  for k in out["single"][1]),
-            "max_state_diff": max([float(np.max(np.abs(out["single"][2][k] - out["mesh222"][2][k])))
-                                   for k in out["single"][2]] or [0.0]),
-        }
-    print("RESULT " + json.dumps(results))
+    return results
+
+
+def check_routed(kind):
+    """Routed decoders (gather / top_k / scatter, router_state) on the mesh equal one device."""
+    rcfg = load_config(kind, "smoke", **{"model.num_attention_heads": 4, "model.num_key_value_heads": 2,
+                                         "batch_size": 8, "optim.warmup_steps": 0})
+    rtask = tasks.build(rcfg, None)
+    rbatch = next(iter(rtask.train_dataset(global_batch_size=8, seed=0, process_index=0, process_count=1)))
+    out = {}
+    for name, mesh_cfg, devices in [("single", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
+                                    ("mesh222", dict(data=2, fsdp=2, tensor=2), None)]:
+        tr = Trainer(rcfg, rtask, shd.make_mesh(mesh_cfg, devices))
+        st = tr.init()
+        for _ in range(2):
+            st, m = tr.train_step(st, tr.put(rbatch))
+        out[name] = (float(m["loss"]), flat(st.params), flat(st.model_state))
+    return {
+        "loss_single": out["single"][0], "loss_mesh": out["mesh222"][0],
+        "max_param_diff": max(float(np.max(np.abs(out["single"][1][k] - out["mesh222"][1][k])))
+                              for k in out["single"][1]),
+        "max_state_diff": max([float(np.max(np.abs(out["single"][2][k] - out["mesh222"][2][k])))
+                               for k in out["single"][2]] or [0.0]),
+    }
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:] or ["lm", "dtf", "tdtf", "mod"])
