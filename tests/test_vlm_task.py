@@ -169,6 +169,7 @@ def test_pretrained_decoder_is_quantised_on_load_with_pixmo_style_files(tmp_path
     assert set(task.data.qtypes) == {"color", "count"} and "vqa_accuracy" in metrics
 
 
+@pytest.mark.slow  # ~5 min on a loaded 2-core box (two meshes compile train, eval and generate)
 def test_vlm_on_8_fake_devices_equals_one_device():
     p = run_module(["tests/helpers/vlm_sharding_check.py"],
                    env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
