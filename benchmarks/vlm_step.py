@@ -27,6 +27,7 @@ not depend on them).
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import sys
 import time
@@ -112,7 +113,6 @@ def bench(base: str) -> dict:
     decoder_bytes = sum(int(np.prod(v.shape)) * v.dtype.itemsize for k, v in params.items() if k.startswith("decoder/"))
     decoder_bytes += _nbytes(state.model_state)
     frozen = task.optimizer_config(c.optim).frozen
-    import re  # pylint: disable=g-import-not-at-top
     trainable = sum(int(np.prod(v.shape)) for k, v in params.items() if not any(re.search(p, k) for p in frozen))
     n = task.model.config.prefix_len
     text_len = int(c.data.max_text_len)

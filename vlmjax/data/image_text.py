@@ -484,47 +484,27 @@ def eval_rows(num_eval: int, global_batch_size: int, process_index: int, process
     return rows
 
 
-class _EvalRow(grain.transforms.Map):
-    """(index, real?) -> example; padding rows repeat the last example with mask 0."""
+class EvalRow(grain.transforms.Map):
+    """(index, real?) -> example; padding rows repeat the last example with mask 0 (``mask_dtype``)."""
 
-    def __init__(self, records: Sequence[dict], to_example: _ToExample):
-        self._records, self._to_example = records, to_example
+    def __init__(self, records: Sequence[dict], to_example: grain.transforms.Map, mask_dtype=np.float32):
+        self._records, self._to_example, self._mask_dtype = records, to_example, mask_dtype
 
     def map(self, row: tuple[int, bool]) -> dict[str, np.ndarray]:
         index, real = row
         example = self._to_example.map(self._records[index])
-        example["mask"] = np.float32(real)
+        example["mask"] = self._mask_dtype(real)
         return example
 
 
-@dataclasses.dataclass
-class ImageTextData:
-    """Image-caption pairs of one data config (any source): training stream and eval batches.
+class RecordPipelines:
+    """The grain pipelines of a dataset of random-access records (``ImageTextData``,
+    ``vlm_data.VLMData``): the subclass (a dataclass) holds ``config`` (num_threads,
+    prefetch_buffer_size, prefetch_batches, seed), ``train_records``, ``eval_records``,
+    ``description`` and ``_to_example`` (record -> example), and sets ``_mask_dtype`` (the eval
+    ``mask``'s dtype)."""
 
-    Attributes:
-      config: the data config (frozen copy).
-      train_records / eval_records: random-access records of each split; lengths = split sizes.
-      tokenizer: `.encode(text)` -> int32 ids, `.decode(ids)`; special ids below.
-      vocab_size, pad_id, bos_id, eos_id: the text embedding size and special ids (the CLIP
-        text tower pools at eos_id).
-      mean / std: per-channel normalisation of `image`.
-      image_size: S.
-      description: where the pairs come from, for logs.
-    """
-
-    config: Any
-    train_records: Sequence[dict]
-    eval_records: Sequence[dict]
-    tokenizer: Any
-    vocab_size: int
-    pad_id: int
-    bos_id: int
-    eos_id: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    image_size: int
-    description: str
-    _to_example: _ToExample = dataclasses.field(repr=False, default=None)
+    _mask_dtype = np.float32
 
     def example(self, index: int, split: str = "train") -> dict[str, np.ndarray]:
         """One example of `split` ('train' / 'eval') exactly as the pipelines produce it."""
@@ -564,7 +544,7 @@ class ImageTextData:
 
         Global batch b holds eval examples [b G, (b + 1) G); process p gets rows
         [p B, (p + 1) B), B = G // process_count. Rows past the last example repeat it with
-        mask 0, so every process gets the same number of batches.
+        mask 0, so every process gets the same number of batches (``eval_rows``).
 
         Args:
           global_batch_size: G.
@@ -576,8 +556,38 @@ class ImageTextData:
         if not num_eval:
             raise ValueError(f"{self.description} has no evaluation examples.")
         rows = eval_rows(num_eval, global_batch_size, process_index, process_count, max_batches)
-        ds = grain.MapDataset.source(rows).map(_EvalRow(self.eval_records, self._to_example))
+        ds = grain.MapDataset.source(rows).map(EvalRow(self.eval_records, self._to_example, self._mask_dtype))
         return list(ds.to_iter_dataset(self._read_options()).batch(local_batch))
+
+
+@dataclasses.dataclass
+class ImageTextData(RecordPipelines):
+    """Image-caption pairs of one data config (any source): training stream and eval batches.
+
+    Attributes:
+      config: the data config (frozen copy).
+      train_records / eval_records: random-access records of each split; lengths = split sizes.
+      tokenizer: `.encode(text)` -> int32 ids, `.decode(ids)`; special ids below.
+      vocab_size, pad_id, bos_id, eos_id: the text embedding size and special ids (the CLIP
+        text tower pools at eos_id).
+      mean / std: per-channel normalisation of `image`.
+      image_size: S.
+      description: where the pairs come from, for logs.
+    """
+
+    config: Any
+    train_records: Sequence[dict]
+    eval_records: Sequence[dict]
+    tokenizer: Any
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+    description: str
+    _to_example: _ToExample = dataclasses.field(repr=False, default=None)
 
 
 def _tokenizer(cfg, workdir):

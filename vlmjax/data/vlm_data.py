@@ -80,7 +80,6 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from vlmjax.data import common
 from vlmjax.data import image_text
 from vlmjax.data import scenes
 from vlmjax.data import tokenizers
@@ -488,26 +487,13 @@ class _ToExample(grain.transforms.Map):
                 "index": np.int32(record["index"]), "mask": np.int32(1)}
 
 
-class _EvalRow(grain.transforms.Map):
-    """(index, real?) -> example; padding rows repeat the last example with mask 0."""
-
-    def __init__(self, records: Sequence[dict], to_example: _ToExample):
-        self._records, self._to_example = records, to_example
-
-    def map(self, row: tuple[int, bool]) -> dict[str, np.ndarray]:
-        index, real = row
-        example = self._to_example.map(self._records[index])
-        example["mask"] = np.int32(real)
-        return example
-
-
 # ---------------------------------------------------------------------------------------------
 # The pipeline.
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
-class VLMData:
+class VLMData(image_text.RecordPipelines):
     """Captioning + VQA examples of one data config: training stream, eval batches, baseline.
 
     Attributes:
@@ -543,56 +529,7 @@ class VLMData:
 
     normalize_answer = staticmethod(normalize_answer)
 
-    def example(self, index: int, split: str = "train") -> dict[str, np.ndarray]:
-        """One example of `split` ('train' / 'eval') exactly as the pipelines produce it."""
-        records = self.train_records if split == "train" else self.eval_records
-        return self._to_example.map(records[index])
-
-    def _read_options(self) -> grain.ReadOptions:
-        return grain.ReadOptions(num_threads=self.config.num_threads,
-                                 prefetch_buffer_size=self.config.prefetch_buffer_size)
-
-    def train_dataset(self, *, global_batch_size: int, seed: int, process_index: int,
-                      process_count: int) -> grain.IterDataset:
-        """The infinite, shuffled training stream of this process.
-
-        Records are shuffled with (seed, config.seed), reshuffled every epoch, dealt round-robin
-        to the processes (`common.sharded_train_dataset`), and rendered / read lazily.
-
-        Returns:
-          A grain.IterDataset of batches (module docstring) with leading axis
-          B = global_batch_size // process_count; checkpoint its iterator with
-          `grain.checkpoint.CheckpointSave`.
-        """
-        local_batch = common.check_batching(global_batch_size, process_index, process_count)
-        if len(self.train_records) < global_batch_size:
-            raise ValueError(
-                f"the training split of {self.description} has {len(self.train_records)} "
-                f"examples, fewer than the global batch size {global_batch_size}.")
-        ds = common.sharded_train_dataset(
-            self.train_records, seed=seed, shuffle_seed=self.config.seed,
-            process_index=process_index, process_count=process_count,
-            transform=self._to_example, read_options=self._read_options())
-        return common.batch_and_prefetch(ds, local_batch, self.config.prefetch_batches)
-
-    def eval_batches(self, *, global_batch_size: int, process_index: int, process_count: int,
-                     max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
-        """This process's share of the evaluation batches, in a fixed order.
-
-        Global batch b holds eval examples [b G, (b + 1) G); process p gets rows
-        [p B, (p + 1) B), B = G // process_count; rows past the last example repeat it with
-        mask 0, so every process gets the same number of batches (`image_text.eval_rows`).
-
-        Args:
-          global_batch_size: G.
-          process_index / process_count: this process and the number of processes.
-          max_batches: at most this many leading global batches (None or 0 = all).
-        """
-        local_batch = common.check_batching(global_batch_size, process_index, process_count)
-        rows = image_text.eval_rows(len(self.eval_records), global_batch_size, process_index,
-                                    process_count, max_batches)
-        ds = grain.MapDataset.source(rows).map(_EvalRow(self.eval_records, self._to_example))
-        return list(ds.to_iter_dataset(self._read_options()).batch(local_batch))
+    _mask_dtype = np.int32  # batch 'mask' is int32 here (the lm/vlm convention)
 
     def accuracy(self, predictions: Mapping[int, str]) -> dict[str, float]:
         """Exact match (`normalize_answer`) of predicted answers on the VQA eval rows given.

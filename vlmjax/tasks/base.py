@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from etils import epath
+
 from vlmjax import tree
 from vlmjax.train.task import Task
+
+
+def is_hf_dir(path: str) -> bool:
+    """True for a Hugging Face checkpoint directory (config.json, no vlmjax ``checkpoints/``): an
+    ``init_from`` that may also name a vlmjax workdir (which holds config.json too)."""
+    path = epath.Path(path)
+    return (path / "config.json").exists() and not (path / "checkpoints").exists()
 
 
 def load_pretrained(entries, abstract_params, shardings, skip=()) -> dict[str, Any]:
@@ -37,4 +46,4 @@ def load_pretrained(entries, abstract_params, shardings, skip=()) -> dict[str, A
     return out
 
 
-__all__ = ["Task", "load_pretrained"]
+__all__ = ["Task", "is_hf_dir", "load_pretrained"]

@@ -35,7 +35,7 @@ from vlmjax import data as data_lib
 from vlmjax import flops as flops_lib
 from vlmjax.models import reuse as reuse_lib
 from vlmjax.tasks import video_cls
-from vlmjax.tasks.base import Task
+from vlmjax.tasks.base import Task, is_hf_dir
 from vlmjax.train import checkpoint
 
 
@@ -46,11 +46,6 @@ def probe_config() -> ml_collections.ConfigDict:
         batch_size=16,
         l2=1e-2,         # ridge penalty (on standardised features)
     ))
-
-
-def _is_hf_dir(path: str) -> bool:
-    path = epath.Path(path)
-    return (path / "config.json").exists() and not (path / "checkpoints").exists()
 
 
 class ReuseTask(Task):
@@ -74,7 +69,7 @@ class ReuseTask(Task):
         # The backbone: a pretrained checkpoint, else the finished 'backbone' stage's workdir.
         self.init_from = config.init_from or self.stage_dirs["backbone"]
         dtype = config.model.get("dtype", "float32")
-        if self.init_from and _is_hf_dir(self.init_from):
+        if self.init_from and is_hf_dir(self.init_from):
             self.spec = convert.vision_tower(self.init_from, dtype=dtype)
             vit_cfg = self.spec.module.config
         else:
@@ -118,7 +113,7 @@ class ReuseTask(Task):
         path = self.init_from
         backbone = {k: v for k, v in abstract_params.items() if not k.startswith("reuse_")}
         backbone_sh = None if shardings is None else {k: shardings[k] for k in backbone}
-        if _is_hf_dir(path):
+        if is_hf_dir(path):
             return convert.load_params(path, self.spec, backbone, shardings=backbone_sh)
         loaded, step = checkpoint.load_params(path, "vit")
         missing = sorted(set(backbone) - set(loaded))

@@ -34,9 +34,11 @@ question type beside the answer-prior baseline (the most frequent training answe
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-import os
 import re
+
+from etils import epath
 
 import flax.linen as nn
 import jax
@@ -52,7 +54,7 @@ from vlmjax.models import lora as lora_lib
 from vlmjax.models import trm as trm_lib
 from vlmjax.models import vit as vit_lib
 from vlmjax.models import vlm as vlm_lib
-from vlmjax.tasks.base import Task
+from vlmjax.tasks.base import Task, is_hf_dir
 from vlmjax.train import checkpoint as checkpoint_lib
 
 DECODER_TYPES = ("qwen", "trm")
@@ -82,11 +84,6 @@ def decoder_section() -> ml_collections.ConfigDict:
     return c
 
 
-def _is_hf_dir(path: str) -> bool:
-    return bool(path) and os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(
-        os.path.join(path, "checkpoints"))
-
-
 class VLMTask(Task):
     units = "examples"
 
@@ -102,7 +99,7 @@ class VLMTask(Task):
             raise ValueError(f"config.decoder.type={dc.type!r}; use one of {DECODER_TYPES}.")
         self.text_only = bool(config.text_only)
         self.decoder_source = dc.init_from or self.stage_dirs.get(STAGE, "")
-        if dc.init_from and not _is_hf_dir(dc.init_from):
+        if dc.init_from and not is_hf_dir(dc.init_from):
             raise FileNotFoundError(f"config.decoder.init_from={dc.init_from!r} is not a Hugging Face checkpoint "
                                     "directory (config.json + *.safetensors); point it at one (e.g. the SmolLM2 "
                                     "directory `python -m vlmjax.convert.gguf` writes) or set it to ''.")
@@ -226,7 +223,7 @@ class VLMTask(Task):
         cfg = dataclasses.replace(self.decoder_config, lora_rank=0, **({"load_in_4bit": False} if hasattr(self.decoder_config, "load_in_4bit") else {}))
         abstract = nn.meta.unbox(jax.eval_shape(lambda: decoder_lib.Decoder(cfg).init(
             jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))["params"])
-        if _is_hf_dir(self.decoder_source):
+        if is_hf_dir(self.decoder_source):
             return convert.load_params(self.decoder_source, convert.build(self.decoder_source), abstract)
         params, _ = checkpoint_lib.load_params(self.decoder_source, "decoder")
         params = {k: v for k, v in tree_lib.flatten(params).items() if not re.search(lora_lib.LORA_REGEX, k)}
@@ -370,13 +367,11 @@ class VLMTask(Task):
 
 
 def json_config(workdir: str) -> dict:
-    """The config.json a vlmjax run wrote in ``workdir``."""
-    import json  # pylint: disable=g-import-not-at-top
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    """The config.json a vlmjax run wrote in ``workdir`` (any epath: local or gs://)."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
         raise FileNotFoundError(f"{workdir} has no config.json: the decoder stage did not run there.")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(path.read_text())
 
 
 def _subset(shardings, values):
