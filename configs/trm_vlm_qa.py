@@ -25,6 +25,7 @@ Two stages on the procedural scenes (nothing to download):
 import ml_collections
 
 from configs import common
+from configs import perceiver_mrl_alignment
 from vlmjax.data import vlm_data
 from vlmjax.tasks import vlm
 
@@ -46,6 +47,25 @@ def small_decoder(c: ml_collections.ConfigDict) -> None:
     c.update(dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=0, rope_theta=10000.0, max_position_embeddings=256,
                   tie_word_embeddings=True, quant_block_size=32))
+
+
+def vision_stage(c: ml_collections.ConfigDict, total_steps: int = 500) -> ml_collections.ConfigDict:
+    """Stage 'vision' for the VLM config ``c``: the contrastive alignment experiment
+    (``configs/perceiver_mrl_alignment.py``) with c's vision tower and Perceiver, so the VLM starts its
+    vision_tower / vision_token_norm / vision_resampler from that run (``vlm.VISION_STAGE``)."""
+    a = perceiver_mrl_alignment.get_config("smoke" if c.total_steps < 10 else "default")
+    a.vision_encoder.tower = ml_collections.ConfigDict(c.vision_encoder.tower.to_dict())
+    conn = c.connector
+    a.vision_encoder.update(dict(use_perceiver=True, perceiver_num_latents=conn.num_latents,
+                                 perceiver_num_layers=conn.perceiver_num_layers,
+                                 perceiver_num_heads=conn.perceiver_num_heads, perceiver_dim=conn.perceiver_dim,
+                                 perceiver_ffn_mult=conn.perceiver_ffn_mult,
+                                 perceiver_latent_init_std=conn.perceiver_latent_init_std))
+    a.data.image_size = c.data.image_size
+    a.model.attention_impl = c.model.attention_impl
+    a.total_steps = total_steps
+    a.eval_every = a.ckpt_every = total_steps
+    return a
 
 
 def get_config(arg: str | None = None):

@@ -99,6 +99,51 @@ def test_scene_batch_checked_by_hand(scene_data):
             scenes.words(record["answer"]))
 
 
+def test_multi_turn_examples_keep_the_first_turn_and_label_every_answer():
+    """data.turns=4: turn 1 is the single-turn record (so the answer prior is unchanged), then
+    distinct questions about the same scene, whole turns only, each target labelled with its kind."""
+    one = vlm_data.build_vlm_data(make_config(num_eval=2, answer_prior_samples=50))
+    data = vlm_data.build_vlm_data(make_config(num_eval=2, answer_prior_samples=50, turns=4,
+                                               max_text_len=64))
+    assert data.answer_prior == one.answer_prior
+    batch = next(iter(data.train_dataset(global_batch_size=8, seed=0, process_index=0, process_count=1)))
+    eos, L = data.eos_id, data.config.max_text_len
+    turns_seen = 0
+    for r in range(8):
+        index = int(batch["index"][r])
+        first, record = one.train_records.text(index), data.train_records.text(index)
+        assert {k: record[k] for k in first} == first
+        questions = [t["question"] for t in record["more"]]
+        assert len(set(questions)) == len(questions) and first["question"] not in questions
+        scene = scenes.sample_scene(0, index, "train", data.config.scenes)
+        truth = {q.question: q.answer for q in scenes.questions(scene)}
+        assert all(truth[t["question"]] == t["answer"] for t in record["more"])
+        # Rebuild the row by hand: [BOS] p1 t1 [EOS] p2 t2 [EOS] ... while whole turns fit.
+        ids, labels, kinds = [], [], []
+        for i, turn in enumerate([first] + record["more"]):
+            p, t = vlm_data.format_example(turn["kind"], turn["question"], turn["answer"])
+            p_ids = ([data.bos_id] if i == 0 else []) + data.tokenizer.encode(p).tolist()
+            t_ids = data.tokenizer.encode(t).tolist() + [eos]
+            if len(ids) + len(p_ids) + len(t_ids) > L:
+                break
+            turns_seen += i > 0
+            ids += p_ids + t_ids
+            labels += [-100] * len(p_ids) + t_ids
+            kinds += [-1] * len(p_ids) + [turn["kind"]] * len(t_ids)
+        n = len(ids)
+        np.testing.assert_array_equal(batch["input_ids"][r], ids + [data.pad_id] * (L - n))
+        np.testing.assert_array_equal(batch["labels"][r], labels + [-100] * (L - n))
+        np.testing.assert_array_equal(batch["label_kind"][r], kinds + [-1] * (L - n))
+        np.testing.assert_array_equal(batch["attention_mask"][r], [1] * n + [0] * (L - n))
+        assert batch["kind"][r] == first["kind"]
+    assert turns_seen >= 8  # later turns are really there
+    # Evaluation stays one turn per example.
+    ev = data.eval_batches(global_batch_size=2, process_index=0, process_count=1, max_batches=1)[0]
+    assert int((ev["labels"][1] == eos).sum()) == 1
+    with pytest.raises(ValueError, match="config.data.turns"):
+        vlm_data.build_vlm_data(make_config(turns=0))
+
+
 def test_scene_text_never_encodes_to_unk(scene_data):
     data = scene_data
     cfg = data.config.scenes

@@ -93,6 +93,36 @@ def test_freeze_regexes_leave_the_refiner_and_adapters_trainable():
     assert not is_frozen("decoder/trm_refiner/out_proj/kernel") and not is_frozen("vision_resampler/latents")
 
 
+def test_vision_stage_starts_the_tower_and_resampler(tmp_path):
+    """Stage 'vision' (an alignment run with the VLM's tower and Perceiver): the VLM's vision subtrees start
+    equal to that run's; a Perceiver that does not fit is one clear error."""
+    import sys  # pylint: disable=g-import-not-at-top
+    from vlmjax import sharding as shd  # pylint: disable=g-import-not-at-top
+    from vlmjax.train import Trainer  # pylint: disable=g-import-not-at-top
+    from vlmjax.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import trm_vlm_qa  # pylint: disable=g-import-not-at-top
+    cfg = _no_stage()
+    stage = trm_vlm_qa.vision_stage(cfg, total_steps=2)
+    stage.lock()
+    vision_dir = str(tmp_path / "vision")
+    assert runner.run(stage, vision_dir)["finished"]
+    saved = tree.flatten(checkpoint_lib.load_params(vision_dir)[0])
+    task = tasks.build(cfg, None, {"vision": vision_dir})
+    tr = Trainer(cfg, task, shd.make_mesh(cfg.mesh))
+    state = tr.init(task.pretrained_params(tr.abstract_state.params, tr.state_shardings.params))
+    got = tree.flatten(jax.device_get(state.params))
+    loaded = [k for k in got if k.split("/")[0] in ("vision_tower", "vision_token_norm", "vision_resampler")]
+    assert any(k.startswith("vision_resampler/") for k in loaded) and len(loaded) > 10
+    bad = [k for k in loaded if not np.array_equal(got[k], saved[k])]
+    assert not bad, (bad, len(loaded))
+    other = _no_stage(**{"connector.num_latents": 3})
+    task = tasks.build(other, None, {"vision": vision_dir})
+    tr = Trainer(other, task, shd.make_mesh(other.mesh))
+    with pytest.raises(ValueError, match="vision stage .* does not fit"):
+        task.pretrained_params(tr.abstract_state.params, tr.state_shardings.params)
+
+
 def test_trm_decoder_and_refiner_variants_train(tmp_path):
     trm = {"decoder.type": "trm", "decoder.load_in_4bit": False, "decoder.use_lora": False, "decoder.lora_rank": 0,
            "decoder.trm.num_cycles": 2, "decoder.trm.latent_steps": 1, "decoder.trm.deep_supervision": True}

@@ -13,7 +13,11 @@ Each example is a dict of numpy arrays; batches add a leading per-process axis B
   input_ids:      int32   [L]  [BOS] + prompt + target + [EOS], right-padded with pad_id
   attention_mask: int32   [L]  1 on those tokens, 0 on padding
   labels:         int32   [L]  input_ids on the target tokens and [EOS]; -100 on [BOS], the
-                               prompt and padding (not shifted)
+                               prompt and padding (not shifted). With config.data.turns > 1
+                               (training on scenes), later turns follow the first:
+                               [BOS] p1 t1 [EOS] p2 t2 [EOS] ..., each target labelled
+  label_kind:     int32   [L]  the kind (CAPTION / VQA) of the turn each labelled token belongs to,
+                               -1 where labels is -100 (per-kind losses of multi-turn examples)
   prompt_ids:     int32   [P]  [BOS] + prompt, LEFT-padded with pad_id, so generation appends
                                at column P for every row (equal to input_ids[:n] of the row)
   prompt_mask:    int32   [P]  1 on [BOS] + prompt, 0 on the left padding
@@ -107,6 +111,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_questions = 0
     # 'scenes': fraction of training examples that are captions (the rest are VQA).
     c.caption_fraction = 0.2
+    # 'scenes': turns per training image, as in multi-turn instruction data (LLaVA): the first
+    # turn is drawn as above (a caption or one question); up to turns - 1 more distinct
+    # questions about the same image follow ([BOS] p1 t1 [EOS] p2 t2 [EOS] ...), as many as fit
+    # in max_text_len (a turn is never cut). Each image then supervises several answers: with
+    # turns=1 a from-scratch vision tower gets ~1/5 of a labelled colour per image and did not
+    # learn in 900 steps (docs/vlm.md). Evaluation is always one turn.
+    c.turns = 1
     # 'scenes': training records read (text only, nothing rendered) for the answer prior and
     # the length check; 'jsonl'/'csv' always use every training row.
     c.answer_prior_samples = 20_000
@@ -152,6 +163,11 @@ def _check_config(cfg) -> None:
     for field in ("image_size", "num_eval", "answer_prior_samples"):
         if not isinstance(cfg[field], int) or cfg[field] < 1:
             raise ValueError(f"config.data.{field}={cfg[field]!r} must be an int >= 1.")
+    if not isinstance(cfg.turns, int) or isinstance(cfg.turns, bool) or cfg.turns < 1:
+        raise ValueError(f"config.data.turns={cfg.turns!r} must be an int >= 1 (1 = one turn per image).")
+    if cfg.turns > 1 and cfg.source != "scenes":
+        raise ValueError(f"config.data.turns={cfg.turns} needs source='scenes' (a jsonl/csv row is one turn); "
+                         "set config.data.turns=1.")
     for field in ("eval_questions", "num_threads", "prefetch_buffer_size", "prefetch_batches"):
         if not isinstance(cfg[field], int) or cfg[field] < 0:
             raise ValueError(f"config.data.{field}={cfg[field]!r} must be an int >= 0.")
@@ -242,10 +258,23 @@ class SceneTrainRecords:
     """Training records of the procedural scenes (module docstring): record i is a function of
     (scenes.seed, i); `text(i)` samples the scene without rendering it."""
 
-    def __init__(self, cfg, image_size: int, caption_fraction: float):
+    def __init__(self, cfg, image_size: int, caption_fraction: float, turns: int = 1):
         self._cfg = _plain(cfg)
         self._size, self._caption_fraction = image_size, float(caption_fraction)
+        self._turns = int(turns)
         self._qtype_id = {t: i for i, t in enumerate(scenes.QA_TYPES)}
+
+    def _draw(self, rng: np.random.Generator, qas: Sequence[scenes.QA]) -> scenes.QA:
+        """A uniform question type first (COUNT questions outnumber the others about 3 to 1 per
+        scene), then one of its questions."""
+        by_type: dict[str, list[scenes.QA]] = {}
+        for qa in qas:
+            by_type.setdefault(qa.type, []).append(qa)
+        options = by_type[list(by_type)[int(rng.integers(len(by_type)))]]
+        return options[int(rng.integers(len(options)))]
+
+    def _vqa(self, qa: scenes.QA) -> dict:
+        return {"kind": VQA, "qtype": self._qtype_id[qa.type], "question": qa.question, "answer": qa.answer}
 
     def __len__(self) -> int:
         return self._cfg.num_train
@@ -254,17 +283,24 @@ class SceneTrainRecords:
         scene = scenes.sample_scene(self._cfg.seed, index, "train", self._cfg)
         # Stream 2 of the index (scenes.SceneRecords uses 1 for its captions).
         rng = np.random.default_rng([self._cfg.seed, scenes.SPLITS["train"], index, 2])
+        qas = scenes.questions(scene)
         if rng.random() < self._caption_fraction:
-            return scene, {"kind": CAPTION, "qtype": -1, "question": "",
-                           "answer": scenes.caption(scene, rng=rng)}
-        by_type: dict[str, list[scenes.QA]] = {}
-        for qa in scenes.questions(scene):
-            by_type.setdefault(qa.type, []).append(qa)
-        # A uniform type first: COUNT questions outnumber the others about 3 to 1 per scene.
-        options = by_type[list(by_type)[int(rng.integers(len(by_type)))]]
-        qa = options[int(rng.integers(len(options)))]
-        return scene, {"kind": VQA, "qtype": self._qtype_id[qa.type], "question": qa.question,
-                       "answer": qa.answer}
+            record = {"kind": CAPTION, "qtype": -1, "question": "", "answer": scenes.caption(scene, rng=rng)}
+        else:
+            first = self._draw(rng, qas)
+            record = self._vqa(first)
+            qas = [qa for qa in qas if qa is not first]
+        if self._turns > 1:
+            # Stream 3: the later turns, distinct questions drawn like the first (the first turn,
+            # and so the answer prior, is the same for every `turns`).
+            rng = np.random.default_rng([self._cfg.seed, scenes.SPLITS["train"], index, 3])
+            more = []
+            while qas and len(more) < self._turns - 1:
+                qa = self._draw(rng, qas)
+                more.append(self._vqa(qa))
+                qas = [q for q in qas if q is not qa]
+            record["more"] = more
+        return scene, record
 
     def text(self, index: int) -> dict:
         return self._sample(int(index))[1]
@@ -277,7 +313,7 @@ class SceneTrainRecords:
         return {**record, "image": scenes.render(scene, self._size), "index": int(index)}
 
     def __repr__(self) -> str:
-        return f"SceneTrainRecords(n={len(self)}, caption_fraction={self._caption_fraction})"
+        return f"SceneTrainRecords(n={len(self)}, caption_fraction={self._caption_fraction}, turns={self._turns})"
 
 
 class _ListRecords:
@@ -466,11 +502,23 @@ class _Encoder:
         input_ids[:n] = prompt + target
         labels = np.full((self.max_len,), IGNORE, np.int32)
         labels[n_p:n] = target  # The target tokens and [EOS]: what the model must produce.
+        label_kind = np.full((self.max_len,), -1, np.int32)
+        label_kind[n_p:n] = record["kind"]
+        for turn in record.get("more", ()):  # later turns (no BOS), while whole turns fit
+            p, t = format_example(turn["kind"], turn["question"], turn["answer"])
+            p_ids, t_ids = self._tok.encode(p).tolist(), self._tok.encode(t).tolist() + [self.eos_id]
+            end = n + len(p_ids) + len(t_ids)
+            if end > self.max_len:
+                break
+            input_ids[n:end] = p_ids + t_ids
+            labels[n + len(p_ids):end] = t_ids
+            label_kind[n + len(p_ids):end] = turn["kind"]
+            n = end
         prompt_ids = np.full((self.max_prompt_len,), self.pad_id, np.int32)
         prompt_ids[self.max_prompt_len - n_p:] = prompt  # Left padding: generation appends at P.
         return {"input_ids": input_ids,
                 "attention_mask": (np.arange(self.max_len) < n).astype(np.int32),
-                "labels": labels, "prompt_ids": prompt_ids,
+                "labels": labels, "label_kind": label_kind, "prompt_ids": prompt_ids,
                 "prompt_mask": (np.arange(self.max_prompt_len)
                                 >= self.max_prompt_len - n_p).astype(np.int32)}
 
@@ -588,7 +636,7 @@ def build_vlm_data(data_cfg, workdir: epath.PathLike | None = None) -> VLMData:
     preprocess = image_text.Preprocess(cfg.image_size, image_text.make_processor(cfg))
     if cfg.source == "scenes":
         sc = cfg.scenes
-        train = SceneTrainRecords(sc, cfg.image_size, cfg.caption_fraction)
+        train = SceneTrainRecords(sc, cfg.image_size, cfg.caption_fraction, cfg.turns)
         eval_ = _scene_eval_records(cfg)
         qtypes = scenes.QA_TYPES
         # A fixed sample of training records (their text only) for the prior and length check.

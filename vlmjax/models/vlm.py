@@ -138,8 +138,26 @@ def concat_prefix(
     return embeds, mask, labels, positions
 
 
+def token_nll(logits: Array, labels: Array) -> tuple[Array, Array]:
+    """Next-token NLL per position (HF convention: position t predicts labels[t + 1]).
+
+    Args:
+        logits: [B, T, V] float.
+        labels: [B, T] int; ``IGNORE`` entries are not scored.
+
+    Returns:
+        (nll [B, T - 1], 0 where not scored; valid [B, T - 1] bool), float32 nll: entry t scores
+        labels[t + 1].
+    """
+    targets = labels[:, 1:]
+    valid = targets != IGNORE
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return -jnp.where(valid, picked, 0.0), valid
+
+
 def next_token_nll(logits: Array, labels: Array) -> tuple[Array, Array]:
-    """Summed next-token NLL of ``labels`` (HF convention: position t predicts labels[t + 1]).
+    """Summed next-token NLL of ``labels`` (``token_nll`` summed over positions).
 
     Args:
         logits: [B, T, V] float.
@@ -148,12 +166,8 @@ def next_token_nll(logits: Array, labels: Array) -> tuple[Array, Array]:
     Returns:
         (nll [B] summed over scored tokens, count [B] scored tokens), float32.
     """
-    targets = labels[:, 1:]
-    valid = targets != IGNORE
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    nll = -jnp.sum(jnp.where(valid, picked, 0.0), axis=1)
-    return nll, jnp.sum(valid, axis=1).astype(jnp.float32)
+    nll, valid = token_nll(logits, labels)
+    return jnp.sum(nll, axis=1), jnp.sum(valid, axis=1).astype(jnp.float32)
 
 
 class VisionLanguageModel(nn.Module):
@@ -266,4 +280,4 @@ class VisionLanguageModel(nn.Module):
         return out
 
 
-__all__ = ["CONNECTORS", "IGNORE", "VLMConfig", "VisionLanguageModel", "concat_prefix", "next_token_nll"]
+__all__ = ["CONNECTORS", "IGNORE", "VLMConfig", "VisionLanguageModel", "concat_prefix", "next_token_nll", "token_nll"]

@@ -65,6 +65,11 @@ _RUN_FIELDS = ("dtype", "remat", "attention_impl", "scan_layers", "lora_rank", "
 # Keys of config.decoder that are not DecoderConfig fields.
 _VLM_DECODER_KEYS = ("type", "init_from", "use_lora", "freeze", "use_trm_recursion", "refine", "trm")
 STAGE = "decoder"  # the optional config.stages entry that pretrains the decoder on the text alone
+# The optional config.stages entry that pretrains the vision side contrastively (task 'alignment',
+# configs/perceiver_mrl_alignment.py: the same vision_tower / vision_token_norm / vision_resampler
+# param names); the VLM starts those subtrees from its checkpoint.
+VISION_STAGE = "vision"
+VISION_SUBTREES = ("vision_tower", "vision_token_norm", "vision_resampler", "vision_pool")
 
 
 def generation_config() -> ml_collections.ConfigDict:
@@ -89,8 +94,10 @@ class VLMTask(Task):
 
     @classmethod
     def needed_stages(cls, config) -> tuple[str, ...]:
-        # The decoder stage stands in for decoder.init_from: with a checkpoint it is not trained.
-        return () if config.decoder.init_from else super().needed_stages(config)
+        # The stages stand in for decoder.init_from / vision_encoder.init_from: with a checkpoint
+        # the stage is not trained.
+        skip = {STAGE: bool(config.decoder.init_from), VISION_STAGE: bool(config.vision_encoder.init_from)}
+        return tuple(n for n in super().needed_stages(config) if not skip.get(n, False))
 
     def __init__(self, config, workdir, stage_dirs=None):
         super().__init__(config, workdir, stage_dirs)
@@ -202,6 +209,8 @@ class VLMTask(Task):
             sh = None if shardings is None else shardings["vision_tower"]
             out["vision_tower"] = convert.load_params(ve.init_from, self.vision_spec, abstract_params["vision_tower"],
                                                       shardings=sh)
+        elif self.stage_dirs.get(VISION_STAGE):
+            out.update(self._load_vision_stage(abstract_params, shardings))
         if self.decoder_source:
             fp = self._load_decoder()
             sh = None if shardings is None else shardings["decoder"]
@@ -217,6 +226,31 @@ class VLMTask(Task):
                 fp = jax.tree.map(lambda x, s: jax.device_put(x, s), fp, _subset(sh, fp))
             out["decoder"] = fp
         return out or None
+
+    def _load_vision_stage(self, abstract_params, shardings):
+        """The vision subtrees (``VISION_SUBTREES`` the model has) from the vision stage's checkpoint
+        (an alignment run); shapes must match: the stage's tower and connector are this run's."""
+        source = self.stage_dirs[VISION_STAGE]
+        saved, _ = checkpoint_lib.load_params(source)
+        out = {}
+        for name in VISION_SUBTREES:
+            if name not in abstract_params or name not in saved:
+                continue
+            want, have = tree_lib.flatten(abstract_params[name]), tree_lib.flatten(saved[name])
+            bad = [f"{name}/{k}: {tuple(getattr(have.get(k), 'shape', ())) if k in have else 'missing'} vs "
+                   f"{tuple(want[k].shape)}" for k in want if k not in have or tuple(have[k].shape) != tuple(want[k].shape)]
+            if bad:
+                raise ValueError(f"the vision stage in {source} does not fit this model ({bad[0]}); give config.stages."
+                                 f"{VISION_STAGE} the same vision_encoder.tower and Perceiver (num_latents, layers, "
+                                 "heads) as config.vision_encoder / config.connector, or delete that stage's workdir.")
+            tree = tree_lib.unflatten({k: jnp.asarray(have[k], want[k].dtype) for k in want})
+            if shardings is not None:
+                tree = jax.tree.map(lambda x, sh: jax.device_put(x, sh), tree, _subset(shardings[name], tree))
+            out[name] = tree
+        if "vision_tower" not in out:
+            raise ValueError(f"the vision stage in {source} has no vision_tower params: config.stages.{VISION_STAGE} "
+                             "must be an alignment run (task 'alignment').")
+        return out
 
     def _load_decoder(self):
         """The fp decoder params (no LoRA) from the HF checkpoint or the decoder stage's workdir."""
@@ -281,16 +315,16 @@ class VLMTask(Task):
         out = self._forward(params, model_state, batch, rng)
         labels = batch["labels"]
         if "cycle_logits" in out:
-            per = [vlm_lib.next_token_nll(logits, labels) for logits in out["cycle_logits"]]
-            nll = sum(p[0] for p in per) / len(per)
-            count = per[0][1]
+            nll = sum(vlm_lib.token_nll(logits, labels)[0] for logits in out["cycle_logits"]) / len(out["cycle_logits"])
         else:
-            nll, count = vlm_lib.next_token_nll(out["logits"], labels)
-        loss = jnp.sum(nll) / jnp.maximum(jnp.sum(count), 1.0)
+            nll = vlm_lib.token_nll(out["logits"], labels)[0]
+        valid = (labels[:, 1:] != vlm_lib.IGNORE).astype(jnp.float32)
+        loss = jnp.sum(nll) / jnp.maximum(jnp.sum(valid), 1.0)
         metrics = {"loss": loss}
+        # Per kind, token by token: a multi-turn example (data.turns > 1) holds both kinds.
         for name, kind in (("caption_loss", vlm_data.CAPTION), ("vqa_loss", vlm_data.VQA)):
-            w = (batch["kind"] == kind).astype(jnp.float32)
-            metrics[name] = jnp.sum(nll * w) / jnp.maximum(jnp.sum(count * w), 1.0)
+            w = (batch["label_kind"][:, 1:] == kind).astype(jnp.float32)
+            metrics[name] = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
         return loss, {"metrics": metrics, "model_state": model_state}
 
     # ---- evaluation --------------------------------------------------------------------------
