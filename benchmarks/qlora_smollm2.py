@@ -1,6 +1,6 @@
 r"""QLoRA on the real SmolLM2-135M-Instruct, offline: the NF4 base's loss vs bf16, and LoRA on the NF4 base.
 
-  python -m vlmjax.convert.gguf              # once: the bundled GGUF -> ~/.cache/vlmjax/smollm2-135m-instruct
+  python -c "from vlmjax.convert import gguf; print(gguf.smollm2_135m_instruct())"   # once -> ~/.cache/vlmjax/...
   python benchmarks/qlora_smollm2.py         # 2-core CPU: ~10 min
   python benchmarks/qlora_smollm2.py --eval_seqs=4 --train_steps=10 --seq_len=128   # quicker
 

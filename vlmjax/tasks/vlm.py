@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlmjax import convert
+from vlmjax import diagnostics
 from vlmjax import tree as tree_lib
 from vlmjax.data import vlm_data
 from vlmjax.models import decoder as decoder_lib
@@ -360,8 +361,7 @@ class VLMTask(Task):
                 loss = outputs[f"{name}_nll"] / tokens
                 metrics[f"{name}_loss"] = loss
                 metrics[f"{name}_perplexity"] = math.exp(min(loss, 50.0))
-        keep = outputs["mask"] > 0
-        predictions = {int(i): self.decode_answer(g) for i, g in zip(outputs["index"][keep], outputs["generated"][keep])}
+        predictions = self._predictions(outputs)
         acc = self.data.accuracy(predictions)
         prior = self.data.prior_accuracy()
         metrics["vqa_accuracy"] = acc["overall"]
@@ -373,6 +373,56 @@ class VLMTask(Task):
                 metrics[f"prior_accuracy/{t}"] = prior[t]
         self._report(acc, prior, predictions)
         return metrics
+
+    def _predictions(self, outputs) -> dict[int, str]:
+        """Eval row -> generated answer text, of the real rows of the combined eval outputs."""
+        keep = outputs["mask"] > 0
+        return {int(i): self.decode_answer(g) for i, g in zip(outputs["index"][keep], outputs["generated"][keep])}
+
+    # ---- diagnostics -------------------------------------------------------------------------
+    def vqa_probe(self) -> diagnostics.VQAProbe:
+        """The eval's generated answers scored by ``VLMData.vqa_rows`` (the exact match of
+        ``finalize_eval``); blank = mid-grey through the data's preprocessing; bias baselines from
+        the answer prior's training sample; features: the vision tower's mean token; the
+        question-only baseline: the text-only 'decoder' stage's final eval, when there is one."""
+        notes = []
+        if self.text_only:
+            notes.append("text-only run (config.text_only=True): the model never sees an image, so every "
+                         "drop is 0 by construction")
+        question_only = None if self.text_only else self._question_only()
+        if question_only is not None and not question_only["same_data"]:
+            notes.append(f"the question-only baseline ({question_only['source']}) was evaluated with another "
+                         "config.data than this run")
+        return diagnostics.VQAProbe(
+            rows=lambda outputs: self.data.vqa_rows(self._predictions(outputs)),
+            train_examples=self.data.train_vqa, blank_image=self.data.blank_image(), qtypes=self.data.qtypes,
+            normalize=vlm_data.normalize_answer, image_key="image", mask_key="mask",
+            image_features=None if self.text_only else self._image_features,
+            question_only=question_only, notes=tuple(notes))
+
+    def _image_features(self, params, model_state, batch):
+        """Pooled image features [B, Dv]: the vision tower's last hidden states averaged over tokens."""
+        def pooled(module, image):
+            out, _ = module.vision_tower(image, deterministic=True)
+            return jnp.mean(out["last_hidden_state"].astype(jnp.float32), axis=1)
+
+        return self.model.apply({"params": params, **model_state}, batch["image"], method=pooled)
+
+    def _question_only(self) -> dict | None:
+        """The text-only 'decoder' stage's final VQA accuracy by type, {'source', 'overall', <qtype>...}
+        (None without that stage or its summary.json); 'same_data': whether it had this run's data."""
+        source = self.stage_dirs.get(STAGE)
+        summary = epath.Path(source) / "summary.json" if source else None
+        if summary is None or not summary.exists():
+            return None
+        end = json.loads(summary.read_text()).get("eval_end", {})
+        saved = json_config(source)
+        if not saved.get("text_only") or "vqa_accuracy" not in end:
+            return None
+        out = {"source": str(source), "overall": end["vqa_accuracy"]}
+        out.update({t: end[f"vqa_accuracy/{t}"] for t in self.data.qtypes if f"vqa_accuracy/{t}" in end})
+        out["same_data"] = saved.get("data") == json.loads(self.config.data.to_json_best_effort())
+        return out
 
     def _report(self, acc, prior, predictions):
         if jax.process_index() != 0:

@@ -404,3 +404,57 @@ def load_params(workdir: PathLike, subtree: str = "") -> tuple[dict[str, Any], i
         logging.set_verbosity(verbosity)
         manager.close()
     raise FileNotFoundError(f"No readable checkpoint in {os.fspath(directory)}.")
+
+
+def checkpoint_steps(workdir: PathLike) -> list[int]:
+    """The committed checkpoint steps of a vlmjax workdir (``<workdir>/checkpoints``), ascending; []
+    when it has none."""
+    directory = as_path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def read_state(workdir: PathLike, abstract, *, step: int | None = None) -> tuple[Any, int]:
+    """Reads PART of the saved train state of a vlmjax workdir, read-only (the diagnostics).
+
+    Args:
+      workdir: the run's workdir (its ``checkpoints/``).
+      abstract: a nested dict of ``jax.ShapeDtypeStruct`` (with shardings) shaped like a subset of
+        the saved state, e.g. ``{"params": ..., "model_state": ...}`` from ``Trainer.abstract_state``,
+        or only a few leaves ``{"params": {"decoder": {"xattn_0": {"alpha_attn": ...}}}}``: only those
+        arrays are read.
+      step: the step to read (None: the newest readable one).
+
+    Returns:
+      (the restored subset, its step). Checksums are verified; an unreadable step is skipped (step
+      None) or an error (a given step). Nothing is moved or deleted, unlike ``restore_latest``.
+    """
+    directory = as_path(workdir) / "checkpoints"
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"{os.fspath(workdir)} has no checkpoints: train the run first.")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"{os.fspath(directory)} has no step {step} (have {steps}).")
+    manager = ocp.CheckpointManager(directory, item_names=("state",),
+                                    item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # orbax warns about the items (data, config) left unread
+    errors_seen = []
+    try:
+        for s in reversed(steps) if step is None else [step]:
+            try:
+                verify_checksums(directory / str(s))
+                restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                    item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                    partial_restore=True)))
+                return restored["state"], s
+            except Exception as e:  # noqa: BLE001 - an unreadable step: try the previous one
+                errors_seen.append(f"step {s}: {_short(f'{type(e).__name__}: {e}', 200)}")
+                if step is None:
+                    logging.error("Checkpoint step %d in %s is unreadable (%s); trying the previous one.",
+                                  s, os.fspath(directory), e)
+    finally:
+        logging.set_verbosity(verbosity)
+        manager.close()
+    raise FileNotFoundError(f"No readable checkpoint in {os.fspath(directory)}: {'; '.join(errors_seen)}.")

@@ -31,6 +31,10 @@ def base_config() -> ml_collections.ConfigDict:
     # When every checkpoint in the workdir is unusable (all moved to corrupt_checkpoints/), the run
     # stops and says so; True starts it again from step 0 instead.
     c.allow_fresh_start = False
+    # After the run finishes, run the VQA diagnostics (how much the model uses its images; tasks
+    # with Task.vqa_probe, e.g. 'vlm'; docs/diagnostics.md) and write WORKDIR/diagnostics/. Like
+    # `python -m vlmjax.diagnose --workdir=WORKDIR` afterwards.
+    c.diagnose_at_end = False
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
     # Overrides of vlmjax.sharding.DEFAULT_RULES: tuple of (logical_name, mesh axis | tuple | None).
     c.sharding = ml_collections.ConfigDict(dict(rules=()))
@@ -88,3 +92,19 @@ def validate_for_mesh(config, dp_size: int, process_count: int) -> None:
     if config.batch_size % process_count:
         raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                          f"{process_count} processes.")
+
+
+def _tuples(value):
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def from_json(saved: dict) -> ml_collections.ConfigDict:
+    """A run's saved ``config.json`` (``config.to_json_best_effort()``) as a locked ConfigDict again;
+    JSON lists become tuples, as the config files write them."""
+    c = ml_collections.ConfigDict(_tuples(dict(saved)))
+    c.lock()
+    return c

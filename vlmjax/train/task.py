@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
+
+from vlmjax import errors
+
+if TYPE_CHECKING:
+    from vlmjax.diagnostics import VQAProbe
 
 
 class Task(abc.ABC):
@@ -118,3 +123,22 @@ class Task(abc.ABC):
     def on_end(self, state, mesh) -> dict[str, Any]:
         """Hook after the last step (e.g. print a sample). Returns extra summary fields."""
         return {}
+
+    # ---- diagnostics (python -m vlmjax.diagnose; config.diagnose_at_end) ------------------------
+    def vqa_probe(self) -> VQAProbe:
+        """What the VQA diagnostics (``vlmjax.diagnostics``, docs/diagnostics.md) need to measure how
+        much the model uses its images: a ``vlmjax.diagnostics.VQAProbe``. The diagnostics run this
+        task's own jitted ``eval_fn`` over its eval batches with real, shuffled and blank images; the
+        probe turns the combined outputs (what ``finalize_eval`` gets) into per-question correctness
+        and names the image field, the blank image, the training questions (bias baselines), and
+        optionally a pooled image-feature function and a question-only baseline. Default: the task
+        has none (a one-line error)."""
+        raise errors.UserError(
+            f"config.task={self.config.task!r} ({type(self).__name__}) has no VQA diagnostics: they "
+            "measure a model that answers questions about images (e.g. task 'vlm'); a task supports "
+            "them by implementing Task.vqa_probe().")
+
+    @classmethod
+    def has_vqa_probe(cls) -> bool:
+        """Whether the task implements ``vqa_probe`` (checked before training with diagnose_at_end)."""
+        return cls.vqa_probe is not Task.vqa_probe

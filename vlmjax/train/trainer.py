@@ -90,11 +90,7 @@ class Trainer:
             out_shardings=(self.state_shardings, repl),
             donate_argnums=(0,),
         )
-        self.eval_step = jax.jit(
-            self._eval_step,
-            in_shardings=(self.state_shardings.params, self.state_shardings.model_state, None),
-            out_shardings=repl,
-        )
+        self.eval_step = self.jit_eval(task.eval_fn)
 
     def _ctx(self):
         """Mesh + logical rules in scope while tracing, so ``nn.with_logical_constraint`` binds.
@@ -179,9 +175,17 @@ class Trainer:
                                   model_state=model_state)
         return new_state, out
 
-    def _eval_step(self, params, model_state, batch):
-        with self._ctx():
-            return self.task.eval_fn(params, model_state, batch)
+    def jit_eval(self, fn):
+        """``fn(params, model_state, batch)`` jitted as ``eval_step`` is (``eval_step`` is
+        ``jit_eval(task.eval_fn)``): the state's shardings in, replicated outputs, traced under the
+        mesh's logical rules. For other read-only functions of a model, e.g. the image features of
+        ``Task.vqa_probe``."""
+        def step(params, model_state, batch):
+            with self._ctx():
+                return fn(params, model_state, batch)
+
+        return jax.jit(step, in_shardings=(self.state_shardings.params, self.state_shardings.model_state, None),
+                       out_shardings=shd.replicated(self.mesh))
 
     # -- helpers ---------------------------------------------------------------------------------
     def init(self, pretrained=None, pretrained_state=None) -> TrainState:
@@ -208,16 +212,21 @@ class Trainer:
         return shd.put_batch(batch, self.mesh)
 
     def evaluate(self, state: TrainState, batches) -> dict[str, Any]:
-        """Runs ``task.eval_fn`` on every batch and hands ``task.finalize_eval`` the combined outputs:
-        scalars are summed over batches (sums of losses, token counts), arrays with a leading batch
-        axis are concatenated in batch order (per-example embeddings for retrieval, which needs every
-        item at once). The step's outputs are replicated, so every process gets the global arrays."""
+        """Runs ``task.eval_fn`` on every batch and hands ``task.finalize_eval`` the combined outputs
+        (``eval_outputs``)."""
+        return self.task.finalize_eval(self.eval_outputs(state.params, state.model_state, batches))
+
+    def eval_outputs(self, params, model_state, batches) -> dict[str, Any]:
+        """``task.eval_fn`` of every batch, combined: scalars are summed over batches (sums of losses,
+        token counts), arrays with a leading batch axis are concatenated in batch order (per-example
+        embeddings for retrieval, which needs every item at once; generated answers). The step's
+        outputs are replicated, so every process gets the global arrays."""
         sums: dict[str, float] = {}
         rows: dict[str, list[np.ndarray]] = {}
         for b in batches:
             b = self.put(b)
             with jax.transfer_guard("disallow"):  # a silent host<->device copy in the step is a bug
-                out = self.eval_step(state.params, state.model_state, b)
+                out = self.eval_step(params, model_state, b)
             out = jax.device_get(out)
             for k, v in out.items():
                 v = np.asarray(v)
@@ -225,7 +234,7 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + float(v)
                 else:
                     rows.setdefault(k, []).append(v)
-        return self.task.finalize_eval({**sums, **{k: np.concatenate(v) for k, v in rows.items()}})
+        return {**sums, **{k: np.concatenate(v) for k, v in rows.items()}}
 
 
 def _check_pretrained(pretrained, abstract_params, what: str = "param") -> None:
@@ -293,7 +302,7 @@ class _Stack:
 
 SUMMARY = "summary.json"
 # Config fields that say how to run, not what the run is: a finished run is the same run without them.
-_NOT_THE_RUN = ("stop_after", "allow_fresh_start")
+_NOT_THE_RUN = ("stop_after", "allow_fresh_start", "diagnose_at_end")
 
 
 class _Preempted:
