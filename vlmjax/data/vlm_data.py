@@ -634,8 +634,9 @@ class VLMData(image_text.RecordPipelines):
             raise ValueError(f"an answer vocabulary starts with {UNK_ANSWER!r} (answer_vocabulary()).")
         ex = self._to_example
         ids = {a: i for i, a in enumerate(vocab) if i}
-        return dataclasses.replace(self, answer_vocab=vocab,
-                                   _to_example=_ToExample(ex._preprocess, ex._encoder, ids))  # pylint: disable=protected-access
+        # pylint: disable-next=protected-access
+        to_example = _ToExample(ex._preprocess, ex._encoder, ids)
+        return dataclasses.replace(self, answer_vocab=vocab, _to_example=to_example)
 
     normalize_answer = staticmethod(normalize_answer)
 

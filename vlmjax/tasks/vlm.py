@@ -278,19 +278,25 @@ class VLMTask(Task):
             quant = jax.tree.map(lambda x, s: jax.device_put(x, s), quant, _subset(sh, quant))
         return {"quant": {"decoder": quant}}
 
+    def frozen_decoder_regex(self) -> str | None:
+        """The regex of decoder params the adapter recipe freezes: with LoRA or a 4-bit base every
+        decoder param except the adapters (and ``trm_refiner/``, the refinement loop, which trains
+        from zero); None = the decoder trains."""
+        if self.config.decoder.use_lora or getattr(self.decoder_config, "load_in_4bit", False):
+            return r"^decoder/(?!trm_refiner/)(?!.*(^|/)lora_[ab]$)"
+        return None
+
     def optimizer_config(self, optim_cfg):
-        """Freezes the vision tower's ``freeze`` regexes and, with LoRA or a 4-bit base, every decoder
-        param except the adapters (and ``trm_refiner/``, the refinement loop, which trains from zero)."""
+        """Freezes the vision tower's ``vision_encoder.freeze`` regexes, ``frozen_decoder_regex`` and the
+        ``decoder.freeze`` regexes (regexes inside the subtree; a leading ^ anchors at its root)."""
         frozen = list(optim_cfg.frozen)
-        for pattern in self.config.vision_encoder.freeze:
-            inner = f"(?:{pattern[1:]})" if pattern.startswith("^") else f".*(?:{pattern})"
-            frozen.append(f"^vision_tower/{inner}")
-        dc = self.config.decoder
-        if dc.use_lora or getattr(self.decoder_config, "load_in_4bit", False):
-            frozen.append(r"^decoder/(?!trm_refiner/)(?!.*(^|/)lora_[ab]$)")
-        for pattern in dc.freeze:
-            inner = f"(?:{pattern[1:]})" if pattern.startswith("^") else f".*(?:{pattern})"
-            frozen.append(f"^decoder/{inner}")
+        for subtree, patterns in (("vision_tower", self.config.vision_encoder.freeze),
+                                  ("decoder", self.config.decoder.freeze)):
+            for pattern in patterns:
+                inner = f"(?:{pattern[1:]})" if pattern.startswith("^") else f".*(?:{pattern})"
+                frozen.append(f"^{subtree}/{inner}")
+        if (decoder_regex := self.frozen_decoder_regex()) is not None:
+            frozen.append(decoder_regex)
         cfg = ml_collections.ConfigDict(optim_cfg.to_dict())
         cfg.frozen = tuple(frozen)
         return cfg
