@@ -38,7 +38,7 @@ CASES = {
                    ["config.total_steps=abc: expected an int, e.g. --config.total_steps=6"]),
     "missing_config_file": (["--config=configs/nope.py", "--workdir={w}"], None,
                             ["--config=configs/nope.py: no experiment file", "configs/nope.py",
-                             "the experiments are configs/dtf.py, configs/lm.py"]),
+                             "the experiments are configs/dtf.py, ", "configs/lm.py, "]),
     "config_file_syntax_error": (["--config={t}/broken.py", "--workdir={w}"], None,
                                  ["--config={t}/broken.py: the experiment file does not load: {t}/broken.py "
                                   "line 1"]),

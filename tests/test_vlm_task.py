@@ -209,5 +209,9 @@ def test_vlm_on_8_fake_devices_equals_one_device():
     np.testing.assert_allclose(r["mesh24"]["grad_norm"], r["single"]["grad_norm"], rtol=1e-4)
     np.testing.assert_allclose(r["mesh24"]["eval_vqa_nll"], r["single"]["eval_vqa_nll"], rtol=1e-4)
     assert r["mesh24"]["generated"] == r["single"]["generated"]
-    assert r["max_param_diff"] < 1e-5 and r["quant_leaves"] > 0 and r["quant_diff_frac"] < 1e-3
+    # The random NF4 init: float rounding of the sharded reductions (double-quant offset) may flip a
+    # code or a scale code at a decision boundary (0.14% of stored codes when last measured); what
+    # they encode must agree.
+    assert r["max_param_diff"] < 1e-5 and r["quant_leaves"] > 0 and r["quant_diff_frac"] < 1e-2
+    assert r["dequant_rel_l1"] < 1e-3, r["dequant_rel_l1"]
     assert r["sharded_params"] > 0  # fsdp really split some params
