@@ -357,3 +357,19 @@ def test_config_section_and_decoder_errors():
     with pytest.raises(ValueError, match="num_fusion_layers=3"):
         jax.eval_shape(lambda: fusion_lib.FusionDecoder(DEC, fusion_lib.FusionConfig(num_fusion_layers=3))
                        .init(jax.random.key(0), ids))
+
+
+def test_analytic_block_flops_match_xla():
+    """``flops.gated_xattn_block_forward_flops`` vs XLA's count of one block's jitted forward (the
+    matmuls dominate at these shapes; norms, softmax and gates are the small remainder)."""
+    from vlmjax import flops as flops_lib  # pylint: disable=g-import-not-at-top
+    d, heads, mult, t, nv = 256, 4, 4, 64, 50
+    block = fusion_lib.GatedCrossAttentionBlock(num_heads=heads, ffn_mult=mult)
+    x, v = jax.ShapeDtypeStruct((1, t, d), jnp.float32), jax.ShapeDtypeStruct((1, nv, d), jnp.float32)
+    variables = jax.eval_shape(lambda: block.init(jax.random.key(0), jnp.zeros((1, t, d)), jnp.zeros((1, nv, d))))
+    compiled = jax.jit(lambda p, a, b: block.apply(p, a, b)[0]).lower(variables, x, v).compile()
+    cost = compiled.cost_analysis()
+    xla = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+    analytic = flops_lib.gated_xattn_block_forward_flops(hidden_size=d, num_heads=heads, head_dim=d // heads,
+                                                         ffn_mult=mult, text_tokens=t, visual_tokens=nv)
+    assert 0.95 < analytic / xla <= 1.0, (analytic, xla)

@@ -56,6 +56,18 @@ def vit_forward_flops(*, hidden_size: int, intermediate_size: int, num_layers: i
     return float(patch + num_layers * per_layer)
 
 
+def gated_xattn_block_forward_flops(*, hidden_size: int, num_heads: int, head_dim: int, ffn_mult: int,
+                                    text_tokens: int, visual_tokens: int) -> float:
+    """One Flamingo GATED XATTN-DENSE block (``vlmjax.models.fusion``), one sequence: q / out projections
+    of the text queries, k / v projections of the visual tokens, the two attention matmuls (T x Nv)
+    and the dense branch (D -> mult D -> D). The tanh gates are elementwise (left out)."""
+    d, hd, t, nv = hidden_size, num_heads * head_dim, text_tokens, visual_tokens
+    proj = 2 * t * d * hd * 2 + 2 * nv * d * hd * 2
+    attn = 2 * t * nv * hd * 2
+    ffn = 2 * t * d * (ffn_mult * d) * 2
+    return float(proj + attn + ffn)
+
+
 # ------------------------------------------------------------------------------------------------
 # Routed decoders (MoD, DTF, TDTF): docs/routing.md, vlmjax/models/routed_decoder.py
 # ------------------------------------------------------------------------------------------------
