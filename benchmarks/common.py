@@ -14,8 +14,10 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
+import time
 from typing import Any
 
 import jax
@@ -203,3 +205,17 @@ def compiled_flops(compiled) -> float | None:
         return None
     f = cost.get("flops")
     return float(f) if f is not None and f >= 0 else None
+
+
+def time_compiled_step(compiled, state, batch, steps: int):
+    """Runs a compiled (donating) train step once to warm up, then ``steps`` timed times;
+    returns (state, last metrics, median seconds per step)."""
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    return state, m, statistics.median(times)

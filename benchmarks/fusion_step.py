@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-import statistics
 import sys
-import time
 
 from absl import app, flags
 
@@ -78,15 +76,7 @@ def bench(num_blocks: int) -> dict:
                                                 process_count=1))))
     compiled = tr.train_step.lower(state, batch).compile()
     xla = common.compiled_flops(compiled)
-    state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(FLAGS.steps):
-        t0 = time.perf_counter()
-        state, m = compiled(state, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-    dt = statistics.median(times)
+    state, m, dt = common.time_compiled_step(compiled, state, batch, FLAGS.steps)
     params = tree_lib.flatten(jax.device_get(state.params))
     n_params = sum(int(np.prod(p.shape)) for p in params.values())
     n_xattn = sum(int(np.prod(p.shape)) for k, p in params.items() if re.search(r"(^|/)xattn_\d+/", k))

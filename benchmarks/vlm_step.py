@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import os
 import re
-import statistics
 import sys
-import time
 
 from absl import app, flags
 
@@ -99,15 +97,7 @@ def bench(base: str) -> dict:
                                                 process_count=1))))
     compiled = tr.train_step.lower(state, batch).compile()
     mem = compiled.memory_analysis()
-    state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(FLAGS.steps):
-        t0 = time.perf_counter()
-        state, m = compiled(state, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-    dt = statistics.median(times)
+    state, m, dt = common.time_compiled_step(compiled, state, batch, FLAGS.steps)
     params = tree_lib.flatten(jax.device_get(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                                           state.params)))
     decoder_bytes = sum(int(np.prod(v.shape)) * v.dtype.itemsize for k, v in params.items() if k.startswith("decoder/"))

@@ -225,17 +225,7 @@ class FusionVQATask(vlm.VLMTask):
         batches = max(float(outputs["gate_batches"]), 1.0)
         metrics.update({k[:-4]: float(v) / batches for k, v in outputs.items()
                         if k.startswith("gate/") and k.endswith("_sum")})
-        predictions = self._predictions(outputs)
-        acc = self.data.accuracy(predictions)
-        prior = self.data.prior_accuracy()
-        metrics["vqa_accuracy"] = acc["overall"]
-        metrics["prior_accuracy"] = prior["overall"]
-        for t in self.data.qtypes:
-            if t in acc:
-                metrics[f"vqa_accuracy/{t}"] = acc[t]
-            if t in prior:
-                metrics[f"prior_accuracy/{t}"] = prior[t]
-        self._report(acc, prior, predictions)
+        metrics.update(self._accuracy_metrics(outputs))
         if jax.process_index() == 0:
             gates = " ".join(f"{k[5:]} {metrics[k]:.3f}" for k in ("gate/attn_mean", "gate/ffn_mean", "gate/vision")
                              if k in metrics)

@@ -367,11 +367,16 @@ class VLMTask(Task):
                 loss = outputs[f"{name}_nll"] / tokens
                 metrics[f"{name}_loss"] = loss
                 metrics[f"{name}_perplexity"] = math.exp(min(loss, 50.0))
+        metrics.update(self._accuracy_metrics(outputs))
+        return metrics
+
+    def _accuracy_metrics(self, outputs) -> dict[str, float]:
+        """VQA exact match overall and per question type beside the answer prior, of the combined
+        eval outputs' predictions (``_predictions``); prints the report."""
         predictions = self._predictions(outputs)
         acc = self.data.accuracy(predictions)
         prior = self.data.prior_accuracy()
-        metrics["vqa_accuracy"] = acc["overall"]
-        metrics["prior_accuracy"] = prior["overall"]
+        metrics = {"vqa_accuracy": acc["overall"], "prior_accuracy": prior["overall"]}
         for t in self.data.qtypes:
             if t in acc:
                 metrics[f"vqa_accuracy/{t}"] = acc[t]
