@@ -219,3 +219,17 @@ def time_compiled_step(compiled, state, batch, steps: int):
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     return state, m, statistics.median(times)
+
+
+def compiled_train_step(config, batch_size: int):
+    """The real task and ``Trainer`` of ``config`` (sharded init), one batch of its training data on
+    device, and the compiled (donating) train step: (task, trainer, state, batch, compiled)."""
+    from vlmjax import sharding as shd  # pylint: disable=g-import-not-at-top
+    from vlmjax import tasks  # pylint: disable=g-import-not-at-top
+    from vlmjax.train import Trainer  # pylint: disable=g-import-not-at-top
+    task = tasks.build(config, None)
+    tr = Trainer(config, task, shd.make_mesh(config.mesh))
+    state = tr.init()
+    batch = tr.put(next(iter(task.train_dataset(global_batch_size=batch_size, seed=0, process_index=0,
+                                                process_count=1))))
+    return task, tr, state, batch, tr.train_step.lower(state, batch).compile()

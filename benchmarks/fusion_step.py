@@ -32,10 +32,7 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from configs import fusion_vqa  # noqa: E402
 from vlmjax import flops as flops_lib  # noqa: E402
-from vlmjax import sharding as shd  # noqa: E402
-from vlmjax import tasks  # noqa: E402
 from vlmjax import tree as tree_lib  # noqa: E402
-from vlmjax.train import Trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("layers", ["2", "4", "6"], "Numbers of fusion blocks (must divide the decoder's 12 layers).")
@@ -69,12 +66,7 @@ def analytic_forward_flops(task, config) -> dict[str, float]:
 
 def bench(num_blocks: int) -> dict:
     c = _config(num_blocks)
-    task = tasks.build(c, None)
-    tr = Trainer(c, task, shd.make_mesh(c.mesh))
-    state = tr.init()
-    batch = tr.put(next(iter(task.train_dataset(global_batch_size=FLAGS.batch_size, seed=0, process_index=0,
-                                                process_count=1))))
-    compiled = tr.train_step.lower(state, batch).compile()
+    task, _, state, batch, compiled = common.compiled_train_step(c, FLAGS.batch_size)
     xla = common.compiled_flops(compiled)
     state, m, dt = common.time_compiled_step(compiled, state, batch, FLAGS.steps)
     params = tree_lib.flatten(jax.device_get(state.params))

@@ -40,10 +40,7 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from configs import trm_vlm_qa  # noqa: E402
 from vlmjax import flops as flops_lib  # noqa: E402
-from vlmjax import sharding as shd  # noqa: E402
-from vlmjax import tasks  # noqa: E402
 from vlmjax import tree as tree_lib  # noqa: E402
-from vlmjax.train import Trainer  # noqa: E402
 
 DECODERS = {
     # Qwen2.5-0.5B (config.json): 24 layers, 896 wide, 14 heads / 2 KV heads, q/k/v bias, vocab 151936.
@@ -90,12 +87,7 @@ def _nbytes(tree) -> int:
 
 def bench(base: str) -> dict:
     c = _config(base)
-    task = tasks.build(c, None)
-    tr = Trainer(c, task, shd.make_mesh(c.mesh))
-    state = tr.init()
-    batch = tr.put(next(iter(task.train_dataset(global_batch_size=FLAGS.batch_size, seed=0, process_index=0,
-                                                process_count=1))))
-    compiled = tr.train_step.lower(state, batch).compile()
+    task, _, state, batch, compiled = common.compiled_train_step(c, FLAGS.batch_size)
     mem = compiled.memory_analysis()
     state, m, dt = common.time_compiled_step(compiled, state, batch, FLAGS.steps)
     params = tree_lib.flatten(jax.device_get(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),

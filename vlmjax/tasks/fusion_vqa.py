@@ -49,13 +49,12 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from vlmjax.data import vlm_data
 from vlmjax.models import fusion as fusion_lib
 from vlmjax.models import vlm as vlm_lib
 from vlmjax.tasks import vlm
-from vlmjax.tasks.base import Task, is_hf_dir
+from vlmjax.tasks.base import Task
 
 # Inside decoder/: what trains on a frozen pretrained decoder (the gated blocks and the vision gate).
 FUSION_PARAMS = r"xattn_\d+/|vision_gate_logit$"
@@ -84,7 +83,7 @@ class FusionVQATask(vlm.VLMTask):
 
     def __init__(self, config, workdir, stage_dirs=None):  # pylint: disable=super-init-not-called
         Task.__init__(self, config, workdir, stage_dirs)
-        dc, ve = config.decoder, config.vision_encoder
+        dc = config.decoder
         if dc.type != "qwen":
             raise ValueError(f"config.decoder.type={dc.type!r}: the fusion decoder is a Llama/Qwen-style "
                              "'qwen' decoder (the TRM decoder is task 'vlm's).")
@@ -94,9 +93,6 @@ class FusionVQATask(vlm.VLMTask):
                                  "decoder is frozen in full precision; only the fusion blocks train): set it False.")
         self.text_only = bool(config.text_only)
         self.decoder_source = dc.init_from
-        if dc.init_from and not is_hf_dir(dc.init_from):
-            raise FileNotFoundError(f"config.decoder.init_from={dc.init_from!r} is not a Hugging Face checkpoint "
-                                    "directory (config.json + *.safetensors); point it at one or set it to ''.")
         fc = config.fusion
         if fc.head not in fusion_lib.HEADS:
             raise ValueError(f"config.fusion.head={fc.head!r}; use one of {fusion_lib.HEADS}.")
@@ -110,15 +106,7 @@ class FusionVQATask(vlm.VLMTask):
         if data_cfg.source == "scenes" and data_cfg.caption_fraction:
             raise ValueError(f"config.data.caption_fraction={data_cfg.caption_fraction}: task 'fusion_vqa' trains "
                              "on questions only; set config.data.caption_fraction=0.")
-        updates = {}
-        if dc.init_from and not data_cfg.tokenizer:
-            updates["tokenizer"] = dc.init_from  # a pretrained decoder needs its own token ids
-        if ve.init_from and not data_cfg.processor:
-            updates["processor"] = ve.init_from
-        if updates:
-            data_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
-            data_cfg.update(updates)
-        data = vlm_data.build_vlm_data(data_cfg, workdir)
+        data = self._build_data(config, workdir)
         self.head = fc.head
         if self.head == "classify":
             data = data.with_answer_vocabulary(

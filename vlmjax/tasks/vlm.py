@@ -102,24 +102,12 @@ class VLMTask(Task):
 
     def __init__(self, config, workdir, stage_dirs=None):
         super().__init__(config, workdir, stage_dirs)
-        dc, ve = config.decoder, config.vision_encoder
+        dc = config.decoder
         if dc.type not in DECODER_TYPES:
             raise ValueError(f"config.decoder.type={dc.type!r}; use one of {DECODER_TYPES}.")
         self.text_only = bool(config.text_only)
         self.decoder_source = dc.init_from or self.stage_dirs.get(STAGE, "")
-        if dc.init_from and not is_hf_dir(dc.init_from):
-            raise FileNotFoundError(f"config.decoder.init_from={dc.init_from!r} is not a Hugging Face checkpoint "
-                                    "directory (config.json + *.safetensors); point it at one (e.g. the SmolLM2 "
-                                    "directory `python -m vlmjax.convert.gguf` writes) or set it to ''.")
-        data_cfg = config.data
-        if dc.init_from and not data_cfg.tokenizer:
-            # A pretrained decoder needs its own token ids: its directory's tokenizer.json.
-            data_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
-            data_cfg.tokenizer = dc.init_from
-        if ve.init_from and not data_cfg.processor:
-            data_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
-            data_cfg.processor = ve.init_from
-        self.data = vlm_data.build_vlm_data(data_cfg, workdir)
+        self.data = self._build_data(config, workdir)
         self.decoder_config = self._decoder_config(config)
         self.vision_config = self._vision_config(config)
         m = config.model
@@ -135,6 +123,26 @@ class VLMTask(Task):
         self._quantized = None  # the pretrained decoder's NF4 weights, until pretrained_model_state
 
     # ---- building ----------------------------------------------------------------------------
+    @staticmethod
+    def _build_data(config, workdir) -> vlm_data.VLMData:
+        """The data of ``config.data``; a pretrained decoder (``decoder.init_from``, checked to be an HF
+        directory) brings its tokenizer and a pretrained tower its image processor unless the data
+        section names its own."""
+        dc, ve, data_cfg = config.decoder, config.vision_encoder, config.data
+        if dc.init_from and not is_hf_dir(dc.init_from):
+            raise FileNotFoundError(f"config.decoder.init_from={dc.init_from!r} is not a Hugging Face checkpoint "
+                                    "directory (config.json + *.safetensors); point it at one (e.g. the SmolLM2 "
+                                    "directory `python -m vlmjax.convert.gguf` writes) or set it to ''.")
+        updates = {}
+        if dc.init_from and not data_cfg.tokenizer:
+            updates["tokenizer"] = dc.init_from  # a pretrained decoder needs its own token ids
+        if ve.init_from and not data_cfg.processor:
+            updates["processor"] = ve.init_from
+        if updates:
+            data_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+            data_cfg.update(updates)
+        return vlm_data.build_vlm_data(data_cfg, workdir)
+
     def _decoder_config(self, config) -> decoder_lib.DecoderConfig:
         dc = config.decoder
         fields = {k: v for k, v in dc.items() if k not in _VLM_DECODER_KEYS}
