@@ -187,14 +187,16 @@ def vit_layer_forward_flops_terms(vit_cfg, tokens: int, kv_tokens: int | None = 
     Terms (D = hidden, F = intermediate, T = tokens, S = kv_tokens; multiply-add = 2):
       proj       q, k, v and out_proj on the T tokens: 2 T D D x 4.
       attention  QK^T and AV of the T queries against all S keys: 2 T S D x 2.
-      mlp        fc1 + fc2, 2 T D F x 2 (SwiGLU ``weights_in`` [D, 2F] + ``weights_out``: x 3).
+      mlp        fc1 + fc2, 2 T D F x 2 (SwiGLU ``weights_in`` [D, 2F] + ``weights_out``, or DINOv3's
+                 gated gate/up/down_proj: x 3).
     Norms, softmax, activation and residual adds are elementwise and not counted.
     """
     kv_tokens = tokens if kv_tokens is None else kv_tokens
     d, f = vit_cfg.hidden_size, vit_cfg.intermediate_size
     return {"proj": 2.0 * tokens * d * d * 4,
             "attention": 2.0 * tokens * kv_tokens * d * 2,
-            "mlp": 2.0 * tokens * d * f * (3 if getattr(vit_cfg, "use_swiglu_ffn", False) else 2)}
+            "mlp": 2.0 * tokens * d * f * (3 if (getattr(vit_cfg, "use_swiglu_ffn", False)
+                                                 or getattr(vit_cfg, "use_gated_mlp", False)) else 2)}
 
 
 def vit_patch_embed_flops(vit_cfg, num_tokens: int) -> float:

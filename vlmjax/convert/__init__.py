@@ -3,7 +3,7 @@
   model, params = vlmjax.convert.load_hf("/ckpt/SmolLM2-135M", dtype=jnp.bfloat16, mesh=mesh)
   vlmjax.convert.save_hf(model, params, "/tmp/export")   # transformers loads it back
 
-One mapping table per family (``llama.py``: llama/qwen2/qwen3; ``vit.py``: clip/siglip/dinov2 vision;
+One mapping table per family (``llama.py``: llama/qwen2/qwen3; ``vit.py``: clip/siglip/dinov2/dinov3 vision;
 ``text.py``: clip/siglip text and two-tower models) serves both directions. See ``core.py`` for the
 safetensors reading, the all-at-once key/shape check and sharded placement.
 """
@@ -34,6 +34,7 @@ from vlmjax.models import lora
 FAMILIES: dict[str, str] = {
     "llama": "llama", "qwen2": "llama", "qwen3": "llama",
     "clip_vision_model": "vit", "siglip_vision_model": "vit", "dinov2": "vit", "dinov2_with_registers": "vit",
+    "dinov3_vit": "vit",
     "clip_text_model": "text", "siglip_text_model": "text", "clip": "text", "siglip": "text",
 }
 
@@ -63,7 +64,7 @@ def from_config(hf: dict[str, Any], *, dtype: Any = jnp.float32, source: str = "
 
 
 def vision_tower(path: str, *, dtype: Any = jnp.float32) -> Spec:
-    """The vision tower of ``path``: a vision model (CLIP/SigLIP vision, DINOv2) or the
+    """The vision tower of ``path``: a vision model (CLIP/SigLIP vision, DINOv2, DINOv3) or the
     ``vision_model`` half of a CLIP / SigLIP two-tower checkpoint (its text half and heads are
     ignored). Its module is a ``VisionTransformer`` whose params load with ``load_params``."""
     from vlmjax.convert import vit as vit_convert  # pylint: disable=g-import-not-at-top
@@ -79,7 +80,7 @@ def vision_tower(path: str, *, dtype: Any = jnp.float32) -> Spec:
                     prefixes=("vision_model.",),
                     ignore=vit_convert.IGNORE + ("text_model.", "text_projection.", "logit_scale", "logit_bias"))
     raise ValueError(f"{path}/config.json has model_type={mt!r}, which has no vision tower vlmjax can load; "
-                     f"use a CLIP/SigLIP (vision or two-tower) or DINOv2 checkpoint.")
+                     f"use a CLIP/SigLIP (vision or two-tower), DINOv2 or DINOv3 checkpoint.")
 
 
 def text_tower(path: str, *, dtype: Any = jnp.float32) -> Spec:

@@ -1,4 +1,4 @@
-"""CLIP / SigLIP vision towers and DINOv2 (+ registers) <-> ``vlmjax.models.vit.VisionTransformer``.
+"""CLIP / SigLIP vision towers, DINOv2 (+ registers) and DINOv3 <-> ``vlmjax.models.vit.VisionTransformer``.
 
 model_type (config.json) -> HF class -> variant:
 
@@ -6,13 +6,15 @@ model_type (config.json) -> HF class -> variant:
     siglip_vision_model     SiglipVisionModel         siglip
     dinov2                  Dinov2Model               dinov2
     dinov2_with_registers   Dinov2WithRegistersModel  dinov2 (num_register_tokens, antialiased positions)
+    dinov3_vit              DINOv3ViTModel            dinov3 (RoPE, registers, optional gated MLP)
 
 HF names are those written by ``save_pretrained`` (the hub layout): a vision tower saved alone has
 no prefix (transformers >= 5) or ``vision_model.`` (transformers 4, and inside ``CLIPModel`` /
 ``SiglipModel``); DINOv2 uses the legacy ``attention.attention.query`` / ``mlp.weights_in`` names
-and ``dinov2.`` inside ``Dinov2ForImageClassification``. The two-tower converter builds the vision
-half of a full 'clip' / 'siglip' checkpoint with ``vision_spec`` and its own ``vision_model.``
-prefix.
+and ``dinov2.`` inside ``Dinov2ForImageClassification``. DINOv3 files name the layers ``layer.{i}.``
+(transformers 5 renames them to ``model.layer.{i}.`` in memory only; ``DINOv3ViTBackbone`` saves the
+same names). The two-tower converter builds the vision half of a full 'clip' / 'siglip' checkpoint
+with ``vision_spec`` and its own ``vision_model.`` prefix.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from vlmjax.convert.core import Conv2D, Identity, Linear, Reshape, Rule, Spec, Transform, expand
 from vlmjax.models import vit as vit_lib
@@ -30,12 +33,14 @@ MODEL_TYPES = {
     "siglip_vision_model": "siglip",
     "dinov2": "dinov2",
     "dinov2_with_registers": "dinov2",
+    "dinov3_vit": "dinov3",
 }
 ARCHITECTURES = {
     "clip_vision_model": "CLIPVisionModel",
     "siglip_vision_model": "SiglipVisionModel",
     "dinov2": "Dinov2Model",
     "dinov2_with_registers": "Dinov2WithRegistersModel",
+    "dinov3_vit": "DINOv3ViTModel",
 }
 # Prefixes of a vision model's names in the files each model_type can come in.
 PREFIXES = {
@@ -43,10 +48,13 @@ PREFIXES = {
     "siglip_vision_model": ("", "vision_model."),
     "dinov2": ("", "dinov2."),
     "dinov2_with_registers": ("", "dinov2_with_registers."),
+    "dinov3_vit": ("",),
 }
 # Non-parameter buffers, and heads on top of the backbone that the ViT does not have:
 # CLIPVisionModelWithProjection's projection, Dinov2ForImageClassification's classifier.
-IGNORE = ("position_ids", "visual_projection.", "classifier.")
+IGNORE = ("position_ids", "visual_projection.", "classifier.", "rope_embeddings.inv_freq")
+# HF DINOv3 keeps ``embeddings.register_tokens`` [1, 0, D] even without registers (an empty tensor).
+EMPTY_REGISTERS = "embeddings.register_tokens"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +71,20 @@ class LeadingOnes(Transform):
 
     def hf_shape(self, flax_shape):
         return (1,) * self.n + tuple(flax_shape)
+
+
+class EmptyRegisters(Transform):
+    """Export only: the empty ``embeddings.register_tokens [1, 0, D]`` of a DINOv3 model without
+    registers, written from any [D] param (the class token) so that transformers finds every tensor."""
+
+    def to_flax(self, x, flax_shape):
+        raise ValueError("EmptyRegisters is an export-only rule; the empty HF tensor loads into nothing.")
+
+    def to_hf(self, y):
+        return np.zeros(self.hf_shape(y.shape), np.float32)
+
+    def hf_shape(self, flax_shape):
+        return (1, 0, flax_shape[-1])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,11 +114,12 @@ def _dinov2_mlp_ratio(cfg: vit_lib.ViTConfig) -> int:
 def vit_config_from_hf(d: dict[str, Any], variant: str, dtype: Any = jnp.float32) -> vit_lib.ViTConfig:
     """A vision config.json dict (or a two-tower ``vision_config``) -> ViTConfig.
 
-    variant: 'clip' | 'siglip' | 'dinov2'. For DINOv2 pass the full dict: ``model_type`` tells
-    'dinov2_with_registers' (antialiased position interpolation, always a mask token) apart.
+    variant: 'clip' | 'siglip' | 'dinov2' | 'dinov3'. For DINOv2 pass the full dict: ``model_type``
+    tells 'dinov2_with_registers' (antialiased position interpolation, always a mask token) apart.
     Rejects settings the module does not implement, naming the field. Dropout probabilities of the
     HF configs (attention_dropout, hidden_dropout_prob, ...) are training settings that vlmjax
-    configures itself (``ViTConfig.dropout_rate``) and are not read; DINOv2's drop_path_rate is.
+    configures itself (``ViTConfig.dropout_rate``) and are not read; DINOv2/3's drop_path_rate and
+    DINOv3's RoPE augmentation (pos_embed_shift / _jitter / _rescale, training only) are.
     """
     if variant not in vit_lib.VARIANTS:
         raise ValueError(f"variant={variant!r}; use one of {vit_lib.VARIANTS}.")
@@ -106,12 +129,13 @@ def vit_config_from_hf(d: dict[str, Any], variant: str, dtype: Any = jnp.float32
             if len(set(sizes)) != 1:
                 raise ValueError(f"{key}={sizes}: only square images/patches are supported.")
     square = lambda key, default: int(d[key][0] if isinstance(d.get(key), (list, tuple)) else d.get(key, default))
-    hidden = int(d.get("hidden_size", 768))
+    dinov3 = variant == "dinov3"
+    hidden = int(d.get("hidden_size", 384 if dinov3 else 768))  # HF defaults: ViT-S/16 | ViT-B
     common = dict(
         variant=variant,
         hidden_size=hidden,
         num_hidden_layers=int(d.get("num_hidden_layers", 12)),
-        num_attention_heads=int(d.get("num_attention_heads", 12)),
+        num_attention_heads=int(d.get("num_attention_heads", 6 if dinov3 else 12)),
         num_channels=int(d.get("num_channels", 3)),
         dtype=dtype,
     )
@@ -127,6 +151,31 @@ def vit_config_from_hf(d: dict[str, Any], variant: str, dtype: Any = jnp.float32
             layer_norm_eps=float(d.get("layer_norm_eps", 1e-5 if clip else 1e-6)),
             hidden_act=d.get("hidden_act", "quick_gelu" if clip else "gelu_pytorch_tanh"),
             pool="cls" if clip else ("map" if d.get("vision_use_head", True) else "none"),
+            initializer_range=float(d.get("initializer_range", 0.02)),
+        )
+    elif dinov3:
+        optional = lambda key, default: None if d.get(key, default) is None else float(d.get(key, default))
+        cfg = vit_lib.ViTConfig(
+            **common,
+            intermediate_size=int(d.get("intermediate_size", 1536)),
+            patch_size=square("patch_size", 16),
+            image_size=square("image_size", 224),
+            layer_norm_eps=float(d.get("layer_norm_eps", 1e-5)),
+            hidden_act=d.get("hidden_act", "gelu"),
+            layerscale_value=float(d.get("layerscale_value", 1.0)),
+            use_mask_token=True,  # DINOv3ViTEmbeddings always has one
+            num_register_tokens=int(d.get("num_register_tokens", 0)),
+            rope_theta=float(d.get("rope_theta", 100.0)),
+            query_bias=bool(d.get("query_bias", True)),
+            key_bias=bool(d.get("key_bias", False)),
+            value_bias=bool(d.get("value_bias", True)),
+            proj_bias=bool(d.get("proj_bias", True)),
+            mlp_bias=bool(d.get("mlp_bias", True)),
+            use_gated_mlp=bool(d.get("use_gated_mlp", False)),
+            pos_embed_shift=optional("pos_embed_shift", None),
+            pos_embed_jitter=optional("pos_embed_jitter", None),
+            pos_embed_rescale=optional("pos_embed_rescale", 2.0),
+            drop_path_rate=float(d.get("drop_path_rate", 0.0)),
             initializer_range=float(d.get("initializer_range", 0.02)),
         )
     else:
@@ -174,6 +223,14 @@ def hf_config(cfg: vit_lib.ViTConfig) -> dict[str, Any]:
     elif cfg.variant == "siglip":
         mt, extra = "siglip_vision_model", {"intermediate_size": cfg.intermediate_size,
                                             "vision_use_head": cfg.pool == "map"}
+    elif cfg.variant == "dinov3":
+        if not cfg.use_mask_token:
+            raise ValueError("DINOv3ViTModel always has a mask token; set use_mask_token=True to export.")
+        mt = "dinov3_vit"
+        extra = {name: getattr(cfg, name) for name in (
+            "intermediate_size", "layerscale_value", "num_register_tokens", "rope_theta", "query_bias", "key_bias",
+            "value_bias", "proj_bias", "mlp_bias", "use_gated_mlp", "pos_embed_shift", "pos_embed_jitter",
+            "pos_embed_rescale", "drop_path_rate")}
     else:
         registers = cfg.num_register_tokens > 0 or cfg.pos_antialias
         if registers and not cfg.use_mask_token:
@@ -212,6 +269,33 @@ def _dense(hf: str, flax: str, n_in: int = 1, bias: bool = True, bias_transform:
 def rules(cfg: vit_lib.ViTConfig) -> list[Rule]:
     """HF names (relative to the vision model) <-> param paths for ``cfg``."""
     emb = "embeddings/"
+    if cfg.variant == "dinov3":
+        top = [
+            Rule("embeddings.patch_embeddings.weight", emb + "patch_embedding/kernel", Conv2D()),
+            Rule("embeddings.patch_embeddings.bias", emb + "patch_embedding/bias"),
+            Rule("embeddings.cls_token", emb + "class_embedding", LeadingOnes(2)),
+            Rule("embeddings.mask_token", emb + "mask_token", LeadingOnes(2)),
+        ]
+        if cfg.num_register_tokens:
+            top.append(Rule("embeddings.register_tokens", emb + "register_tokens", LeadingOnes(1)))
+        top += _norm("norm", "post_layernorm")
+        L = "layer.{i}."
+        attn = "layers_{i}/self_attn/"
+        mlp = "layers_{i}/mlp/"
+        layer = (
+            _norm(L + "norm1", "layers_{i}/layer_norm1") + _norm(L + "norm2", "layers_{i}/layer_norm2")
+            + _dense(L + "attention.q_proj", attn + "q_proj", bias=cfg.query_bias)
+            + _dense(L + "attention.k_proj", attn + "k_proj", bias=cfg.key_bias)
+            + _dense(L + "attention.v_proj", attn + "v_proj", bias=cfg.value_bias)
+            + _dense(L + "attention.o_proj", attn + "out_proj", n_in=2, bias=cfg.proj_bias, bias_transform=Identity())
+            + [Rule(L + "layer_scale1.lambda1", "layers_{i}/layer_scale1"),
+               Rule(L + "layer_scale2.lambda1", "layers_{i}/layer_scale2")]
+            + _dense(L + "mlp.up_proj", mlp + "up_proj", bias=cfg.mlp_bias, bias_transform=Identity())
+            + _dense(L + "mlp.down_proj", mlp + "down_proj", bias=cfg.mlp_bias, bias_transform=Identity())
+        )
+        if cfg.use_gated_mlp:
+            layer += _dense(L + "mlp.gate_proj", mlp + "gate_proj", bias=cfg.mlp_bias, bias_transform=Identity())
+        return top + expand(layer, i=cfg.num_hidden_layers)
     if cfg.variant == "dinov2":
         top = [
             Rule("embeddings.patch_embeddings.projection.weight", emb + "patch_embedding/kernel", Conv2D()),
@@ -296,12 +380,19 @@ def spec(hf: dict[str, Any], dtype: Any = jnp.float32) -> Spec:
     if mt not in MODEL_TYPES:
         raise ValueError(f"vlmjax.convert.vit handles model_type {sorted(MODEL_TYPES)}, got {mt!r}.")
     module, table = vision_spec(hf, MODEL_TYPES[mt], dtype)
+    ignore = IGNORE
+    if module.config.variant == "dinov3" and not module.config.num_register_tokens:
+        ignore += (EMPTY_REGISTERS,)
     return Spec(module=module, init_args=init_args(module.config), rules=table, prefixes=PREFIXES[mt],
-                ignore=IGNORE)
+                ignore=ignore)
 
 
 def export(module: vit_lib.VisionTransformer):
-    return hf_config(module.config), rules(module.config), ""
+    cfg = module.config
+    table = rules(cfg)
+    if cfg.variant == "dinov3" and not cfg.num_register_tokens:
+        table.append(Rule(EMPTY_REGISTERS, "embeddings/class_embedding", EmptyRegisters()))
+    return hf_config(cfg), table, ""
 
 
 EXPORTERS = {vit_lib.VisionTransformer: export}

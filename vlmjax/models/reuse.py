@@ -422,6 +422,11 @@ class ReuseViT(vit.VisionTransformer):
         if self.config.scan_layers:
             raise ValueError("Token reuse runs its layers one by one (per-layer decisions and caches): set "
                              "--config.model.scan_layers=False.")
+        if self.config.variant == "dinov3":
+            # Its layers rotate q/k with RoPE tables of the full token grid; the reuse paths project
+            # gathered subsets of tokens without them (and would silently drop the rotation).
+            raise ValueError("Token reuse supports the clip, siglip and dinov2 towers; variant='dinov3' (RoPE "
+                             "positions) is not wired into the gathered-token paths yet: use another tower.")
         super().setup()
         self.reuse_config.validate(self.config.num_hidden_layers)
         self.reuse = {i: ReuseModule(self.reuse_config, self.config, self.num_slots)

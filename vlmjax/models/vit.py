@@ -1,23 +1,28 @@
-"""Vision Transformer backbones: CLIP, SigLIP and DINOv2 (with registers, SwiGLU) image towers.
+"""Vision Transformer backbones: CLIP, SigLIP, DINOv2 (with registers, SwiGLU) and DINOv3 image towers.
 
 One Linen module, ``VisionTransformer``, covers HF ``CLIPVisionModel`` (``variant='clip'``),
-``SiglipVisionModel`` (``'siglip'``) and ``Dinov2Model`` / ``Dinov2WithRegistersModel``
-(``'dinov2'``). The families share the pre-norm encoder layer and differ in the embeddings, the
-norms around the encoder and the pooling:
+``SiglipVisionModel`` (``'siglip'``), ``Dinov2Model`` / ``Dinov2WithRegistersModel``
+(``'dinov2'``) and ``DINOv3ViTModel`` (``'dinov3'``). The families share the pre-norm encoder layer
+and differ in the embeddings, the positions, the norms around the encoder and the pooling:
 
     variant  tokens                     around the encoder                  pooler_output
     clip     [CLS, patches] + pos       pre_layrnorm before                 post_layernorm(CLS)
     siglip   [patches] + pos            post_layernorm on all tokens        MAP head (or none)
     dinov2   [CLS, regs, patches] + pos post_layernorm on all ("layernorm") CLS after the norm
+    dinov3   [CLS, regs, patches]       post_layernorm on all ("norm")      CLS after the norm
+             (2-D RoPE on the patches' q/k in every layer, no position table)
 
 Input images are NHWC (``[B, H, W, C]``, already normalised). Any H, W >= patch_size works: the
 position table is resized to the ``(H // p, W // p)`` patch grid with the same bicubic kernel as HF
 (``interpolate_pos_encoding``, see ``interpolate_position_embedding``), exactly as HF with
-``interpolate_pos_encoding=True`` (CLIP, SigLIP) or always (DINOv2).
+``interpolate_pos_encoding=True`` (CLIP, SigLIP) or always (DINOv2). DINOv3 has no table: its RoPE
+angles come from the patch centres normalised to [-1, 1] on whatever grid the image gives
+(``VisionTransformer.rope_tables``), as HF ``DINOv3ViTRopePositionEmbedding``.
 
 Parameter tree (``D`` hidden, ``H`` heads, ``Dh`` head dim, ``F`` intermediate, ``p`` patch size,
 ``C`` channels, ``P`` positions = (image_size // p)^2 (+1 with a CLS token), ``R`` registers; HF
-names relative to the vision model in brackets, CLIP/SigLIP first, DINOv2 second where they differ):
+names relative to the vision model in brackets, CLIP/SigLIP first, DINOv2 second where they differ;
+DINOv3's own names in the second table):
 
     embeddings/patch_embedding/kernel [p, p, C, D]  [embeddings.patch_embedding.weight [D, C, p, p]
                                                      | embeddings.patch_embeddings.projection.weight]
@@ -39,6 +44,21 @@ names relative to the vision model in brackets, CLIP/SigLIP first, DINOv2 second
     head/attention/in_proj_kernel     [D, 3, H, Dh] [head.attention.in_proj_weight [3D, D]]
     head/attention/out_proj/kernel    [H, Dh, D]    [head.attention.out_proj.weight]
     head/layernorm, head/mlp/fc1, head/mlp/fc2      [head.layernorm, head.mlp.fc1, head.mlp.fc2]
+
+DINOv3 (``DINOv3ViTModel``; no position table, per-projection bias switches, ``L = layer.{i}.``):
+
+    embeddings/patch_embedding/{kernel,bias}        [embeddings.patch_embeddings.{weight,bias}]
+    embeddings/class_embedding        [D]           [embeddings.cls_token [1, 1, D]]
+    embeddings/mask_token             [D]           [embeddings.mask_token [1, 1, D]]
+    embeddings/register_tokens        [R, D]        [embeddings.register_tokens [1, R, D]]  (R > 0)
+    layers_{i}/layer_norm{1,2}/{scale,bias}         [L norm{1,2}]
+    layers_{i}/self_attn/{q,k,v}_proj/kernel [D, H, Dh]  [L attention.{q,k,v}_proj.weight] (bias: query_bias,
+                                                     key_bias, value_bias)
+    layers_{i}/self_attn/out_proj/kernel [H, Dh, D] [L attention.o_proj.weight]  (bias: proj_bias)
+    layers_{i}/layer_scale{1,2}       [D]           [L layer_scale{1,2}.lambda1]
+    layers_{i}/mlp/{up,gate}_proj/kernel [D, F]     [L mlp.{up,gate}_proj.weight]  (gate: use_gated_mlp)
+    layers_{i}/mlp/down_proj/kernel   [F, D]        [L mlp.down_proj.weight]  (biases: mlp_bias)
+    post_layernorm/{scale,bias}       [D]           [norm]
 
 The conventions of ``layers.py`` hold: fp32 parameters, compute in ``dtype``, layer norms and the
 attention softmax in fp32, logical axis names on every parameter and main activation.
@@ -65,9 +85,26 @@ from vlmjax.models.layers import ACT_BATCH, ACT_EMBED, ACT_HEAD_DIM, ACT_HEADS, 
 Array = jax.Array
 Dtype = Any
 
-VARIANTS = ("clip", "siglip", "dinov2")
+VARIANTS = ("clip", "siglip", "dinov2", "dinov3")
 # Pooling per variant: the first is the default. 'none' = SigLIP without head (vision_use_head=False).
-POOLS = {"clip": ("cls",), "siglip": ("map", "none"), "dinov2": ("cls",)}
+POOLS = {"clip": ("cls",), "siglip": ("map", "none"), "dinov2": ("cls",), "dinov3": ("cls",)}
+# Fields that only some variants have: name -> (the value every other variant leaves it at, variants).
+VARIANT_FIELDS = {
+    "num_register_tokens": (0, ("dinov2", "dinov3")),
+    "use_swiglu_ffn": (False, ("dinov2",)),
+    "pos_antialias": (False, ("dinov2",)),
+    "qkv_bias": (True, ("dinov2",)),
+    "rope_theta": (100.0, ("dinov3",)),
+    "query_bias": (True, ("dinov3",)),
+    "key_bias": (True, ("dinov3",)),
+    "value_bias": (True, ("dinov3",)),
+    "proj_bias": (True, ("dinov3",)),
+    "mlp_bias": (True, ("dinov3",)),
+    "use_gated_mlp": (False, ("dinov3",)),
+    "pos_embed_shift": (None, ("dinov3",)),
+    "pos_embed_jitter": (None, ("dinov3",)),
+    "pos_embed_rescale": (None, ("dinov3",)),
+}
 
 
 quick_gelu = layers.quick_gelu
@@ -86,7 +123,7 @@ class ViTConfig:
     HF families expose are fields.
     """
 
-    variant: str  # 'clip' | 'siglip' | 'dinov2'
+    variant: str  # 'clip' | 'siglip' | 'dinov2' | 'dinov3'
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -95,16 +132,33 @@ class ViTConfig:
     image_size: int  # Side of the square image the position table was trained for.
     num_channels: int = 3
     layer_norm_eps: float = 1e-5
-    hidden_act: str = "quick_gelu"  # quick_gelu (CLIP) | gelu_pytorch_tanh (SigLIP) | gelu (DINOv2)
+    hidden_act: str = "quick_gelu"  # quick_gelu (CLIP) | gelu_pytorch_tanh (SigLIP) | gelu (DINOv2/3)
     qkv_bias: bool = True  # Bias on q/k/v (always for CLIP/SigLIP; DINOv2 ``qkv_bias``).
     pool: str = ""  # '' = the variant's default: 'cls' (CLIP, DINOv2) | 'map' | 'none' (SigLIP).
-    layerscale_value: float = 1.0  # DINOv2: initial value of the per-channel layer scale.
-    use_mask_token: bool = True  # DINOv2: a learned [MASK] embedding (``mask=`` in __call__).
-    num_register_tokens: int = 0  # DINOv2 with registers (Darcet et al. 2023).
+    layerscale_value: float = 1.0  # DINOv2/3: initial value of the per-channel layer scale.
+    use_mask_token: bool = True  # DINOv2/3: a learned [MASK] embedding (``mask=`` in __call__).
+    num_register_tokens: int = 0  # DINOv2 with registers (Darcet et al. 2023), DINOv3.
     use_swiglu_ffn: bool = False  # DINOv2 giant: fused SwiGLU FFN instead of fc1/act/fc2.
     # Resize positions with torch's antialiased bicubic (a=-0.5), as Dinov2WithRegistersModel does;
     # False: plain bicubic (a=-0.75), as CLIP, SigLIP and Dinov2Model.
     pos_antialias: bool = False
+    # DINOv3 (HF DINOv3ViTConfig names). RoPE base period of the 2-D rotary embedding.
+    rope_theta: float = 100.0
+    # Biases of q / k / v / o_proj and of the MLP projections. key_bias None = the variant's: False for
+    # DINOv3 (HF default), True for the others (which always have one).
+    query_bias: bool = True
+    key_bias: Any = dataclasses.field(default=None, metadata={config_util.ANY_TYPE: True})
+    value_bias: bool = True
+    proj_bias: bool = True
+    mlp_bias: bool = True
+    use_gated_mlp: bool = False  # down_proj(act(gate_proj(x)) * up_proj(x)) instead of down(act(up(x))).
+    # Training-only augmentation of the RoPE patch coordinates (deterministic=False, "dropout" rng; one
+    # draw per call, shared by the batch, as HF in training mode): add U(-shift, shift) per axis,
+    # multiply by exp(U(-log jitter, log jitter)) per axis and by exp(U(-log rescale, log rescale)).
+    # None = off. HF configs default pos_embed_rescale to 2.0; the converter copies the file's values.
+    pos_embed_shift: Any = dataclasses.field(default=None, metadata={config_util.ANY_TYPE: True})
+    pos_embed_jitter: Any = dataclasses.field(default=None, metadata={config_util.ANY_TYPE: True})
+    pos_embed_rescale: Any = dataclasses.field(default=None, metadata={config_util.ANY_TYPE: True})
     # Training-only regularisers (no effect with deterministic=True). dropout_rate: on the embeddings
     # and each residual branch (big_vision style; not an HF config field). drop_path_rate: stochastic
     # depth per sample on each residual branch, the same in every layer (HF DINOv2 drop_path_rate).
@@ -124,6 +178,8 @@ class ViTConfig:
     def __post_init__(self):
         if self.variant in POOLS and not self.pool:
             object.__setattr__(self, "pool", POOLS[self.variant][0])
+        if self.key_bias is None:
+            object.__setattr__(self, "key_bias", self.variant != "dinov3")
         object.__setattr__(self, "dtype", _parse_dtype("dtype", self.dtype))
         object.__setattr__(self, "param_dtype", _parse_dtype("param_dtype", self.param_dtype))
         object.__setattr__(self, "remat", layers.parse_remat("remat", self.remat))
@@ -131,7 +187,7 @@ class ViTConfig:
     # Structure fixed by the family.
     @property
     def class_token(self) -> bool:
-        return self.variant in ("clip", "dinov2")
+        return self.variant in ("clip", "dinov2", "dinov3")
 
     @property
     def patch_bias(self) -> bool:
@@ -143,7 +199,22 @@ class ViTConfig:
 
     @property
     def layer_scale(self) -> bool:
-        return self.variant == "dinov2"
+        return self.variant in ("dinov2", "dinov3")
+
+    @property
+    def learned_positions(self) -> bool:
+        """A position table added to the embeddings (all but DINOv3)."""
+        return self.variant != "dinov3"
+
+    @property
+    def use_rope(self) -> bool:
+        """2-D RoPE on the patch tokens' q and k in every layer (DINOv3)."""
+        return self.variant == "dinov3"
+
+    @property
+    def mask_token(self) -> bool:
+        """A learned [MASK] embedding exists (DINOv2/3 with ``use_mask_token``)."""
+        return self.variant in ("dinov2", "dinov3") and self.use_mask_token
 
     @property
     def head_dim(self) -> int:
@@ -156,6 +227,9 @@ class ViTConfig:
 
     @property
     def num_positions(self) -> int:
+        """Rows of the position table (0 without one: DINOv3)."""
+        if not self.learned_positions:
+            return 0
         return self.grid_size**2 + int(self.class_token)
 
     @property
@@ -183,15 +257,24 @@ class ViTConfig:
         if self.pool not in POOLS[self.variant]:
             raise ValueError(f"pool={self.pool!r} does not exist for variant={self.variant!r}; "
                              f"use one of {POOLS[self.variant]}.")
-        if self.variant != "dinov2":
-            dinov2_only = dict(num_register_tokens=0, use_swiglu_ffn=False, pos_antialias=False,
-                               qkv_bias=True)
-            for name, default in dinov2_only.items():
-                if getattr(self, name) != default:
-                    raise ValueError(f"{name}={getattr(self, name)!r} exists only for variant='dinov2' "
-                                     f"(got variant={self.variant!r}); leave it at {default!r}.")
+        for name, (default, variants) in VARIANT_FIELDS.items():
+            if self.variant not in variants and getattr(self, name) != default:
+                raise ValueError(f"{name}={getattr(self, name)!r} exists only for variant="
+                                 f"{' or '.join(map(repr, variants))} (got variant={self.variant!r}); "
+                                 f"leave it at {default!r}.")
         if not isinstance(self.num_register_tokens, int) or self.num_register_tokens < 0:
             raise ValueError(f"num_register_tokens must be an integer >= 0, got {self.num_register_tokens!r}.")
+        if self.use_rope:
+            if self.head_dim % 4:
+                raise ValueError(f"DINOv3's 2-D RoPE needs a head_dim divisible by 4, got hidden_size // "
+                                 f"num_attention_heads = {self.head_dim}; change hidden_size or num_attention_heads.")
+            if not self.rope_theta > 0:
+                raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}.")
+            for name, low in (("pos_embed_shift", 0.0), ("pos_embed_jitter", 1.0), ("pos_embed_rescale", 1.0)):
+                value = getattr(self, name)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                          or not value >= low):
+                    raise ValueError(f"{name} must be None (off) or a number >= {low}, got {value!r}.")
         for name in ("dropout_rate", "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}.")
@@ -278,6 +361,70 @@ def interpolate_position_embedding(
 
 
 # ------------------------------------------------------------------------------------------------
+# DINOv3 2-D rotary position embedding (HF ``DINOv3ViTRopePositionEmbedding``)
+# ------------------------------------------------------------------------------------------------
+
+def patch_coordinates(gh: int, gw: int) -> Array:
+    """Centres of a (gh, gw) patch grid normalised to [-1, 1]: [gh * gw, 2] fp32, (y, x) per row,
+    row-major (HF ``get_patches_center_coordinates``)."""
+    ys = (jnp.arange(gh, dtype=jnp.float32) + 0.5) / gh
+    xs = (jnp.arange(gw, dtype=jnp.float32) + 0.5) / gw
+    coords = jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(gh * gw, 2)
+    return 2.0 * coords - 1.0
+
+
+def augment_patch_coordinates(coords: Array, rng: Array, shift: float | None = None, jitter: float | None = None,
+                              rescale: float | None = None) -> Array:
+    """HF ``augment_patches_center_coordinates`` (training only): one draw for the whole call.
+
+    coords [Np, 2] -> [Np, 2]: ``+ U(-shift, shift)`` per axis, ``* exp(U(-log jitter, log jitter))``
+    per axis, ``* exp(U(-log rescale, log rescale))`` for both axes; a None factor is skipped.
+    """
+    k_shift, k_jitter, k_rescale = jax.random.split(rng, 3)
+    if shift is not None:
+        coords = coords + jax.random.uniform(k_shift, (1, 2), jnp.float32, -shift, shift)
+    if jitter is not None:
+        r = float(np.log(jitter))
+        coords = coords * jnp.exp(jax.random.uniform(k_jitter, (1, 2), jnp.float32, -r, r))
+    if rescale is not None:
+        r = float(np.log(rescale))
+        coords = coords * jnp.exp(jax.random.uniform(k_rescale, (1,), jnp.float32, -r, r))
+    return coords
+
+
+def rope_2d_tables(coords: Array, head_dim: int, theta: float, num_prefix_tokens: int = 0) -> tuple[Array, Array]:
+    """(cos, sin) of the tokens ``[prefix, patches]``: each [num_prefix_tokens + Np, Dh] fp32.
+
+    Patch rows as HF: ``inv_freq = 1 / theta^(4i/Dh)`` for i < Dh/4; angles ``2 pi * coord * inv_freq``
+    of y then x ([Np, Dh/2]) tiled twice, the ``rotate_half`` layout of ``apply_rope_tables``. Prefix
+    rows (CLS, registers) are the identity rotation, cos = 1 and sin = 0, which is how HF
+    ``apply_rotary_pos_emb`` leaves them alone.
+    """
+    inv_freq = 1.0 / theta ** jnp.asarray(np.arange(head_dim // 4) * (4.0 / head_dim), jnp.float32)  # [Dh/4]
+    angles = 2.0 * np.pi * coords[:, :, None] * inv_freq  # [Np, 2, Dh/4]
+    angles = jnp.tile(angles.reshape(coords.shape[0], head_dim // 2), 2)  # [Np, Dh]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if num_prefix_tokens:
+        cos = jnp.concatenate([jnp.ones((num_prefix_tokens, head_dim), jnp.float32), cos], axis=0)
+        sin = jnp.concatenate([jnp.zeros((num_prefix_tokens, head_dim), jnp.float32), sin], axis=0)
+    return cos, sin
+
+
+def apply_rope_tables(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates q or k [B, N, H, Dh] by per-token tables cos / sin [N, Dh] or [B, N, Dh]:
+    ``x cos + rotate_half(x) sin`` in fp32, back in the dtype of ``x`` (HF ``apply_rotary_pos_emb``)."""
+    if cos.shape != sin.shape or cos.shape[-1] != x.shape[-1] or cos.shape[-2] != x.shape[1]:
+        raise ValueError(f"rope tables must be (cos, sin) of shape [N, Dh] or [B, N, Dh] = [{x.shape[1]}, "
+                         f"{x.shape[-1]}] for these tokens, got {cos.shape} and {sin.shape}; build them with "
+                         "VisionTransformer.rope_tables (add identity rows, cos=1 sin=0, for extra tokens).")
+    cos = cos.astype(jnp.float32)[..., None, :]  # [(B,) N, 1, Dh]
+    sin = sin.astype(jnp.float32)[..., None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    return (x32 * cos + jnp.concatenate([-x2, x1], axis=-1) * sin).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
 # Building blocks
 # ------------------------------------------------------------------------------------------------
 
@@ -291,6 +438,55 @@ VisionAttention = layers.EncoderAttention
 
 
 MLP = layers.EncoderMLP
+
+
+class DINOv3Attention(layers.EncoderAttention):
+    """``EncoderAttention`` with a bias switch per projection: HF ``DINOv3ViTAttention``
+    (``q_proj`` / ``k_proj`` / ``v_proj``, ``o_proj`` -> ``out_proj``; ``query_bias``, ``key_bias``,
+    ``value_bias``, ``proj_bias``). ``qkv_bias`` is unused. RoPE is applied by ``EncoderLayer.qkv``."""
+
+    query_bias: bool = True
+    key_bias: bool = False
+    value_bias: bool = True
+    proj_bias: bool = True
+
+    def setup(self):
+        dense = functools.partial(layers.DenseGeneral, initializer_range=self.initializer_range,
+                                  dtype=self.dtype, param_dtype=self.param_dtype)
+        proj = lambda bias: dense(features=(self.num_heads, self.head_dim),
+                                  kernel_axes=("embed", "q_heads", "head_dim"), use_bias=bias)
+        self.q_proj, self.k_proj, self.v_proj = proj(self.query_bias), proj(self.key_bias), proj(self.value_bias)
+        self.out_proj = dense(features=self.hidden_size, kernel_axes=("q_heads", "head_dim", "embed"),
+                              axis=(-2, -1), use_bias=self.proj_bias)
+
+
+class DINOv3MLP(nn.Module):
+    """HF ``DINOv3ViTMLP`` ``down_proj(act(up_proj(x)))``, or with ``gated`` ``DINOv3ViTGatedMLP``
+    ``down_proj(act(gate_proj(x)) * up_proj(x))``; biases when ``use_bias`` (HF ``mlp_bias``).
+
+    up_proj / gate_proj weight [F, D] -> kernel [D, F]; down_proj weight [D, F] -> kernel [F, D].
+    """
+
+    intermediate_size: int
+    hidden_act: str
+    gated: bool = False
+    use_bias: bool = True
+    initializer_range: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [B, N, D] -> [B, N, D]."""
+        dense = functools.partial(layers.DenseGeneral, use_bias=self.use_bias, initializer_range=self.initializer_range,
+                                  dtype=self.dtype, param_dtype=self.param_dtype)
+        up = lambda name: dense(self.intermediate_size, kernel_axes=("embed", "mlp"), name=name)(x)
+        if self.gated:
+            h = ACTIVATIONS[self.hidden_act](up("gate_proj")) * up("up_proj")
+        else:
+            h = ACTIVATIONS[self.hidden_act](up("up_proj"))
+        h = nn.with_logical_constraint(h, (ACT_BATCH, ACT_LEN, ACT_MLP))
+        return dense(x.shape[-1], kernel_axes=("mlp", "embed"), name="down_proj")(h)
 
 
 class SwiGLUFFN(nn.Module):
@@ -319,12 +515,16 @@ class SwiGLUFFN(nn.Module):
 class EncoderLayer(nn.Module):
     """Pre-norm ViT layer: ``x + ls1 * attn(ln1(x))``, ``x + ls2 * mlp(ln2(x))``.
 
-    HF ``CLIPEncoderLayer`` / ``SiglipEncoderLayer`` (no layer scale) and ``Dinov2Layer`` (layer
-    scale ``layer_scale{1,2}.lambda1`` [D], SwiGLU FFN when ``use_swiglu_ffn``).
+    HF ``CLIPEncoderLayer`` / ``SiglipEncoderLayer`` (no layer scale), ``Dinov2Layer`` (layer
+    scale ``layer_scale{1,2}.lambda1`` [D], SwiGLU FFN when ``use_swiglu_ffn``) and ``DINOv3ViTLayer``
+    (layer scale, per-projection biases, RoPE on q/k through ``rope=``, gated MLP when
+    ``use_gated_mlp``).
 
     ``__call__`` is ``qkv`` -> attention -> ``finish``; the halves are public so that token reuse
     (``vlmjax.models.reuse``) can run them on a gathered subset of tokens with keys and values of
-    the whole frame.
+    the whole frame. ``rope`` = (cos, sin) [N, Dh] (or [B, N, Dh]) of the tokens in ``x``
+    (``VisionTransformer.rope_tables``; identity rows, cos=1 sin=0, for tokens without a position);
+    None = no rotation (every variant but DINOv3).
     """
 
     config: ViTConfig
@@ -334,12 +534,22 @@ class EncoderLayer(nn.Module):
         c = self.config
         norm = lambda: LayerNorm(eps=c.layer_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         self.layer_norm1 = norm()
-        self.self_attn = VisionAttention(num_heads=c.num_attention_heads, head_dim=c.head_dim,
-                                         hidden_size=c.hidden_size, qkv_bias=c.qkv_bias,
-                                         initializer_range=c.initializer_range, dtype=c.dtype,
-                                         param_dtype=c.param_dtype, attention_impl=c.attention_impl)
+        if c.variant == "dinov3":
+            self.self_attn = DINOv3Attention(num_heads=c.num_attention_heads, head_dim=c.head_dim,
+                                             hidden_size=c.hidden_size, query_bias=c.query_bias,
+                                             key_bias=c.key_bias, value_bias=c.value_bias, proj_bias=c.proj_bias,
+                                             initializer_range=c.initializer_range, dtype=c.dtype,
+                                             param_dtype=c.param_dtype, attention_impl=c.attention_impl)
+        else:
+            self.self_attn = VisionAttention(num_heads=c.num_attention_heads, head_dim=c.head_dim,
+                                             hidden_size=c.hidden_size, qkv_bias=c.qkv_bias,
+                                             initializer_range=c.initializer_range, dtype=c.dtype,
+                                             param_dtype=c.param_dtype, attention_impl=c.attention_impl)
         self.layer_norm2 = norm()
-        if c.use_swiglu_ffn:
+        if c.variant == "dinov3":
+            self.mlp = DINOv3MLP(c.intermediate_size, c.hidden_act, gated=c.use_gated_mlp, use_bias=c.mlp_bias,
+                                 initializer_range=c.initializer_range, dtype=c.dtype, param_dtype=c.param_dtype)
+        elif c.use_swiglu_ffn:
             self.mlp = SwiGLUFFN(c.intermediate_size, initializer_range=c.initializer_range, dtype=c.dtype,
                                  param_dtype=c.param_dtype)
         else:
@@ -357,10 +567,14 @@ class EncoderLayer(nn.Module):
         h = self.dropout(h, deterministic=deterministic)
         return x + _drop_path(self, h, self.drop_path_rate, deterministic)
 
-    def qkv(self, x: Array) -> tuple[Array, Array, Array]:
-        """x: [B, N, D] layer input -> q, k, v [B, N, H, Dh] of ``ln1(x)``."""
+    def qkv(self, x: Array, *, rope: tuple[Array, Array] | None = None) -> tuple[Array, Array, Array]:
+        """x: [B, N, D] layer input -> q, k, v [B, N, H, Dh] of ``ln1(x)``; q and k rotated by
+        ``rope`` = (cos, sin) [N, Dh] or [B, N, Dh] of these N tokens when given."""
         x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LEN, ACT_EMBED))
-        return self.self_attn.project(self.layer_norm1(x))
+        q, k, v = self.self_attn.project(self.layer_norm1(x))
+        if rope is not None:
+            q, k = apply_rope_tables(q, *rope), apply_rope_tables(k, *rope)
+        return q, k, v
 
     def finish(self, x: Array, attn: Array, deterministic: bool = True) -> Array:
         """The rest of the layer given the attention output.
@@ -381,9 +595,11 @@ class EncoderLayer(nn.Module):
         backend -> [B, T, H, Dh] (named for ``remat='save_attention_out'``)."""
         return checkpoint_name(self.self_attn.attend(q, k, v), layers.ATTENTION_OUT)
 
-    def __call__(self, x: Array, deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
-        """x: [B, N, D] -> ([B, N, D], aux={})."""
-        q, k, v = self.qkv(x)
+    def __call__(self, x: Array, deterministic: bool = True, rope: tuple[Array, Array] | None = None
+                 ) -> tuple[Array, dict[str, Array]]:
+        """x: [B, N, D], rope: optional (cos, sin) [N, Dh] of these tokens -> ([B, N, D], aux={}).
+        (``rope`` may also be passed positionally: nn.scan / nn.remat pass arguments by position.)"""
+        q, k, v = self.qkv(x, rope=rope)
         return self.finish(x, self.attend(q, k, v), deterministic), {}
 
 
@@ -450,7 +666,8 @@ class _PoolingAttention(nn.Module):
 class VisionEmbeddings(nn.Module):
     """Patchify + project, prepend CLS, add (interpolated) positions, insert registers.
 
-    HF ``CLIPVisionEmbeddings`` / ``SiglipVisionEmbeddings`` / ``Dinov2(WithRegisters)Embeddings``.
+    HF ``CLIPVisionEmbeddings`` / ``SiglipVisionEmbeddings`` / ``Dinov2(WithRegisters)Embeddings`` /
+    ``DINOv3ViTEmbeddings`` (no positions here: DINOv3 rotates q/k in the layers).
     The patch projection is the stride-p conv of HF written as a matmul over ``[p, p, C]`` patches
     (conv weight [D, C, p, p] -> kernel [p, p, C, D]); rows/columns past the last whole patch are
     dropped, as by the strided conv.
@@ -464,7 +681,7 @@ class VisionEmbeddings(nn.Module):
 
     @nn.compact
     def __call__(self, pixel_values: Array, mask: Array | None = None) -> Array:
-        """pixel_values: [B, H, W, C]; mask: optional [B, Np] bool (DINOv2 [MASK]) -> [B, N, D]."""
+        """pixel_values: [B, H, W, C]; mask: optional [B, Np] bool (DINOv2/3 [MASK]) -> [B, N, D]."""
         c = self.config
         b, height, width, channels = pixel_values.shape
         p, d = c.patch_size, c.hidden_size
@@ -484,22 +701,26 @@ class VisionEmbeddings(nn.Module):
             name, nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range), axes), shape,
             c.param_dtype)
         if mask is not None:
-            if not (c.variant == "dinov2" and c.use_mask_token):
-                raise ValueError("mask= needs a [MASK] embedding: variant='dinov2' with use_mask_token=True.")
+            if not c.mask_token:
+                raise ValueError("mask= needs a [MASK] embedding: variant='dinov2' or 'dinov3' with "
+                                 "use_mask_token=True.")
             if mask.shape != (b, gh * gw):
                 raise ValueError(f"mask must be [B, Np] = {(b, gh * gw)}, got {mask.shape}.")
-        if c.variant == "dinov2" and c.use_mask_token:
+        if c.mask_token:
             mask_token = vector("mask_token", (d,), ("embed",))
             if mask is not None:
                 x = jnp.where(mask[..., None], mask_token.astype(x.dtype), x)
 
-        table = vector("position_embedding", (c.num_positions, d), (None, "embed"))
-        pos = interpolate_position_embedding(table[int(c.class_token):], c.grid_size, (gh, gw), c.pos_antialias)
+        if c.learned_positions:
+            table = vector("position_embedding", (c.num_positions, d), (None, "embed"))
+            pos = interpolate_position_embedding(table[int(c.class_token):], c.grid_size, (gh, gw), c.pos_antialias)
         if c.class_token:
             cls = vector("class_embedding", (d,), ("embed",))
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)), x], axis=1)
-            pos = jnp.concatenate([table[:1].astype(jnp.float32), pos], axis=0)
-        x = x + pos.astype(x.dtype)
+            if c.learned_positions:
+                pos = jnp.concatenate([table[:1].astype(jnp.float32), pos], axis=0)
+        if c.learned_positions:
+            x = x + pos.astype(x.dtype)
         if c.num_register_tokens:
             # Registers carry no position and sit between CLS and the patches (HF order).
             regs = vector("register_tokens", (c.num_register_tokens, d), (None, "embed"))
@@ -509,14 +730,19 @@ class VisionEmbeddings(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """CLIP / SigLIP / DINOv2 image encoder.
+    """CLIP / SigLIP / DINOv2 / DINOv3 image encoder.
 
     Outputs (``__call__``):
         last_hidden_state [B, N, D]: CLIP: encoder output (before post_layernorm, as HF);
-            SigLIP / DINOv2: after the final layer norm. N = prefix tokens + gh * gw.
+            SigLIP / DINOv2 / DINOv3: after the final layer norm. N = prefix tokens + gh * gw.
         pooler_output [B, D]: CLIP post_layernorm(CLS), SigLIP MAP head (absent when pool='none'),
-            DINOv2 normed CLS.
-        DINOv2 also: cls_token [B, D], register_tokens [B, R, D], patch_tokens [B, gh*gw, D] (normed).
+            DINOv2 / DINOv3 normed CLS.
+        DINOv2 / DINOv3 also: cls_token [B, D], register_tokens [B, R, D], patch_tokens [B, gh*gw, D]
+            (normed).
+
+    The layers by hand (token reuse, extra tokens): ``x = embed(images)``, ``rope = rope_tables(gh, gw)``
+    (None but for DINOv3), ``x, _ = layer(x, deterministic, rope)`` for each of ``layers``, then
+    ``outputs(x)``.
     """
 
     config: ViTConfig
@@ -528,12 +754,13 @@ class VisionTransformer(nn.Module):
         norm = lambda: LayerNorm(eps=c.layer_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         if c.pre_layernorm:
             self.pre_layrnorm = norm()  # HF spelling
-        # static_argnums counts `self` as 0: (x=1, deterministic=2).
+        # static_argnums counts `self` as 0: (x=1, deterministic=2, rope=3).
         block = layers.remat(EncoderLayer, c.remat, static_argnums=(2,))
         # The same stochastic-depth rate in every layer, as HF Dinov2Layer(config.drop_path_rate).
         if c.scan_layers:
             self.layers = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
-                                  split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,),
+                                  split_rngs={"params": True, "dropout": True},
+                                  in_axes=(nn.broadcast, nn.broadcast),
                                   length=c.num_hidden_layers,
                                   metadata_params={nn.PARTITION_NAME: axes.LAYERS},
                                   )(c, drop_path_rate=c.drop_path_rate)
@@ -553,19 +780,23 @@ class VisionTransformer(nn.Module):
             pixel_values: [B, H, W, C] float, normalised (see ``vlmjax.data.image_processing``);
                 H and W need not be ``image_size`` (positions are interpolated).
             mask: optional [B, Np] bool, True = replace that patch embedding by the [MASK] token
-                (DINOv2 ``bool_masked_pos``; Np = (H // p) * (W // p)).
-            deterministic: False enables dropout / stochastic depth (needs a "dropout" rng).
+                (DINOv2/3 ``bool_masked_pos``; Np = (H // p) * (W // p)).
+            deterministic: False enables dropout / stochastic depth and DINOv3's RoPE coordinate
+                augmentation (``pos_embed_*``); needs a "dropout" rng.
 
         Returns:
             (outputs dict as in the class docstring, aux flat dict with keys ``layers_{i}/<name>``).
         """
+        c = self.config
         x = self.embed(pixel_values, mask=mask, deterministic=deterministic)
+        rope = self.rope_tables(pixel_values.shape[1] // c.patch_size, pixel_values.shape[2] // c.patch_size,
+                                deterministic=deterministic)
         aux: dict[str, Array] = {}
-        if self.config.scan_layers:
-            x, _ = self.layers(x, deterministic)  # encoder layers have no aux
+        if c.scan_layers:
+            x, _ = self.layers(x, deterministic, rope)  # encoder layers have no aux
             return self.outputs(x), aux
         for i, layer in enumerate(self.layers):
-            x, layer_aux = layer(x, deterministic)
+            x, layer_aux = layer(x, deterministic, rope)
             aux.update({f"layers_{i}/{k}": v for k, v in layer_aux.items()})
         return self.outputs(x), aux
 
@@ -576,6 +807,24 @@ class VisionTransformer(nn.Module):
         if self.config.pre_layernorm:
             x = self.pre_layrnorm(x)
         return x
+
+    def rope_tables(self, gh: int, gw: int, *, deterministic: bool = True) -> tuple[Array, Array] | None:
+        """The RoPE (cos, sin) of the tokens ``embed`` gives for a (gh, gw) patch grid, each
+        [num_prefix_tokens + gh * gw, Dh] fp32 with identity rows (cos=1, sin=0) for CLS and the
+        registers; None for variants without RoPE (all but DINOv3).
+
+        deterministic=False applies the training augmentation ``pos_embed_shift`` / ``_jitter`` /
+        ``_rescale`` of the config (one draw per call from the "dropout" rng), as HF in training mode.
+        For an extra token without position, append a row of ones to cos and of zeros to sin.
+        """
+        c = self.config
+        if not c.use_rope:
+            return None
+        coords = patch_coordinates(gh, gw)
+        augment = (c.pos_embed_shift, c.pos_embed_jitter, c.pos_embed_rescale)
+        if not deterministic and any(a is not None for a in augment):
+            coords = augment_patch_coordinates(coords, self.make_rng("dropout"), *augment)
+        return rope_2d_tables(coords, c.head_dim, c.rope_theta, c.num_prefix_tokens)
 
     def outputs(self, x: Array) -> dict[str, Array]:
         """Output of the last encoder layer [B, N, D] -> the outputs dict of ``__call__``."""
@@ -591,7 +840,7 @@ class VisionTransformer(nn.Module):
                 out["pooler_output"] = self.head(x)
             elif c.pool == "cls":
                 out["pooler_output"] = x[:, 0]
-        if c.variant == "dinov2":
+        if c.variant in ("dinov2", "dinov3"):
             out["cls_token"] = x[:, 0]
             out["register_tokens"] = x[:, 1 : c.num_prefix_tokens]
             out["patch_tokens"] = x[:, c.num_prefix_tokens :]
@@ -600,6 +849,8 @@ class VisionTransformer(nn.Module):
 
 __all__ = [
     "ACTIVATIONS",
+    "DINOv3Attention",
+    "DINOv3MLP",
     "EncoderLayer",
     "LayerNorm",
     "MAPHead",
@@ -609,6 +860,10 @@ __all__ = [
     "VisionAttention",
     "VisionEmbeddings",
     "VisionTransformer",
+    "apply_rope_tables",
+    "augment_patch_coordinates",
     "bicubic_resize_matrix",
     "interpolate_position_embedding",
+    "patch_coordinates",
+    "rope_2d_tables",
 ]
