@@ -148,7 +148,8 @@ def render_clip(cfg, index: int, split: str = "train") -> dict[str, np.ndarray]:
     # Sprites: 0 is the main one (large, labelled, drawn last = on top).
     num = cfg.num_sprites
     radius = np.concatenate([rng.uniform(*_MAIN_RADIUS, size=1),
-                             rng.uniform(*_DISTRACTOR_RADIUS, size=num - 1)]) * size
+                             rng.uniform(*_DISTRACTOR_RADIUS, size=num - 1) * cfg.distractor_scale]
+                            ) * (size * cfg.sprite_scale)
     if cfg.sprite_kind == "digits":
         images, targets = _load_digits()
         picks = rng.integers(0, len(images), size=num)
@@ -164,6 +165,7 @@ def render_clip(cfg, index: int, split: str = "train") -> dict[str, np.ndarray]:
         hi, lo = rng.permutation(3)[:2]
         colour[k, hi], colour[k, lo] = rng.uniform(0.9, 1.0), rng.uniform(0.0, 0.1)
     speed = cfg.sprite_speed * size * rng.uniform(0.5, 1.5, size=num)
+    speed[1:] *= cfg.distractor_speed
     angle = rng.uniform(0.0, 2.0 * np.pi, size=num)
     velocity = np.stack([speed * np.cos(angle), speed * np.sin(angle)], axis=-1)  # [K, 2]
     low, high = radius[:, None], size - radius[:, None]

@@ -104,6 +104,14 @@ def default_config() -> ml_collections.ConfigDict:
     # Amplitude of the background texture (1 = the default sinusoid mix, 0 = a flat colour). Scaled
     # after drawing, so every other random choice of a clip stays the same.
     c.texture_contrast = 1.0
+    # Sprite radii x this (1 = the main sprite 0.22-0.3, the others 0.07-0.12 image widths). Scaled
+    # after drawing, so every other random choice of a clip stays the same; < 1 makes the change
+    # between frames small and local (the foveated experiment).
+    c.sprite_scale = 1.0
+    # The other sprites' radius range (0.07-0.12) x distractor_scale and speed x distractor_speed
+    # (0 = they stand still). Applied after drawing, like sprite_scale.
+    c.distractor_scale = 1.0
+    c.distractor_speed = 1.0
     # Std of i.i.d. Gaussian pixel noise added to every frame (0 = none). Noise
     # changes every patch: raise change_threshold above ~1.2 x noise.
     c.noise = 0.0
@@ -207,7 +215,10 @@ def _check_config(cfg) -> None:
                            ("ref_mode", REF_MODES), ("dtype", DTYPES)):
         if cfg[field] not in allowed:
             raise ValueError(f"config.data.{field}={cfg[field]!r} is not one of {allowed}.")
-    for field in ("sprite_speed", "pan_speed", "noise", "change_threshold"):
+    for field in ("sprite_scale", "distractor_scale"):
+        if not 0.0 < cfg[field] <= 4.0:
+            raise ValueError(f"config.data.{field}={cfg[field]!r} must be in (0, 4].")
+    for field in ("sprite_speed", "distractor_speed", "pan_speed", "noise", "change_threshold"):
         if not cfg[field] >= 0:
             raise ValueError(f"config.data.{field}={cfg[field]!r} must be >= 0.")
     if cfg.source == "procedural":
