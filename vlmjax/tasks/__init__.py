@@ -20,9 +20,9 @@ def register(name: str, cls: type[Task]) -> None:
 
 def _registry() -> dict[str, type[Task]]:
     # Imported lazily so that `import vlmjax.tasks` stays light.
-    from vlmjax.tasks import alignment, fusion_vqa, lm, reuse, routed_lm, video_cls, vlm  # pylint: disable=g-import-not-at-top
+    from vlmjax.tasks import alignment, foveated, fusion_vqa, lm, reuse, routed_lm, video_cls, vlm  # pylint: disable=g-import-not-at-top
 
-    return {"alignment": alignment.AlignmentTask, "fusion_vqa": fusion_vqa.FusionVQATask, "lm": lm.LMTask,
+    return {"alignment": alignment.AlignmentTask, "foveated": foveated.FoveatedTask, "fusion_vqa": fusion_vqa.FusionVQATask, "lm": lm.LMTask,
             "routed_lm": routed_lm.RoutedLMTask,
             "video_cls": video_cls.VideoClsTask,
             "reuse": reuse.ReuseTask, "vlm": vlm.VLMTask, **_EXTRA}

@@ -1,0 +1,204 @@
+"""The two-pass foveated model (vlmjax.models.foveated) and its task (configs/foveated.py).
+
+The asymmetric mask makes the patch stream query-independent (so caching is valid); the cached deep
+query equals the uncached masked computation; the queries shift between the passes and pass 2 is
+causal; the FiLM head is the identity at zero modulation; the smoke experiment trains, logs the fine /
+coarse ratio and draws the attention picture."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_config
+
+from vlmjax import run as runner
+from vlmjax.models import decoder as decoder_lib
+from vlmjax.models import foveated as fov
+from vlmjax.models import vit as vit_lib
+from vlmjax.train.metrics import read_metrics
+
+B, T, S, P = 2, 4, 32, 8  # clips, frames, image side, patch
+
+
+def _vit(variant="dinov2", **kw):
+    base = dict(variant=variant, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                patch_size=P, image_size=S, hidden_act="gelu")
+    if variant in ("dinov2", "dinov3"):
+        base["num_register_tokens"] = 2
+    base.update(kw)
+    return vit_lib.ViTConfig(**base)
+
+
+DEC = decoder_lib.DecoderConfig(vocab_size=1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+
+
+def _inputs(seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return jax.random.normal(k1, (B, T, S, S, 3)), jax.random.normal(k2, (B, T, S // 8, S // 8, 4))
+
+
+@pytest.fixture(scope="module", params=["shallow", "deep"])
+def model_and_vars(request):
+    model = fov.FoveatedModel(_vit(), DEC, fov.FoveatedConfig(query_mode=request.param, film_channels=(8, 16)))
+    frames, latents = _inputs()
+    return model, nn.meta.unbox(model.init(jax.random.key(1), frames, latents))
+
+
+@pytest.fixture(scope="module", params=["dinov2", "dinov3"])
+def encoder_and_vars(request):
+    """DINOv2 (learned positions) and DINOv3 (RoPE on the patches; the query token gets none)."""
+    enc = fov.FoveatedEncoder(_vit(request.param))
+    frames = jax.random.normal(jax.random.key(2), (3, S, S, 3))
+    return enc, nn.meta.unbox(enc.init(jax.random.key(3), frames)), frames
+
+
+def test_asymmetric_mask_patches_ignore_the_query(encoder_and_vars):
+    """With the query token in every block, the other tokens' outputs equal the plain ViT's, for any query."""
+    enc, variables, frames = encoder_and_vars
+    plain, _ = enc.apply(variables, frames)
+    for seed in (0, 1):
+        u = 10.0 * jax.random.normal(jax.random.key(seed), (3, 32))
+        _, tokens = enc.apply(variables, frames, u, method=enc.deep_query_uncached)
+        for key in ("last_hidden_state", "patch_tokens", "cls_token"):
+            np.testing.assert_allclose(tokens[key], plain[key], atol=2e-6, err_msg=key)
+
+
+def test_deep_query_with_cached_kv_equals_uncached(encoder_and_vars):
+    enc, variables, frames = encoder_and_vars
+    cache = enc.apply(variables, frames, method=enc.patch_cache)
+    np.testing.assert_allclose(cache["outputs"]["last_hidden_state"],
+                               enc.apply(variables, frames)[0]["last_hidden_state"], atol=1e-6)
+    for seed in (0, 1):
+        u = jax.random.normal(jax.random.key(seed), (3, 32))
+        z_cached, probs = enc.apply(variables, u, cache, method=enc.deep_query)
+        z_ref, _ = enc.apply(variables, frames, u, method=enc.deep_query_uncached)
+        np.testing.assert_allclose(z_cached, z_ref, atol=2e-6)
+        assert probs.shape == (3, 4, 1 + 2 + (S // P) ** 2)
+        np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    # Different queries read different features from the same cache (random ones: a constant vector
+    # is in every LayerNorm's null space).
+    z_a, _ = enc.apply(variables, jax.random.normal(jax.random.key(5), (3, 32)), cache, method=enc.deep_query)
+    z_b, _ = enc.apply(variables, jax.random.normal(jax.random.key(6), (3, 32)), cache, method=enc.deep_query)
+    assert float(jnp.abs(z_a - z_b).max()) > 1e-3
+
+
+def test_deep_query_rejects_scanned_layers():
+    enc = fov.FoveatedEncoder(_vit(scan_layers=True))
+    frames = jnp.zeros((1, S, S, 3))
+    variables = enc.init(jax.random.key(0), frames)
+    with pytest.raises(ValueError, match="scan_layers=False"):
+        enc.apply(variables, frames, method=enc.patch_cache)
+
+
+def test_shift_queries():
+    q_init = jnp.arange(3.0)
+    predicted = jnp.arange(2 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 3)
+    shifted = fov.shift_queries(q_init, predicted)
+    np.testing.assert_array_equal(shifted[:, 0], jnp.broadcast_to(q_init, (2, 3)))
+    np.testing.assert_array_equal(shifted[:, 1:], predicted[:, :-1])
+
+
+def test_model_outputs_and_pass_two_uses_the_shifted_predicted_queries(model_and_vars):
+    model, variables = model_and_vars
+    frames, latents = _inputs()
+    out = model.apply(variables, frames, latents)
+    assert out["pred_fine"].shape == out["pred_coarse"].shape == (B, T - 1, S // 8, S // 8, 4)
+    n_patches = (S // P) ** 2
+    for key in ("attn_coarse", "attn_fine"):
+        assert out[key].shape == (B, T, n_patches)
+        np.testing.assert_allclose(out[key].sum(-1), 1.0, rtol=1e-5)
+    params = variables["params"]
+    np.testing.assert_allclose(out["queries"][:, 0], jnp.broadcast_to(params["query_init"], (B, 32)), rtol=1e-6)
+    # The queries of frames 1.. differ from the static one and between clips: the LLM chose them.
+    assert float(jnp.abs(out["queries"][:, 1:] - params["query_static"]).max()) > 1e-3
+    assert float(jnp.abs(out["queries"][0, 1:] - out["queries"][1, 1:]).max()) > 1e-4
+    # Control: pass 2 with the static query is pass 1 exactly (ratio 1 by construction).
+    static = model.apply(variables, frames, latents, fine_queries="static")
+    np.testing.assert_allclose(static["pred_fine"], static["pred_coarse"], atol=1e-6)
+    shuffled = model.apply(variables, frames, latents, fine_queries="shuffled")
+    np.testing.assert_allclose(shuffled["queries"][:, 1:], jnp.roll(out["queries"][:, 1:], 1, axis=0), atol=1e-6)
+    with pytest.raises(ValueError, match="fine_queries"):
+        model.apply(variables, frames, latents, fine_queries="oracle")
+
+
+def test_predictions_are_causal_in_the_frames(model_and_vars):
+    """Prediction t (of latent t+1) reads frames <= t in both passes: the fine query of frame t was chosen
+    from the coarse pass up to t-1. Changing the last frame changes no earlier prediction."""
+    model, variables = model_and_vars
+    frames, latents = _inputs()
+    out = model.apply(variables, frames, latents)
+    frames2 = frames.at[:, -1].set(jax.random.normal(jax.random.key(9), frames[:, -1].shape))
+    out2 = model.apply(variables, frames2, latents)
+    for key in ("pred_fine", "pred_coarse"):
+        np.testing.assert_allclose(out2[key][:, : T - 2], out[key][:, : T - 2], atol=1e-6, err_msg=key)
+    # ...while the last frame's fine features do change (it is read).
+    assert float(jnp.abs(out2["attn_fine"][:, -1] - out["attn_fine"][:, -1]).max()) > 0
+
+
+def test_film_head_identity_at_zero_modulation():
+    head = fov.FiLMHead((8, 16), 4, residual=False)
+    h = jax.random.normal(jax.random.key(0), (3, 32))
+    prev = jax.random.normal(jax.random.key(1), (3, 4, 4, 4))
+    variables = nn.meta.unbox(head.init(jax.random.key(2), h, prev))
+    # Fresh (zero) FiLM layer: the output ignores h and equals decode(features(prev)).
+    unmodulated = head.apply(variables, head.apply(variables, prev, method=head.features), prev,
+                             method=head.decode)
+    out = head.apply(variables, h, prev)
+    assert out.shape == (3, 4, 4, 4)
+    np.testing.assert_allclose(out, unmodulated, atol=1e-6)
+    np.testing.assert_allclose(head.apply(variables, 5 * h, prev), out, atol=1e-6)
+    # A non-zero FiLM layer makes h matter.
+    params = jax.tree.map(lambda x: x, variables["params"])
+    params["film"]["kernel"] = 0.1 * jax.random.normal(jax.random.key(3), params["film"]["kernel"].shape)
+    assert float(jnp.abs(head.apply({"params": params}, h, prev) - out).max()) > 1e-4
+    # residual=True starts as the copy-last-latent baseline.
+    res = fov.FiLMHead((8, 16), 4, residual=True)
+    np.testing.assert_allclose(res.apply(nn.meta.unbox(res.init(jax.random.key(2), h, prev)), h, prev), prev, atol=1e-6)
+
+
+def test_bad_config_values_fail_with_the_field():
+    with pytest.raises(ValueError, match="query_mode"):
+        fov.FoveatedConfig(query_mode="deeep").validate()
+    with pytest.raises(ValueError, match="film_channels"):
+        fov.FoveatedConfig(film_channels=()).validate()
+
+
+# ---- the task -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["smoke", "deep"])
+def smoke_run(request, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp(f"fov_{request.param}"))
+    over = {"foveated.query_mode": "deep"} if request.param == "deep" else {}
+    summary = runner.run(load_config("foveated", "smoke", log_every=1, **over), workdir)
+    return workdir, summary
+
+
+def test_smoke_trains_logs_the_ratio_and_draws_attention(smoke_run):
+    workdir, s = smoke_run
+    assert s["finished"] and s["step"] == 4
+    end = s["eval_end"]
+    for key in ("loss_fine", "loss_coarse", "ratio", "ratio_static", "ratio_shuffled", "loss_copy_last",
+                "motion_attention_coarse", "motion_attention_fine", "motion_share_uniform"):
+        assert key in end and np.isfinite(end[key]), key
+    np.testing.assert_allclose(end["ratio_static"], 1.0, rtol=1e-5)
+    np.testing.assert_allclose(end["ratio"], end["loss_fine"] / end["loss_coarse"], rtol=1e-6)
+    train = read_metrics(workdir, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for r in train:
+        assert {"loss_fine", "loss_coarse", "ratio", "data_wait_frac"} <= set(r)
+        np.testing.assert_allclose(r["loss"], r["loss_fine"] + r["loss_coarse"], rtol=1e-5)  # lambda_coarse 1
+    png = os.path.join(workdir, "attention.png")
+    assert os.path.getsize(png) > 0
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    with Image.open(png) as im:
+        # 2 clips x 3 rows (frames, coarse, fine) of 4 frames of 32 px, scaled 8x.
+        assert im.size == (4 * 32 * 8, 2 * 3 * 32 * 8)
+    # The targets were cached once under the workdir.
+    assert os.path.isdir(os.path.join(workdir, "latent_cache"))
+    json.dumps(end)  # the summary is plain JSON

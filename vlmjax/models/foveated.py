@@ -1,0 +1,433 @@
+"""Two-pass foveated video model: a static query sees every frame coarsely, the LLM chooses where
+the second pass looks (``task='foveated'``, ``configs/foveated.py``, docs/foveated.md).
+
+The design (the PyTorch seed's proposal) in one picture, for a clip of T frames:
+
+    frames [B, T, H, W, 3] --ViT, once per frame--> patch cache (query-independent)
+    pass 1 (coarse): z°_t = Q(q_static, cache_t)               for every t, in parallel
+                     h°   = LLM(proj(z°_1..T))                  causal over frames
+                     q_t  = query_head(h°_t)                    the LLM's choice of where to look next
+                     pred°_{t+1} = FiLM(h°_t, latent_t)
+    pass 2 (fine):   z_t  = Q([q_init, q_1, ..., q_{T-1}]_t, cache_t)   (shifted: frame t is read with
+                                                                         the query chosen after t-1)
+                     h    = LLM(proj(z_1..T));  pred_{t+1} = FiLM(h_t, latent_t)
+    loss = MSE(pred, latent_{t+1}) + lambda_coarse * MSE(pred°, latent_{t+1})   (task side)
+
+Two query mechanisms ``Q`` (``FoveatedConfig.query_mode``):
+
+  shallow  the seed's proof of concept: the query, projected into the encoder width, cross-attends
+           (one multi-head attention, ``QueryCrossAttention``) to the final patch features; the
+           patch keys/values are computed once per frame and reused by both passes.
+  deep     the seed's spec: the query is one extra token inside EVERY encoder block with an
+           asymmetric mask (the query attends to all tokens, no token attends to the query), so the
+           patch stream, and with it every layer's patch keys/values, does not depend on the query:
+           ``FoveatedEncoder.patch_cache`` runs the patches once per frame and keeps K/V per layer;
+           ``FoveatedEncoder.deep_query`` runs only the query token's path (one token per layer
+           attending to the cached K/V plus itself). ``deep_query_uncached`` is the same computation
+           as one masked self-attention over [tokens, query] (the reference the tests and the
+           benchmark compare against).
+
+Parameter tree:
+
+    encoder/...             the ViT (``vit.VisionTransformer``, HF names: a DINOv2 / DINOv3 / CLIP /
+                            SigLIP checkpoint loads here)
+    query_static [D]        q_static (pass 1)       query_init [D]  q_init (pass 2, frame 0)
+    query_in/kernel [D, Dv] the query, from the LLM width into the encoder width
+    query_xattn/...         shallow only: q/k/v/out projections of the cross-attention
+    feature_proj/kernel [Dv, D]   z_t -> the LLM input embedding
+    llm/...                 the decoder (``decoder.Decoder``, HF names: SmolLM2 / Llama / Qwen load here)
+    query_head/...          h°_t -> q_t (Dense D -> D, tanh-free)
+    head/...                ``FiLMHead``: h_t and latent_t -> latent_{t+1}
+
+Non-obvious choices (and why):
+  * FiLM is ``feat * (1 + gamma) + beta`` with the (gamma, beta) layer zero-initialised: zero
+    modulation is the identity (the seed writes ``gamma * feat + beta``; the offset keeps a fresh head
+    from zeroing its features).
+  * ``residual=True``: the head predicts latent_{t+1} - latent_t (added back), so at init the model
+    is the copy-last-frame baseline and the loss measures what motion it predicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from vlmjax.models import decoder as decoder_lib
+from vlmjax.models import layers
+from vlmjax.models import vit as vit_lib
+
+Array = jax.Array
+
+QUERY_MODES = ("shallow", "deep")
+# What pass 2 reads the frames with (``FoveatedModel.__call__(fine_queries=...)``): the LLM's queries
+# (the model), the static query (control: pass 2 = pass 1 exactly) or another clip's queries (the
+# batch rolled by one: control for "any non-static query helps").
+FINE_QUERIES = ("predicted", "static", "shuffled")
+
+
+@dataclasses.dataclass(frozen=True)
+class FoveatedConfig:
+    """The parts between the encoder and the decoder (each carries its own config).
+
+    query_mode: 'shallow' | 'deep' (module docstring).
+    query_heads: heads of the shallow cross-attention (0 = the encoder's).
+    latent_channels: C of the target latents (4: SD-VAE and the pixel encoder).
+    film_channels: widths of the FiLM head's conv encoder (the decoder mirrors it); the last one is
+      the modulated width F.
+    residual: predict the change latent_{t+1} - latent_t (module docstring).
+    film_coords: coordinate channels into the FiLM head's conv encoder (``FiLMHead.coords``).
+    """
+
+    query_mode: str = "shallow"
+    query_heads: int = 0
+    latent_channels: int = 4
+    film_channels: tuple[int, ...] = (64, 128)
+    residual: bool = True
+    film_coords: bool = True
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", layers.parse_dtype("dtype", self.dtype))
+        object.__setattr__(self, "film_channels", tuple(int(c) for c in self.film_channels))
+
+    def validate(self) -> None:
+        """Raises ValueError naming the ``config.foveated`` field and what it accepts."""
+        if self.query_mode not in QUERY_MODES:
+            raise ValueError(f"config.foveated.query_mode={self.query_mode!r}; use one of {QUERY_MODES}.")
+        if not isinstance(self.query_heads, int) or self.query_heads < 0:
+            raise ValueError(f"config.foveated.query_heads={self.query_heads!r} must be an int >= 0 "
+                             "(0 = the encoder's heads).")
+        if not isinstance(self.latent_channels, int) or self.latent_channels < 1:
+            raise ValueError(f"config.foveated.latent_channels={self.latent_channels!r} must be an int >= 1.")
+        if not self.film_channels or min(self.film_channels) < 1:
+            raise ValueError(f"config.foveated.film_channels={self.film_channels!r} must be one or more "
+                             "positive widths, e.g. (64, 128).")
+
+
+# ------------------------------------------------------------------------------------------------
+# The encoder: a ViT that can also run one query token against cached patch keys/values.
+# ------------------------------------------------------------------------------------------------
+
+
+def _query_attention(q: Array, k: Array, v: Array, dtype) -> tuple[Array, Array]:
+    """One query token per row over S keys, softmax in fp32.
+
+    q: [B, 1, H, Dh]; k/v: [B, S, H, Dh] -> (out [B, 1, H, Dh] in ``dtype``, probs [B, H, S] fp32).
+    Written out (not ``attention.attend``) because the caller needs the probabilities (the attention
+    pictures) and one query row is a matrix-vector product that no fused kernel speeds up.
+    """
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bshd->bhqs", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhqs,bshd->bqhd", probs.astype(dtype), v.astype(dtype))
+    return out, probs[:, :, 0]
+
+
+class FoveatedEncoder(vit_lib.VisionTransformer):
+    """``VisionTransformer`` (same params, HF names) plus the deep-query methods.
+
+    Deep query (the spec's asymmetric mask): with tokens X (prefix + patches, N of them) and one query
+    token u, layer l computes for the tokens exactly the plain ViT layer (they never see u), and for
+    u: ``u' = finish(u, attn(q(u), [K_l(X), k(u)], [V_l(X), v(u)]))``. So ``patch_cache`` (the plain
+    forward, keeping K_l(X), V_l(X)) runs once per frame and ``deep_query`` costs one token per layer.
+    The query token carries no position (identity RoPE for DINOv3, no position embedding added), like
+    the CLS token's attention role.
+    """
+
+    def _check_loop(self):
+        if self.config.scan_layers:
+            raise ValueError("config.encoder scan_layers=True runs the layers as one scanned module; the deep "
+                             "query visits them one by one: set scan_layers=False (or query_mode='shallow').")
+
+    def _rope(self, grid: tuple[int, int], deterministic: bool):
+        """(cos, sin) of the tokens of a (gh, gw) patch grid for RoPE families (DINOv3), else None."""
+        return self.rope_tables(*grid, deterministic=deterministic)
+
+    def _layer_qkv(self, layer, x, rope):
+        return layer.qkv(x) if rope is None else layer.qkv(x, rope=rope)
+
+    def patch_cache(self, pixel_values: Array, *, deterministic: bool = True) -> dict[str, Any]:
+        """The query-independent part of a frame: [B, H, W, C] ->
+        ``{"k": [L x [B, N, H, Dh]], "v": [...], "outputs": the plain ViT outputs dict}``."""
+        self._check_loop()
+        c = self.config
+        grid = (pixel_values.shape[1] // c.patch_size, pixel_values.shape[2] // c.patch_size)
+        x = self.embed(pixel_values, deterministic=deterministic)
+        rope = self._rope(grid, deterministic)
+        ks, vs = [], []
+        for layer in self.layers:
+            q, k, v = self._layer_qkv(layer, x, rope)
+            ks.append(k)
+            vs.append(v)
+            x = layer.finish(x, layer.attend(q, k, v), deterministic)
+        return {"k": ks, "v": vs, "outputs": self.outputs(x)}
+
+    def deep_query(self, u: Array, cache: dict[str, Any], *, deterministic: bool = True
+                   ) -> tuple[Array, Array]:
+        """Runs query tokens through every layer against the cached keys/values.
+
+        Args:
+            u: [B, D] query token (encoder width), one per frame.
+            cache: ``patch_cache`` of the same B frames.
+        Returns:
+            (z [B, D] the query token after the final layer norm, probs [B, H, N] the last layer's
+            attention of the query over the N cached tokens, renormalised without its self-weight).
+        """
+        self._check_loop()
+        x = u[:, None].astype(self.config.dtype)
+        probs = None
+        for layer, k_c, v_c in zip(self.layers, cache["k"], cache["v"]):
+            q, k, v = layer.qkv(x)  # no RoPE for the query token
+            out, probs = _query_attention(q, jnp.concatenate([k_c, k], 1), jnp.concatenate([v_c, v], 1),
+                                          self.config.dtype)
+            x = layer.finish(x, out, deterministic)
+        patches = probs[..., :-1]
+        patches = patches / jnp.maximum(patches.sum(-1, keepdims=True), 1e-9)
+        return self.post_layernorm(x)[:, 0], patches
+
+    def deep_query_uncached(self, pixel_values: Array, u: Array, *, deterministic: bool = True
+                            ) -> tuple[Array, dict[str, Array]]:
+        """The reference: [tokens, query] through every layer as ONE masked self-attention.
+
+        pixel_values: [B, H, W, C]; u: [B, D] -> (z [B, D], the plain outputs dict of the tokens).
+        The mask is the spec's: rows of the tokens see only the tokens, the query's row sees all.
+        """
+        self._check_loop()
+        c = self.config
+        grid = (pixel_values.shape[1] // c.patch_size, pixel_values.shape[2] // c.patch_size)
+        x = self.embed(pixel_values, deterministic=deterministic)
+        b, n = x.shape[:2]
+        rope = self._rope(grid, deterministic)
+        if rope is not None:  # identity rotation for the query row
+            cos, sin = rope
+            rope = (jnp.concatenate([cos, jnp.ones_like(cos[:1])], 0),
+                    jnp.concatenate([sin, jnp.zeros_like(sin[:1])], 0))
+        x = jnp.concatenate([x, u[:, None].astype(x.dtype)], axis=1)
+        allowed = jnp.ones((n + 1, n + 1), bool).at[:n, n].set(False)
+        mask = jnp.broadcast_to(allowed, (b, n + 1, n + 1))
+        for layer in self.layers:
+            q, k, v = self._layer_qkv(layer, x, rope)
+            x = layer.finish(x, layer.self_attn.attend(q, k, v, mask=mask), deterministic)
+        return self.post_layernorm(x[:, -1]), self.outputs(x[:, :n])
+
+
+class QueryCrossAttention(nn.Module):
+    """Shallow query: one multi-head cross-attention of a query vector over final patch features.
+
+    ``keys_values`` is query-independent (computed once per frame, shared by both passes).
+    """
+
+    hidden_size: int
+    num_heads: int
+    initializer_range: float = 0.02
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        h, dh = self.num_heads, self.hidden_size // self.num_heads
+        dense = functools.partial(layers.DenseGeneral, use_bias=True, initializer_range=self.initializer_range,
+                                  dtype=self.dtype)
+        self.q_proj = dense((h, dh), kernel_axes=("embed", "q_heads", "head_dim"))
+        self.k_proj = dense((h, dh), kernel_axes=("embed", "kv_heads", "head_dim"))
+        self.v_proj = dense((h, dh), kernel_axes=("embed", "kv_heads", "head_dim"))
+        self.out_proj = dense(self.hidden_size, kernel_axes=("q_heads", "head_dim", "embed"), axis=(-2, -1))
+
+    def keys_values(self, tokens: Array) -> tuple[Array, Array]:
+        """tokens [B, N, D] -> k, v [B, N, H, Dh]."""
+        return self.k_proj(tokens), self.v_proj(tokens)
+
+    def __call__(self, u: Array, k: Array, v: Array) -> tuple[Array, Array]:
+        """u [B, D] (encoder width), k/v [B, N, H, Dh] -> (z [B, D], probs [B, H, N])."""
+        out, probs = _query_attention(self.q_proj(u)[:, None], k, v, self.dtype)
+        return self.out_proj(out)[:, 0], probs
+
+
+class FiLMHead(nn.Module):
+    """Next-latent prediction (the seed's ``PredictionHead``): a conv encoder of latent_t whose
+    features are modulated by the LLM state (FiLM, Perez et al. 2018), then a conv decoder.
+
+    ``__call__(h [B, D], prev [B, h, w, C]) -> [B, h, w, C]``; ``coords`` adds coordinate channels to
+    the encoder's input (CoordConv); ``film`` is zero-initialised, so a
+    fresh head's modulation is the identity; with ``residual`` the decoder's last conv is zero too
+    (the output starts as ``prev``).
+    """
+
+    channels: tuple[int, ...]
+    latent_channels: int
+    residual: bool = True
+    coords: bool = True
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding="SAME", dtype=self.dtype,
+                                 kernel_init=nn.with_logical_partitioning(
+                                     nn.initializers.lecun_normal(), (None, None, None, None)),
+                                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))
+        self.encoder = [conv(c, name=f"encoder_{i}") for i, c in enumerate(self.channels)]
+        width = self.channels[-1]
+        self.film_hidden = layers.DenseGeneral(width, kernel_axes=("embed", None), use_bias=True, dtype=self.dtype)
+        # (gamma, beta) from h, zero-initialised: identity modulation at step 0.
+        self.film = layers.DenseGeneral((2, width), kernel_axes=(None, None, None), use_bias=True,
+                                        initializer_range=0.0, dtype=self.dtype)
+        self.decoder = [conv(c, name=f"decoder_{i}") for i, c in enumerate(reversed(self.channels))]
+        last_init = nn.initializers.zeros_init() if self.residual else nn.initializers.lecun_normal()
+        self.out = nn.Conv(self.latent_channels, kernel_size=(3, 3), padding="SAME", dtype=self.dtype,
+                           kernel_init=nn.with_logical_partitioning(last_init, (None, None, None, None)),
+                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))
+
+    def features(self, prev: Array) -> Array:
+        """prev [B, h, w, C] -> [B, h, w, F] (the modulated features)."""
+        f = prev.astype(self.dtype)
+        if self.coords:
+            # CoordConv (Liu et al. 2018): two channels of cell coordinates in [-1, 1], so that a global
+            # (gamma, beta) can address a place ("move the sprite at x, y"); convolutions alone are
+            # translation-equivariant and a per-channel modulation could not single one sprite out.
+            b, h, w, _ = f.shape
+            ys, xs = jnp.meshgrid(jnp.linspace(-1.0, 1.0, h), jnp.linspace(-1.0, 1.0, w), indexing="ij")
+            grid = jnp.broadcast_to(jnp.stack([ys, xs], -1).astype(f.dtype), (b, h, w, 2))
+            f = jnp.concatenate([f, grid], axis=-1)
+        for i, conv in enumerate(self.encoder):
+            f = conv(f)
+            if i < len(self.encoder) - 1:
+                f = nn.gelu(f)
+        return f
+
+    def modulation(self, h: Array) -> tuple[Array, Array]:
+        """h [B, D] -> gamma, beta [B, F]."""
+        gb = self.film(nn.gelu(self.film_hidden(h)))
+        return gb[:, 0], gb[:, 1]
+
+    def decode(self, f: Array, prev: Array) -> Array:
+        """Modulated features [B, h, w, F] -> the predicted latent [B, h, w, C] (fp32)."""
+        for conv in self.decoder:
+            f = nn.gelu(conv(f))
+        out = self.out(f).astype(jnp.float32)
+        return prev.astype(jnp.float32) + out if self.residual else out
+
+    def __call__(self, h: Array, prev: Array) -> Array:
+        gamma, beta = self.modulation(h)
+        f = self.features(prev)
+        f = f * (1.0 + gamma[:, None, None, :].astype(f.dtype)) + beta[:, None, None, :].astype(f.dtype)
+        return self.decode(f, prev)
+
+
+class FoveatedModel(nn.Module):
+    """Encoder + query mechanism + LLM + FiLM head (module docstring).
+
+    ``__call__(frames, latents)``: frames [B, T, H, W, 3] (normalised for the encoder), latents
+    [B, T, h, w, C] -> dict:
+        pred_coarse, pred_fine  [B, T-1, h, w, C]  predictions of latents[:, 1:]
+        attn_coarse, attn_fine  [B, T, Np]         each pass's attention over the patches (mean over
+                                                   heads; deep: the last layer's)
+        queries                 [B, T, D]          the queries pass 2 used (shifted)
+    """
+
+    vit_config: vit_lib.ViTConfig
+    decoder_config: decoder_lib.DecoderConfig
+    config: FoveatedConfig
+
+    def setup(self):
+        c, v, d = self.config, self.vit_config, self.decoder_config
+        c.validate()
+        self.encoder = FoveatedEncoder(v)
+        self.llm = decoder_lib.Decoder(d)
+        dim, width = d.hidden_size, v.hidden_size
+        vec = lambda: nn.with_logical_partitioning(nn.initializers.normal(1.0), ("embed",))
+        self.query_static = self.param("query_static", vec(), (dim,), jnp.float32)
+        self.query_init = self.param("query_init", vec(), (dim,), jnp.float32)
+        self.query_in = layers.DenseGeneral(width, kernel_axes=("embed", None), use_bias=True,
+                                            initializer_range=dim ** -0.5, dtype=c.dtype)
+        if c.query_mode == "shallow":
+            heads = c.query_heads or v.num_attention_heads
+            if width % heads:
+                raise ValueError(f"config.foveated.query_heads={heads} must divide the encoder width {width}.")
+            self.query_xattn = QueryCrossAttention(width, heads, dtype=c.dtype)
+        self.feature_proj = layers.DenseGeneral(dim, kernel_axes=(None, "embed"), use_bias=True, dtype=c.dtype)
+        self.query_head = layers.DenseGeneral(dim, kernel_axes=("embed", None), use_bias=True, dtype=c.dtype)
+        self.head = FiLMHead(c.film_channels, c.latent_channels, residual=c.residual, coords=c.film_coords,
+                             dtype=c.dtype)
+
+    # ---- pieces (public for tests and the benchmark) ------------------------------------------
+    def frame_cache(self, frames: Array, *, deterministic: bool = True) -> dict[str, Any]:
+        """frames [B*T, H, W, 3] -> what both passes read: the deep per-layer K/V, or the shallow
+        cross-attention's K/V of the final patch tokens."""
+        if self.config.query_mode == "deep":
+            return self.encoder.patch_cache(frames, deterministic=deterministic)
+        out, _ = self.encoder(frames, deterministic=deterministic)
+        tokens = out["last_hidden_state"]
+        k, v = self.query_xattn.keys_values(tokens)
+        return {"k": k, "v": v, "outputs": out}
+
+    def read(self, queries: Array, cache: dict[str, Any], *, deterministic: bool = True
+             ) -> tuple[Array, Array]:
+        """queries [B*T, D] (LLM width) -> (z [B*T, Dv], attention over the patches [B*T, Np])."""
+        u = self.query_in(queries.astype(self.config.dtype))
+        if self.config.query_mode == "deep":
+            z, probs = self.encoder.deep_query(u, cache, deterministic=deterministic)
+        else:
+            z, probs = self.query_xattn(u, cache["k"], cache["v"])
+        n_prefix = self.vit_config.num_prefix_tokens
+        patches = probs.mean(1)[:, n_prefix:]  # mean over heads, patches only
+        return z, patches / jnp.maximum(patches.sum(-1, keepdims=True), 1e-9)
+
+    def think(self, z: Array, b: int, *, deterministic: bool = True) -> Array:
+        """z [B*T, Dv] -> the LLM's hidden states [B, T, D] (causal over the frames)."""
+        x = rearrange(self.feature_proj(z), "(b t) d -> b t d", b=b)
+        hidden, _ = self.llm.backbone(x.astype(self.decoder_config.dtype))
+        return hidden
+
+    def predict(self, hidden: Array, latents: Array) -> Array:
+        """hidden [B, T, D], latents [B, T, h, w, C] -> predictions of latents[:, 1:] [B, T-1, h, w, C]."""
+        b = hidden.shape[0]
+        h = rearrange(hidden[:, :-1], "b t d -> (b t) d")
+        prev = rearrange(latents[:, :-1], "b t x y c -> (b t) x y c")
+        return rearrange(self.head(h, prev), "(b t) x y c -> b t x y c", b=b)
+
+    def __call__(self, frames: Array, latents: Array, *, fine_queries: str = "predicted",
+                 deterministic: bool = True) -> dict[str, Array]:
+        if fine_queries not in FINE_QUERIES:
+            raise ValueError(f"fine_queries={fine_queries!r}; use one of {FINE_QUERIES}.")
+        b, t = frames.shape[:2]
+        if latents.shape[:2] != (b, t):
+            raise ValueError(f"latents {latents.shape} must have the frames' leading [B, T] = {(b, t)}.")
+        if t < 2:
+            raise ValueError(f"a clip needs at least 2 frames to predict the next one, got T={t}.")
+        cache = self.frame_cache(rearrange(frames, "b t h w c -> (b t) h w c"), deterministic=deterministic)
+        dim = self.decoder_config.hidden_size
+
+        # Pass 1: the static query on every frame.
+        static = jnp.broadcast_to(self.query_static, (b * t, dim))
+        z0, attn0 = self.read(static, cache, deterministic=deterministic)
+        h0 = self.think(z0, b, deterministic=deterministic)
+        predicted = self.query_head(h0)  # [B, T, D]: q_t, chosen after reading frames <= t
+
+        # Pass 2: frame t read with q_{t-1} (q_init for frame 0).
+        if fine_queries == "static":
+            queries = jnp.broadcast_to(self.query_static, (b, t, dim))
+        else:
+            if fine_queries == "shuffled":
+                predicted = jnp.roll(predicted, 1, axis=0)
+            queries = shift_queries(self.query_init, predicted)
+        z1, attn1 = self.read(rearrange(queries, "b t d -> (b t) d"), cache, deterministic=deterministic)
+        h1 = self.think(z1, b, deterministic=deterministic)
+        grid = lambda a: rearrange(a, "(b t) n -> b t n", b=b)
+        return {"pred_coarse": self.predict(h0, latents), "pred_fine": self.predict(h1, latents),
+                "attn_coarse": grid(attn0), "attn_fine": grid(attn1), "queries": queries}
+
+
+def shift_queries(q_init: Array, predicted: Array) -> Array:
+    """The spec's shift between the passes: [q_init, q_1, ..., q_{T-1}].
+
+    q_init: [D]; predicted: [B, T, D] (q_t from pass 1's state after frame t) -> [B, T, D].
+    """
+    first = jnp.broadcast_to(q_init.astype(predicted.dtype), (predicted.shape[0], 1, predicted.shape[-1]))
+    return jnp.concatenate([first, predicted[:, :-1]], axis=1)
+
+
+__all__ = ["FINE_QUERIES", "FiLMHead", "FoveatedConfig", "FoveatedEncoder", "FoveatedModel", "QUERY_MODES",
+           "QueryCrossAttention", "shift_queries"]
