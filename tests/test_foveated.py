@@ -114,7 +114,14 @@ def test_model_outputs_and_pass_two_uses_the_shifted_predicted_queries(model_and
         np.testing.assert_allclose(out[key].sum(-1), 1.0, rtol=1e-5)
     params = variables["params"]
     np.testing.assert_allclose(out["queries"][:, 0], jnp.broadcast_to(params["query_init"], (B, 32)), rtol=1e-6)
-    # The queries of frames 1.. differ from the static one and between clips: the LLM chose them.
+    # At init (zero query head) pass 2 reads frames 1.. with the static query: fine = coarse there.
+    np.testing.assert_allclose(out["queries"][:, 1:], jnp.broadcast_to(params["query_static"], (B, T - 1, 32)),
+                               rtol=1e-6)
+    # A trained head makes the queries of frames 1.. differ from the static one and between clips.
+    params = dict(params, query_head=dict(params["query_head"], kernel=0.3 * jax.random.normal(
+        jax.random.key(7), params["query_head"]["kernel"].shape)))
+    variables = {"params": params}
+    out = model.apply(variables, frames, latents)
     assert float(jnp.abs(out["queries"][:, 1:] - params["query_static"]).max()) > 1e-3
     assert float(jnp.abs(out["queries"][0, 1:] - out["queries"][1, 1:]).max()) > 1e-4
     # Control: pass 2 with the static query is pass 1 exactly (ratio 1 by construction).
@@ -184,7 +191,8 @@ def test_smoke_trains_logs_the_ratio_and_draws_attention(smoke_run):
     assert s["finished"] and s["step"] == 4
     end = s["eval_end"]
     for key in ("loss_fine", "loss_coarse", "ratio", "ratio_static", "ratio_shuffled", "loss_copy_last",
-                "motion_attention_coarse", "motion_attention_fine", "motion_share_uniform"):
+                "motion_attention_coarse", "motion_attention_fine", "motion_share_uniform", "state_use_coarse",
+                "state_use_fine"):
         assert key in end and np.isfinite(end[key]), key
     np.testing.assert_allclose(end["ratio_static"], 1.0, rtol=1e-5)
     np.testing.assert_allclose(end["ratio"], end["loss_fine"] / end["loss_coarse"], rtol=1e-6)

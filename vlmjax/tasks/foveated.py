@@ -28,7 +28,9 @@ Config sections this task reads (besides the trainer block):
 Metrics: loss_fine, loss_coarse and their ratio every log step (and data_wait_frac, from the
 trainer); in evaluation also the two controls (pass 2 with the static query: ratio 1 by
 construction; with another clip's queries), the copy-last-latent baseline, and each pass's attention
-mass on the patches that changed (where the sprites move) beside the uniform share.
+mass on the patches that changed (where the sprites move) beside the uniform share, and
+``state_use_{coarse,fine}``: the loss with another clip's LLM states over the loss (1.0 = the head
+ignores what the LLM saw).
 """
 
 from __future__ import annotations
@@ -43,13 +45,14 @@ import ml_collections
 import numpy as np
 
 from vlmjax import convert
+from vlmjax import tree
 from vlmjax.data import latents as latents_lib
 from vlmjax.data import video as video_lib
 from vlmjax.models import decoder as decoder_lib
 from vlmjax.models import foveated as foveated_lib
 from vlmjax.models import vit as vit_lib
 from vlmjax.tasks import video_cls
-from vlmjax.tasks.base import Task, is_hf_dir, load_pretrained
+from vlmjax.tasks.base import Task, is_hf_dir
 
 # DINOv2 / DINOv3 preprocessing (ImageNet statistics); CLIP-family checkpoints set their own.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -79,7 +82,7 @@ def foveated_section() -> ml_collections.ConfigDict:
     """``config.foveated``: the ``FoveatedConfig`` fields plus ``lambda_coarse``."""
     c = ml_collections.ConfigDict(dict(query_mode="shallow", query_heads=0, latent_channels=4,
                                        film_channels=(64, 128), residual=True,
-                                       film_coords=True))
+                                       film_coords=True, input_norm=True))
     c.lambda_coarse = 1.0
     return c
 
@@ -112,6 +115,10 @@ class FoveatedTask(Task):
             if not is_hf_dir(ec.init_from):
                 raise FileNotFoundError(f"config.encoder.init_from={ec.init_from!r} is not a Hugging Face "
                                         "checkpoint directory (config.json + *.safetensors).")
+            try:  # pickle-only or weightless: refuse now (not after the latents are cached), naming the field
+                convert.core.safetensors_files(ec.init_from)
+            except (ValueError, FileNotFoundError) as e:
+                raise type(e)(f"config.encoder.init_from={ec.init_from!r}: {e}") from None
             self.encoder_spec = convert.vision_tower(ec.init_from, dtype=m.dtype)
             vcfg = dataclasses.replace(self.encoder_spec.module.config, attention_impl=m.attention_impl,
                                        remat=ec.tower.remat, scan_layers=False)
@@ -132,6 +139,10 @@ class FoveatedTask(Task):
                 raise FileNotFoundError(f"config.decoder.init_from={dc.init_from!r} is not a Hugging Face "
                                         "checkpoint directory (config.json + *.safetensors); point it at one "
                                         "(e.g. the SmolLM2 directory vlmjax.convert.gguf writes) or set it to ''.")
+            try:  # pickle-only or weightless: refuse now (not after the latents are cached), naming the field
+                convert.core.safetensors_files(dc.init_from)
+            except (ValueError, FileNotFoundError) as e:
+                raise type(e)(f"config.decoder.init_from={dc.init_from!r}: {e}") from None
             spec = convert.build(dc.init_from, dtype=fields["dtype"])
             cfg = dataclasses.replace(spec.module.config, **{k: fields[k] for k in _RUN_FIELDS})
             cfg.validate()
@@ -181,7 +192,16 @@ class FoveatedTask(Task):
             out["encoder"] = convert.load_params(ec.init_from, self.encoder_spec, abstract_params["encoder"],
                                                  shardings=sh)
         if dc.init_from:
-            out.update(load_pretrained([("llm", dc.init_from)], abstract_params, shardings))
+            # The LLM reads frame features, never token ids: its embed_tokens / lm_head are never
+            # created (Decoder.backbone only), so the checkpoint's vocabulary matrices are skipped.
+            spec = convert.build(dc.init_from)
+            want = set(tree.flatten(abstract_params["llm"]))
+            vocab = [r for r in spec.rules
+                     if r.flax not in want and r.flax.startswith(("embed_tokens/", "lm_head/"))]
+            spec = dataclasses.replace(spec, rules=[r for r in spec.rules if r not in vocab],
+                                       ignore=tuple(spec.ignore) + tuple(r.hf for r in vocab))
+            sh = None if shardings is None else shardings["llm"]
+            out["llm"] = convert.load_params(dc.init_from, spec, abstract_params["llm"], shardings=sh)
         return out or None
 
     def optimizer_config(self, optim_cfg):
@@ -196,11 +216,12 @@ class FoveatedTask(Task):
         return cfg
 
     # ---- loss --------------------------------------------------------------------------------
-    def _forward(self, params, batch, rng=None, fine_queries="predicted"):
+    def _forward(self, params, batch, rng=None, fine_queries="predicted", shuffle_state=False):
         frames = video_cls.normalize(batch["frames"], self.mean, self.std)
         rngs = {} if rng is None else {"dropout": rng}
         return self.model.apply({"params": params}, frames, batch["latents"].astype(jnp.float32),
-                                fine_queries=fine_queries, deterministic=rng is None, rngs=rngs)
+                                fine_queries=fine_queries, shuffle_state=shuffle_state, deterministic=rng is None,
+                                rngs=rngs)
 
     @staticmethod
     def _sq_error(pred, latents):
@@ -237,6 +258,10 @@ class FoveatedTask(Task):
         for control in ("static", "shuffled"):
             ctl = self._forward(params, batch, fine_queries=control)
             sums[f"fine_{control}_sum"] = jnp.sum(self._sq_error(ctl["pred_fine"], lat) * w)
+        # Does the head use the clip's LLM state? Both passes with another clip's states.
+        other = self._forward(params, batch, shuffle_state=True)
+        for name in ("coarse", "fine"):
+            sums[f"{name}_other_state_sum"] = jnp.sum(self._sq_error(other[f"pred_{name}"], lat) * w)
         for name in ("coarse", "fine"):
             mass, uniform = self._attention_on_motion(out[f"attn_{name}"], batch)
             sums[f"motion_attn_{name}_sum"] = jnp.sum(mass * w)
@@ -257,6 +282,8 @@ class FoveatedTask(Task):
             res[f"ratio_{control}"] = res[f"loss_fine_{control}"] / max(coarse, 1e-12)
         for name in ("coarse", "fine"):
             res[f"motion_attention_{name}"] = mean(f"motion_attn_{name}_sum")
+            # > 1: the predictions need this clip's LLM state (1.0: the head ignores what the LLM saw).
+            res[f"state_use_{name}"] = mean(f"{name}_other_state_sum") / max(res[f"loss_{name}"], 1e-12)
         res["motion_share_uniform"] = mean("motion_share_sum")
         if self.workdir and jax.process_index() == 0 and int(self.config.eval.num_pictures):
             self.write_pictures(np.asarray(sums["attn_coarse"]), np.asarray(sums["attn_fine"]))
