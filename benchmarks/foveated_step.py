@@ -130,27 +130,8 @@ def pipeline_row(config, workdir) -> dict:
     tr = Trainer(config, task, shd.make_mesh(config.mesh))
     state = tr.init()
     it = iter(task.train_dataset(global_batch_size=config.batch_size, seed=0, process_index=0, process_count=1))
-    synthetic = tr.put(next(it))
-    for _ in range(2):
-        state, m = tr.train_step(state, synthetic)
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for _ in range(FLAGS.steps):
-        state, m = tr.train_step(state, synthetic)
-    jax.block_until_ready(m)
-    synth_s = (time.perf_counter() - t0) / FLAGS.steps
-    wait = 0.0
-    t0 = time.perf_counter()
-    for _ in range(FLAGS.steps):
-        t1 = time.perf_counter()
-        batch = tr.put(next(it))
-        wait += time.perf_counter() - t1
-        state, m = tr.train_step(state, batch)
-    jax.block_until_ready(m)
-    real_s = (time.perf_counter() - t0) / FLAGS.steps
-    return {"variant": FLAGS.variant, "batch": config.batch_size, "synthetic_step_ms": synth_s * 1e3,
-            "real_loader_step_ms": real_s * 1e3, "synthetic_over_real": synth_s / real_s,
-            "data_wait_frac": wait / (real_s * FLAGS.steps)}
+    _, r = common.loader_vs_synthetic(tr, state, it, FLAGS.steps)
+    return {"variant": FLAGS.variant, "batch": config.batch_size, **r}
 
 
 def main(argv):

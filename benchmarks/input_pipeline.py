@@ -21,7 +21,6 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from configs import lm as lm_config  # noqa: E402
@@ -91,27 +90,10 @@ def step_rates(workdir: str) -> dict:
     tr = Trainer(c, task, shd.make_mesh(c.mesh))
     state = tr.init()
     it = iter(task.train_dataset(global_batch_size=c.batch_size, seed=0, process_index=0, process_count=1))
-    synthetic = tr.put(next(it))
-    for _ in range(2):
-        state, m = tr.train_step(state, synthetic)
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for _ in range(FLAGS.steps):
-        state, m = tr.train_step(state, synthetic)
-    jax.block_until_ready(m)
-    synth_s = (time.perf_counter() - t0) / FLAGS.steps
-    wait = 0.0
-    t0 = time.perf_counter()
-    for _ in range(FLAGS.steps):
-        t1 = time.perf_counter()
-        batch = tr.put(next(it))
-        wait += time.perf_counter() - t1
-        state, m = tr.train_step(state, batch)
-    jax.block_until_ready(m)
-    real_s = (time.perf_counter() - t0) / FLAGS.steps
-    return {"synthetic_step_ms": synth_s * 1e3, "real_loader_step_ms": real_s * 1e3,
-            "real_over_synthetic": real_s / synth_s, "data_wait_frac": wait / (real_s * FLAGS.steps),
-            "step_batches_per_s": 1.0 / synth_s}
+    _, r = common.loader_vs_synthetic(tr, state, it, FLAGS.steps)
+    return {"synthetic_step_ms": r["synthetic_step_ms"], "real_loader_step_ms": r["real_loader_step_ms"],
+            "real_over_synthetic": 1.0 / r["synthetic_over_real"], "data_wait_frac": r["data_wait_frac"],
+            "step_batches_per_s": 1e3 / r["synthetic_step_ms"]}
 
 
 def main(argv):

@@ -82,7 +82,8 @@ def foveated_section() -> ml_collections.ConfigDict:
     """``config.foveated``: the ``FoveatedConfig`` fields plus ``lambda_coarse``."""
     c = ml_collections.ConfigDict(dict(query_mode="shallow", query_heads=0, latent_channels=4,
                                        film_channels=(64, 128), residual=True,
-                                       film_coords=True, input_norm=True))
+                                       film_coords=True, input_norm=True,
+                                       query_attn_init=0.02))
     c.lambda_coarse = 1.0
     return c
 
