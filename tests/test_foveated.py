@@ -178,7 +178,9 @@ def test_bad_config_values_fail_with_the_field():
 # ---- the task -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["smoke", "deep"])
+# The deep-query run is slow-marked (~15 s on 2 cores): the deep path's equivalences and causality are
+# tested above without training.
+@pytest.fixture(scope="module", params=["smoke", pytest.param("deep", marks=pytest.mark.slow)])
 def smoke_run(request, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp(f"fov_{request.param}"))
     over = {"foveated.query_mode": "deep"} if request.param == "deep" else {}

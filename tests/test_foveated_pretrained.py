@@ -85,6 +85,7 @@ def paper_run(checkpoints, tmp_path_factory):
     return workdir, runner.run(_config(dirs), workdir)
 
 
+@pytest.mark.slow  # ~25 s on 2 cores; the wiring is covered by the step-0 tests below in the default suite
 def test_pretrained_smoke_run_trains_evaluates_and_draws(paper_run):
     workdir, s = paper_run
     assert s["finished"] and s["step"] == 4
@@ -105,11 +106,10 @@ def test_pretrained_smoke_run_trains_evaluates_and_draws(paper_run):
 
 
 @pytest.fixture(scope="module")
-def step0(checkpoints, paper_run):
-    """(task, step-0 params) built the way the run builds them (pretrained_params -> Trainer.init); the
-    latents come from the run's cache."""
+def step0(checkpoints, tmp_path_factory):
+    """(task, step-0 params) built the way the run builds them (pretrained_params -> Trainer.init)."""
     dirs = checkpoints[0]
-    cfg = _config(dirs, **{"latents.cache_dir": os.path.join(paper_run[0], "latent_cache")})
+    cfg = _config(dirs, **{"latents.cache_dir": str(tmp_path_factory.mktemp("fov_latent_cache"))})
     task = tasks.build(cfg, None)
     tr = trainer_lib.Trainer(cfg, task, shd.make_mesh(cfg.mesh))
     loaded = task.pretrained_params(tr.abstract_state.params, tr.state_shardings.params)
