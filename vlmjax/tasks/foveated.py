@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vlmjax import config_util
 from vlmjax import convert
 from vlmjax import tree
 from vlmjax.data import latents as latents_lib
@@ -79,11 +80,10 @@ def decoder_section() -> ml_collections.ConfigDict:
 
 
 def foveated_section() -> ml_collections.ConfigDict:
-    """``config.foveated``: the ``FoveatedConfig`` fields plus ``lambda_coarse``."""
-    c = ml_collections.ConfigDict(dict(query_mode="shallow", query_heads=0, latent_channels=4,
-                                       film_channels=(64, 128), residual=True,
-                                       film_coords=True, input_norm=True,
-                                       query_attn_init=0.02))
+    """``config.foveated``: every ``FoveatedConfig`` field at its default (dtype comes from
+    ``config.model``) plus ``lambda_coarse``."""
+    c = config_util.config_dict(foveated_lib.FoveatedConfig)
+    del c["dtype"]
     c.lambda_coarse = 1.0
     return c
 
@@ -95,8 +95,8 @@ class FoveatedTask(Task):
         super().__init__(config, workdir, stage_dirs)
         self.vit_config = self._encoder_config(config)
         self.decoder_config = self._decoder_config(config)
-        fields = {k: v for k, v in config.foveated.items() if k not in _FOVEATED_KEYS}
-        self.fov_config = foveated_lib.FoveatedConfig(dtype=config.model.dtype, **fields)
+        self.fov_config = config_util.from_config(foveated_lib.FoveatedConfig, config.foveated, "config.foveated",
+                                                  ignore=_FOVEATED_KEYS, dtype=config.model.dtype)
         self.fov_config.validate()
         self.lambda_coarse = float(config.foveated.lambda_coarse)
         if not self.lambda_coarse >= 0:
