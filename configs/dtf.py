@@ -11,6 +11,8 @@ baseline's (configs/lm.py), so the two compare at the same sizes; this file adds
   python -m vlmjax.main --config=configs/dtf.py:pretrained_lora --workdir=/tmp/dtf_lora \
       --config.init_from=/ckpt/Qwen2.5-0.5B         # same with LoRA on a frozen base
   python -m vlmjax.main --config=configs/dtf.py:smollm2_135m --workdir=/tmp/dtf135  # accelerator-sized
+  python -m vlmjax.plan --config=configs/dtf.py:qwen25_7b --topology=v5p:4x4x4 \
+      --config.mesh.fsdp=-1 --config.mesh.data=1   # will a 7B-shaped DTF train step fit a v5p-128? (no TPU needed)
 
 Switches (config.routing): gate=prob_or|ce_only, beta=learned|scheduled, d_ch=mse|kl, capacity (gamma),
 every/offset (which layers are dynamic), causal_capacity, lambda_prior, lambda_causal.
@@ -20,7 +22,8 @@ from configs import common
 from configs import lm
 from vlmjax.models import routing
 
-VARIANTS = ("default", "smoke", "pretrained", "pretrained_lora", "smollm2_135m")
+VARIANTS = ("default", "smoke", "pretrained", "pretrained_lora", "smollm2_135m", "qwen25_05b", "qwen25_1_5b",
+            "qwen25_7b")
 
 
 def get_config(arg: str | None = None):

@@ -12,13 +12,17 @@ LayerNorms here, and the resampler has its own learning-rate multiplier.
   python -m vlmjax.main --config=configs/perceiver_mrl_alignment.py:pretrained --workdir=/tmp/perceiver_clip \
       --config.vision_encoder.init_from=/ckpt/siglip-base-patch16-224 \
       --config.text_encoder.init_from=/ckpt/siglip-base-patch16-224 --config.losses.type=siglip
+  python -m vlmjax.plan --config=configs/perceiver_mrl_alignment.py:vitl14 --topology=v5e:4x4  # pod sizing
+
+``vitl14`` is the ``pretrained`` profile on CLIP ViT-L/14 shapes (224 px, 24 x 1024 vision tower, the
+12 x 768 CLIP-L text tower), bf16, batch 1024, everything trained: the size the pod planner sweeps.
 """
 
 from configs import common
 from vlmjax.data import image_text
 from vlmjax.tasks import alignment
 
-VARIANTS = ("default", "smoke", "pretrained")
+VARIANTS = ("default", "smoke", "pretrained", "vitl14")
 
 
 def get_config(arg: str | None = None):
@@ -54,7 +58,7 @@ def get_config(arg: str | None = None):
         c.losses.sample_single_mrl_dim = True
         c.update(dict(total_steps=4, batch_size=8, log_every=2, eval_every=0))
         c.optim.warmup_steps = 1
-    if v == "pretrained":
+    if v in ("pretrained", "vitl14"):
         # The seed's profile: 64 latents, a 512-d embedding with a low-dim MRL schedule, lr 5e-5, the
         # vision tower frozen; the resampler (new, from scratch) at 10x the tower-adaptation lr.
         c.vision_encoder.update(dict(freeze=("",), perceiver_num_latents=64, perceiver_num_layers=4,
@@ -64,4 +68,13 @@ def get_config(arg: str | None = None):
         c.text_encoder.tower.max_position_embeddings = 77
         c.optim.update(dict(lr=5e-5, warmup_steps=200, weight_decay=0.1))
         c.update(dict(total_steps=5000, batch_size=256, eval_every=1000, ckpt_every=1000))
+    if v == "vitl14":
+        c.vision_encoder.freeze = ()
+        c.vision_encoder.tower.update(dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                           num_attention_heads=16, patch_size=14, image_size=224,
+                                           scan_layers=True))
+        c.text_encoder.tower.update(dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                         num_attention_heads=12))
+        c.model.update(dict(embed_dim=768, mrl_dimensions=(768, 384, 192, 96), dtype="bfloat16"))
+        c.update(dict(batch_size=1024, total_steps=20000))
     return c

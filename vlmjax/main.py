@@ -41,7 +41,7 @@ def _flag_value(argv: list[str], name: str) -> str | None:
     return value
 
 
-def _config_root(argv: list[str]) -> str:
+def config_root(argv: list[str]) -> str:
     """The directory above ``configs/`` of the ``--config`` file (else the working directory).
 
     Experiment files import their shared pieces as ``from configs import common``; putting this on
@@ -85,7 +85,7 @@ def usage(root: str) -> str:
 def _experiment_files(argv: list[str]) -> str:
     """'configs/dtf.py, configs/lm.py, ...' under the --config file's root (else this checkout's)."""
     checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for root in (_config_root(argv), os.getcwd(), checkout):
+    for root in (config_root(argv), os.getcwd(), checkout):
         found = [path for path, _, _ in experiments(root)]
         if found:
             return f"{', '.join(found)} (in {os.path.join(root, 'configs')}; --help lists their variants)"
@@ -239,7 +239,7 @@ def _fail(exc: BaseException, argv: list[str], code: int) -> None:
 
 
 if __name__ == "__main__":
-    _root = _config_root(sys.argv)
+    _root = config_root(sys.argv)
     sys.path.insert(0, _root)
     __doc__ = usage(_root)  # absl prints the main module's docstring for --help and usage errors
     cli()
