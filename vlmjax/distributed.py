@@ -2,40 +2,40 @@
 
 from __future__ import annotations
 
-import os
+import sys
 
 import jax
 
-# Environment variables that mean "this process is one of several".
-_MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS",
-                     "OMPI_COMM_WORLD_SIZE", "MEGASCALE_COORDINATOR_ADDRESS")
-
-
-def _env_says_multiprocess() -> bool:
-    if os.environ.get("TPU_WORKER_HOSTNAMES", "localhost") not in ("", "localhost") and \
-            "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        return True
-    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
-        return True
-    if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
-        return True
-    return bool(os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+# What jax.distributed.initialize() raises (jax 0.10) when neither an argument, JAX_COORDINATOR_ADDRESS
+# nor a detected cluster gives it a coordinator: the "no cluster here" case of initialize='auto'.
+_NO_CLUSTER = "coordinator_address should be defined"
 
 
 def maybe_initialize(dist_cfg) -> bool:
-    """Calls ``jax.distributed.initialize`` when configured or when the environment says so.
+    """Calls ``jax.distributed.initialize`` as ``config.distributed`` says; returns whether it did.
 
     dist_cfg: ``config.distributed`` with ``initialize`` ('auto' | 'yes' | 'no'),
-    ``coordinator_address`` ('host:port'), ``num_processes`` and ``process_id`` (0/-1 = let JAX
-    detect them: TPU pods and SLURM describe themselves). On CPU the gloo collectives are selected
-    so cross-process all-reduces work (the two-process loopback tests).
-    Returns whether it initialised.
+    ``coordinator_address`` ('host:port', '' = unset), ``num_processes`` (0 = unset) and
+    ``process_id`` (-1 = unset).
+
+    - 'auto' (default) with nothing set: ``jax.distributed.initialize()`` without arguments, so
+      JAX's own cluster detection decides: Cloud TPU VM pods and multislice (GCE metadata, queried
+      only on a TPU VM), GKE TPU, SLURM, Open MPI, Kubernetes, or ``JAX_COORDINATOR_ADDRESS``
+      (``JAX_COORDINATOR_PORT`` picks the port of a detected cluster). When it detects none (a
+      laptop, a one-host GPU box), the run continues as one process and one line on stderr says so.
+    - 'auto' or 'yes' with any of coordinator_address / num_processes / process_id set: those are
+      passed through and JAX detects the rest; every error surfaces.
+    - 'yes': always initialises; an undetected cluster is an error (the pod launcher passes it, so a
+      worker never trains alone by mistake).
+    - 'no': never initialises (one process).
+
+    On CPU the gloo collectives are selected so cross-process all-reduces work (the two-process
+    loopback tests); the setting does nothing on TPU/GPU.
     """
     mode = dist_cfg.initialize
     if mode not in ("auto", "yes", "no"):
         raise ValueError(f"config.distributed.initialize={mode!r} is not one of 'auto', 'yes', 'no'.")
-    explicit = bool(dist_cfg.coordinator_address)
-    if mode == "no" or (mode == "auto" and not explicit and not _env_says_multiprocess()):
+    if mode == "no":
         return False
     kwargs = {}
     if dist_cfg.coordinator_address:
@@ -47,5 +47,15 @@ def maybe_initialize(dist_cfg) -> bool:
     # Only affects the CPU backend (harmless on TPU/GPU), where the default has no cross-process
     # collectives at all.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**kwargs)
+    if mode == "yes" or kwargs:
+        jax.distributed.initialize(**kwargs)
+        return True
+    try:
+        jax.distributed.initialize()
+    except ValueError as e:
+        if _NO_CLUSTER not in str(e):
+            raise  # a cluster was found but is misconfigured (e.g. JAX_COORDINATOR_ADDRESS alone)
+        print("vlmjax: no multi-process cluster detected (TPU pod, SLURM, Open MPI, Kubernetes, "
+              "JAX_COORDINATOR_ADDRESS): running as one process.", file=sys.stderr, flush=True)
+        return False
     return True
