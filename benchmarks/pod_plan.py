@@ -14,7 +14,9 @@ and data shapes, the trainer's sharded, donated train step) compiled for a TPU t
   vitl14         configs/perceiver_mrl_alignment.py:vitl14   ViT-L/14 + CLIP-L text alignment, batch 1024
 
 Meshes: ``dp`` (config.mesh.data=-1: params and optimizer state replicated on every chip), ``fsdp``
-(data=1, fsdp=-1: both sharded over every chip, ZeRO-3 style) and ``fsdp_remat`` (fsdp plus
+(both sharded ZeRO-3 style over F = gcd(devices, hidden size) devices, the most that divide the
+params' sharded ``embed`` axis, and data parallel over the rest: e.g. SmolLM2's 576 on 256 chips gives
+fsdp 64 x data 4) and ``fsdp_remat`` (fsdp plus
 model.remat=full). Columns: peak GiB per device (arguments + outputs - donated + temporaries + code,
 ``compiled.memory_analysis()``) against HBM, the arguments (state + batch) and temporaries, TFLOP per
 device per step (``cost_analysis()``), the step time at 40% of the chip's bf16 peak, tokens (or
@@ -25,6 +27,7 @@ sweep keeps its rows) and a markdown table.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -52,18 +55,22 @@ MESHES = {
 flags.DEFINE_list("models", list(MODELS), f"Models: {', '.join(MODELS)}.")
 flags.DEFINE_list("topologies", ["v4:4x4x4", "v5e:16x16", "v5p:4x4x4", "v6e:8x8"], "TPU slices.")
 flags.DEFINE_list("meshes", ["fsdp"], f"Meshes for every (model, topology): {', '.join(MESHES)}.")
-flags.DEFINE_list("extra", ["v5e:16x16/dp", "v5e:4x4/fsdp", "v5e:4x4/fsdp_remat"],
-                  "More TOPOLOGY/MESH rows for every model (the contrasts the reading needs).")
+flags.DEFINE_list("extra", ["v5e:16x16/dp", "qwen25_7b@v5e:4x4/fsdp", "qwen25_7b@v5e:4x4/fsdp_remat"],
+                  "More rows (the contrasts the reading needs): TOPOLOGY/MESH for every model, or "
+                  "MODEL@TOPOLOGY/MESH for one.")
 flags.DEFINE_string("out", "benchmarks/results/pod_plan", "Output prefix (.json, .md).")
 
 
-def _config(model: str, mesh: str):
+def _config(model: str, mesh: str, devices: int):
     from configs import dtf, perceiver_mrl_alignment  # pylint: disable=g-import-not-at-top
     path, variant = MODELS[model]
     module = dtf if path.endswith("dtf.py") else perceiver_mrl_alignment
     c = module.get_config(variant)
     c.unlock()
     c.mesh.update(MESHES[mesh]["mesh"])
+    if c.mesh.fsdp == -1:  # fsdp over as many chips as divide the hidden size (sharded "embed" axis)
+        hidden = int(c.model.hidden_size if "hidden_size" in c.model else c.vision_encoder.tower.hidden_size)
+        c.mesh.update(dict(fsdp=math.gcd(devices, hidden), data=-1))
     if "remat" in MESHES[mesh]:
         if "model" in c and "remat" in c.model:
             c.model.remat = MESHES[mesh]["remat"]
@@ -81,14 +88,16 @@ def _units(c) -> int:
 def main(argv):
     del argv
     cases = [(m, t, mesh) for m in FLAGS.models for t in FLAGS.topologies for mesh in FLAGS.meshes]
-    cases += [(m, *e.split("/")) for m in FLAGS.models for e in FLAGS.extra]
+    for e in FLAGS.extra:
+        model, _, rest = e.rpartition("@")
+        cases += [(m, *rest.split("/")) for m in ([model] if model else FLAGS.models) if m in FLAGS.models]
     for m, _, mesh in cases:
         if m not in MODELS or mesh not in MESHES:
             raise app.UsageError(f"unknown model {m!r} or mesh {mesh!r}; models {list(MODELS)}, meshes {list(MESHES)}.")
     rows, t_all = [], time.perf_counter()
     tasks_built = {}
     for model, topo, mesh in cases:
-        c = _config(model, mesh)
+        c = _config(model, mesh, len(plan_lib.topology_devices(topo)))
         t0 = time.perf_counter()
         try:
             from vlmjax import tasks  # pylint: disable=g-import-not-at-top

@@ -79,3 +79,11 @@ def test_cli_bad_input_is_one_line():
 def test_unknown_topology_is_one_line():
     with pytest.raises(Exception, match=r"--topology=v9z:3x3: not a TPU slice libtpu knows"):
         plan_lib.topology_devices("v9z:3x3")
+
+
+@needs_tpu
+def test_a_mesh_axis_that_does_not_divide_a_param_says_which_size_does():
+    c = load_config("lm", "smoke", **{"mesh.data": 1, "mesh.fsdp": -1, "batch_size": 64})  # hidden 32, 64 chips
+    with pytest.raises(Exception, match=r"cannot split its axis 1 \(size 32\) 64 ways over mesh axis fsdp: .*"
+                                        r"--config.mesh.fsdp=32 --config.mesh.data=-1"):
+        plan_lib.plan(c, "v5e:8x8", compile_eval=False)

@@ -226,13 +226,14 @@ def plan(config, topology: str, *, num_slices: int = 1, hbm_gib: float = 0.0, he
     t0 = time.perf_counter()
     task = task if task is not None else tasks.build(config, None, {})
     train_batch, eval_batch = sample_batches(task, config)
-    tr = trainer_lib.Trainer(config, task, mesh)
-    t_build = time.perf_counter() - t0
-
-    batch = _abstract_batch(train_batch, int(config.batch_size), mesh)
-    t0 = time.perf_counter()
-    lowered = tr.train_step.lower(tr.abstract_state, batch)
-    compiled = lowered.compile()
+    try:
+        tr = trainer_lib.Trainer(config, task, mesh)
+        t_build = time.perf_counter() - t0
+        batch = _abstract_batch(train_batch, int(config.batch_size), mesh)
+        t0 = time.perf_counter()
+        compiled = tr.train_step.lower(tr.abstract_state, batch).compile()
+    except ValueError as e:
+        raise _indivisible(e, dict(mesh.shape)) or e
     t_compile = time.perf_counter() - t0
     mem = _memory(compiled)
     hbm = chip.hbm_gib * _GIB / per_chip  # per device
@@ -262,6 +263,22 @@ def plan(config, topology: str, *, num_slices: int = 1, hbm_gib: float = 0.0, he
     result["fits"] = max(peaks) <= headroom * result["hbm_gib"]
     result["advice"] = "" if result["fits"] else advice(config, result, headroom)
     return result
+
+
+def _indivisible(exc: ValueError, mesh: dict[str, int]) -> errors.UserError | None:
+    """jax's IndivisibleError (a param axis that a mesh axis does not divide) as the config change."""
+    m = re.search(r"spec=P\((.*?)\).*?array axis (\d+) is partitioned (\d+) times, but the dimension size "
+                  r"is (\d+) \(full shape: \(([\d, ]+)\)", str(exc), re.S)
+    if not m:
+        return None
+    axis, ways, size, shape = int(m[2]), int(m[3]), int(m[4]), m[5]
+    spec = [a.strip().strip("'\"") for a in re.findall(r"'[^']*'|None|\([^)]*\)", m[1])]
+    names = spec[axis] if axis < len(spec) else "?"
+    fits = [d for d in range(ways, 0, -1) if size % d == 0 and ways % d == 0][0]
+    return errors.UserError(
+        f"config.mesh={mesh}: a param of shape ({shape}) cannot split its axis {axis} (size {size}) {ways} ways "
+        f"over mesh axis {names}: use a {names} size that divides {size}, e.g. --config.mesh.{names}={fits} "
+        f"--config.mesh.data=-1 (or change config.sharding.rules).")
 
 
 def advice(config, result: dict[str, Any], headroom: float) -> str:
