@@ -95,35 +95,43 @@ def _time_rounds(fns: dict, steps: int) -> dict:
     return times
 
 
-def _fwd_flops(name, hf_cfg):
+def _opts(o):
+    """The options a function reads: ``o`` (any object with the flags' attribute names, e.g. a
+    ``types.SimpleNamespace`` from benchmarks/suite.py), or this script's parsed FLAGS."""
+    return FLAGS if o is None else o
+
+
+def _fwd_flops(name, hf_cfg, o=None):
+    o = _opts(o)
     if name.startswith("qwen"):
         spec = convert.from_config(hf_cfg.to_dict())
-        return FLAGS.batch * flops_lib.decoder_forward_flops(spec.module.config, FLAGS.seq_len)
-    return FLAGS.batch * flops_lib.vit_forward_flops(
+        return o.batch * flops_lib.decoder_forward_flops(spec.module.config, o.seq_len)
+    return o.batch * flops_lib.vit_forward_flops(
         hidden_size=hf_cfg.hidden_size, intermediate_size=hf_cfg.intermediate_size,
         num_layers=hf_cfg.num_hidden_layers, patch_size=hf_cfg.patch_size,
         image_hw=(hf_cfg.image_size, hf_cfg.image_size))
 
 
-def jax_fns(name, hf_cfg):
+def jax_fns(name, hf_cfg, o=None):
     """{'fwd': callable[, 'train': callable]} for the vlmjax model (each call blocks until done)."""
-    dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
+    o = _opts(o)
+    dtype = jnp.bfloat16 if o.dtype == "bfloat16" else jnp.float32
     spec = convert.from_config(hf_cfg.to_dict(), dtype=dtype)
     model = spec.module
     rng = np.random.default_rng(0)
     text = name.startswith("qwen")
     if text:
-        x = jnp.asarray(rng.integers(0, hf_cfg.vocab_size, (FLAGS.batch, FLAGS.seq_len + 1)), jnp.int32)
+        x = jnp.asarray(rng.integers(0, hf_cfg.vocab_size, (o.batch, o.seq_len + 1)), jnp.int32)
         inputs = (x[:, :-1],)
     else:
         s = hf_cfg.image_size
-        inputs = (jnp.asarray(rng.normal(size=(FLAGS.batch, s, s, 3)), jnp.float32),)
+        inputs = (jnp.asarray(rng.normal(size=(o.batch, s, s, 3)), jnp.float32),)
     params = jax.jit(lambda r: model.init(r, *inputs))(jax.random.PRNGKey(0))["params"]
     params = jax.tree.map(lambda p: getattr(p, "value", p), params, is_leaf=lambda p: hasattr(p, "value"))
     fwd = jax.jit(lambda p, *a: model.apply({"params": p}, *a)[0])
     state = [params]
     fns = {"fwd": lambda: jax.block_until_ready(fwd(state[0], *inputs))}
-    if FLAGS.train:
+    if o.train:
         tx = optax.adamw(1e-4)
         opt = tx.init(params)
 
@@ -148,20 +156,21 @@ def jax_fns(name, hf_cfg):
     return fns
 
 
-def torch_fns(name, hf_cfg, model_cls, compiled):
+def torch_fns(name, hf_cfg, model_cls, compiled, o=None):
     """{'fwd': callable[, 'train': callable]} for the HF torch model (eager, or torch.compile)."""
     import torch  # pylint: disable=g-import-not-at-top
-    dtype = torch.bfloat16 if FLAGS.dtype == "bfloat16" else torch.float32
+    o = _opts(o)
+    dtype = torch.bfloat16 if o.dtype == "bfloat16" else torch.float32
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     model = model_cls(hf_cfg).to(dev, dtype).eval()
     text = name.startswith("qwen")
     if text:
-        x = torch.randint(0, hf_cfg.vocab_size, (FLAGS.batch, FLAGS.seq_len + 1), device=dev)
+        x = torch.randint(0, hf_cfg.vocab_size, (o.batch, o.seq_len + 1), device=dev)
         kw = {"input_ids": x[:, :-1]}
     else:
         s = hf_cfg.image_size
-        kw = {"pixel_values": torch.randn(FLAGS.batch, 3, s, s, device=dev, dtype=dtype)}
+        kw = {"pixel_values": torch.randn(o.batch, 3, s, s, device=dev, dtype=dtype)}
     fn = torch.compile(model) if compiled else model
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
@@ -171,7 +180,7 @@ def torch_fns(name, hf_cfg, model_cls, compiled):
             fn(**kw)
         sync()
     fns = {"fwd": fwd}
-    if FLAGS.train and not compiled:
+    if o.train and not compiled:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step():
@@ -189,34 +198,35 @@ def torch_fns(name, hf_cfg, model_cls, compiled):
     return fns
 
 
-def _torch_threads() -> int:
+def _torch_threads(o=None) -> int:
     import torch  # pylint: disable=g-import-not-at-top
-    n = FLAGS.torch_threads or len(os.sched_getaffinity(0))  # XLA:CPU's pool: the usable CPUs
+    n = _opts(o).torch_threads or len(os.sched_getaffinity(0))  # XLA:CPU's pool: the usable CPUs
     torch.set_num_threads(n)
     return torch.get_num_threads()
 
 
-def bench_model(name, hf_cfg, model_cls) -> dict[str, dict[str, list[float]]]:
+def bench_model(name, hf_cfg, model_cls, o=None) -> dict[str, dict[str, list[float]]]:
     """impl -> {'fwd': [s, ...], 'train': [s, ...]} for vlmjax and the torch variants asked for."""
-    builders = {"vlmjax": lambda: jax_fns(name, hf_cfg)}
-    if FLAGS.torch:
-        builders["hf_torch"] = lambda: torch_fns(name, hf_cfg, model_cls, False)
-    if FLAGS.torch_compile:
-        builders["hf_torch_compile"] = lambda: torch_fns(name, hf_cfg, model_cls, True)
+    o = _opts(o)
+    builders = {"vlmjax": lambda: jax_fns(name, hf_cfg, o)}
+    if o.torch:
+        builders["hf_torch"] = lambda: torch_fns(name, hf_cfg, model_cls, False, o)
+    if o.torch_compile:
+        builders["hf_torch_compile"] = lambda: torch_fns(name, hf_cfg, model_cls, True, o)
     out = {}
-    if FLAGS.interleave:
+    if o.interleave:
         fns = {impl: b() for impl, b in builders.items()}
         for phase in ("fwd", "train"):
             phase_fns = {impl: f[phase] for impl, f in fns.items() if phase in f}
             if not phase_fns:
                 continue
-            for impl, ts in _time_rounds(phase_fns, FLAGS.steps).items():
+            for impl, ts in _time_rounds(phase_fns, o.steps).items():
                 out.setdefault(impl, {})[phase] = ts
         del fns
     else:
         for impl, b in builders.items():
             f = b()
-            out[impl] = {phase: _time_rounds({phase: f[phase]}, FLAGS.steps)[phase] for phase in f}
+            out[impl] = {phase: _time_rounds({phase: f[phase]}, o.steps)[phase] for phase in f}
             del f
             gc.collect()  # release one model's params and optimizer state before the next
             jax.clear_caches()
@@ -225,20 +235,22 @@ def bench_model(name, hf_cfg, model_cls) -> dict[str, dict[str, list[float]]]:
     return out
 
 
-def main(argv):
-    del argv
+def measure(o=None) -> tuple[list[dict], int | None]:
+    """Rows (one per model and implementation, with the vlmjax speed-ups) and the torch thread count,
+    for the options ``o`` (default: this script's FLAGS; benchmarks/suite.py passes its own)."""
+    o = _opts(o)
     cases = _cases()
-    peak = common.device_peak_tflops(FLAGS.dtype, FLAGS.peak_tflops)
+    peak = common.device_peak_tflops(o.dtype, o.peak_tflops)
     rows = []
-    torch_threads = _torch_threads() if (FLAGS.torch or FLAGS.torch_compile) else None
+    torch_threads = _torch_threads(o) if (o.torch or o.torch_compile) else None
     print(common.machine_line(), flush=True)
-    for name in FLAGS.models:
+    for name in o.models:
         hf_cfg, model_cls = cases[name]
-        fl = _fwd_flops(name, hf_cfg)
+        fl = _fwd_flops(name, hf_cfg, o)
         unit = "tokens" if name.startswith("qwen") else "images"
-        per_step = FLAGS.batch * (FLAGS.seq_len if unit == "tokens" else 1)
+        per_step = o.batch * (o.seq_len if unit == "tokens" else 1)
         load_before = common.machine_info()["load_avg"]
-        for impl, r in bench_model(name, hf_cfg, model_cls).items():
+        for impl, r in bench_model(name, hf_cfg, model_cls, o).items():
             fwd_ms = statistics.median(r["fwd"]) * 1e3
             row = {"model": name, "impl": impl, "fwd_ms": fwd_ms, "fwd_min_ms": min(r["fwd"]) * 1e3,
                    f"fwd_{unit}_per_s": per_step / (fwd_ms / 1e3), "fwd_GFLOP": fl / 1e9,
@@ -254,13 +266,19 @@ def main(argv):
             rows.append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                    if not k.endswith("samples_ms")}, flush=True)
-    for name in FLAGS.models:  # speed-up of vlmjax over each torch variant, forward and train
+    for name in o.models:  # speed-up of vlmjax over each torch variant, forward and train
         base = next(r for r in rows if r["model"] == name and r["impl"] == "vlmjax")
         for r in rows:
             if r["model"] == name:
                 r["vlmjax_fwd_speedup"] = r["fwd_ms"] / base["fwd_ms"]
                 if r.get("train_ms") and base.get("train_ms"):
                     r["vlmjax_train_speedup"] = r["train_ms"] / base["train_ms"]
+    return rows, torch_threads
+
+
+def main(argv):
+    del argv
+    rows, torch_threads = measure()
     info = common.device_info()
     print(f"\nbackbones on {info['device_count']}x {info['platform']} ({info['device_kind']}), batch "
           f"{FLAGS.batch}, decoder seq {FLAGS.seq_len}, {FLAGS.dtype}, median of {FLAGS.steps} "

@@ -2,7 +2,11 @@ r"""Pod planner sweep: which model fits which TPU slice, with which mesh (no TPU
 
   pip install -e ".[tpu]"
   python benchmarks/pod_plan.py                              # the full sweep (~1 h on a 2-core CPU)
-  python benchmarks/pod_plan.py --models=smollm2_135m --topologies=v5e:2x2 --meshes=dp   # one row
+  python benchmarks/pod_plan.py --models=smollm2_135m --topologies=v5e:2x2 --meshes=dp --extra=   # one row
+  python benchmarks/pod_plan.py --shard=0/2 & python benchmarks/pod_plan.py --shard=1/2; wait
+  python benchmarks/pod_plan.py --merge        # two processes (XLA's compile is mostly one thread)
+
+Rows already in OUT.json (or its parts) are skipped, so an interrupted sweep resumes.
 
 Every row is ``vlmjax.plan.plan()`` of a real experiment config (the task's own model, loss, optimizer
 and data shapes, the trainer's sharded, donated train step) compiled for a TPU topology on this host:
@@ -59,6 +63,9 @@ flags.DEFINE_list("extra", ["v5e:16x16/dp", "qwen25_7b@v5e:4x4/fsdp", "qwen25_7b
                   "More rows (the contrasts the reading needs): TOPOLOGY/MESH for every model, or "
                   "MODEL@TOPOLOGY/MESH for one.")
 flags.DEFINE_string("out", "benchmarks/results/pod_plan", "Output prefix (.json, .md).")
+flags.DEFINE_string("shard", "0/1", "I/N: run every N-th case from the I-th (N processes share a sweep; "
+                    "each writes OUT.partI.json, and --merge joins them).")
+flags.DEFINE_bool("merge", False, "Only join OUT.json and OUT.part*.json into OUT.json / OUT.md.")
 
 
 def _config(model: str, mesh: str, devices: int):
@@ -94,7 +101,14 @@ def main(argv):
     for m, _, mesh in cases:
         if m not in MODELS or mesh not in MESHES:
             raise app.UsageError(f"unknown model {m!r} or mesh {mesh!r}; models {list(MODELS)}, meshes {list(MESHES)}.")
-    rows, t_all = [], time.perf_counter()
+    if FLAGS.merge:
+        _write(_done_rows(), 0.0, final=True)
+        return
+    index, count = (int(x) for x in FLAGS.shard.split("/"))
+    done = {(r["model"], r["topology"], r["mesh_name"]) for r in _done_rows() if "error" not in r}
+    cases = [c for c in cases[index::count] if c not in done]  # resume: rows already written are kept
+    out = f"{FLAGS.out}.part{index}"
+    rows, t_all = _read_rows(out + ".json"), time.perf_counter()
     tasks_built = {}
     for model, topo, mesh in cases:
         c = _config(model, mesh, len(plan_lib.topology_devices(topo)))
@@ -128,8 +142,28 @@ def main(argv):
         print(f"{model} {topo} {mesh}: peak {row['peak_gib']:.2f} / {row['hbm_gib']:.1f} GiB "
               f"{'fits' if row['fits'] else 'DOES NOT FIT'}; {row['tflop_per_device']:.3f} TFLOP/device; "
               f"compiled in {row['compile_s']:.0f}s", flush=True)
-        _write(rows, time.perf_counter() - t_all)
-    _write(rows, time.perf_counter() - t_all, final=True)
+        _write(rows, time.perf_counter() - t_all, out=out)
+    if count == 1:
+        _write(_done_rows(), time.perf_counter() - t_all, final=True)
+
+
+def _read_rows(path: str) -> list[dict]:
+    import json  # pylint: disable=g-import-not-at-top
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["rows"]
+
+
+def _done_rows() -> list[dict]:
+    """The rows of OUT.json and OUT.part*.json (later files win for the same case)."""
+    import glob  # pylint: disable=g-import-not-at-top
+    by_case = {}
+    for path in [FLAGS.out + ".json"] + sorted(glob.glob(FLAGS.out + ".part*.json")):
+        for r in _read_rows(path):
+            by_case[(r["model"], r["topology"], r["mesh_name"])] = r
+    order = {m: i for i, m in enumerate(MODELS)}
+    return sorted(by_case.values(), key=lambda r: (order.get(r["model"], 99), r["topology"], r["mesh_name"]))
 
 
 COLUMNS = ["model", "topology", "mesh_name", "devices", "mesh", "params_M", "per_device_batch", "peak_gib",
@@ -137,9 +171,10 @@ COLUMNS = ["model", "topology", "mesh_name", "devices", "mesh", "params_M", "per
            "allreduce_MiB", "allgather_MiB", "reducescatter_MiB", "fits", "compile_s"]
 
 
-def _write(rows, wall_s, final=False):
+def _write(rows, wall_s, final=False, out=None):
+    out = out or FLAGS.out
     machine = common.machine_info()
-    common.write_json(FLAGS.out + ".json", dict(flags=dict(models=FLAGS.models, topologies=FLAGS.topologies,
+    common.write_json(out + ".json", dict(flags=dict(models=FLAGS.models, topologies=FLAGS.topologies,
                                                           meshes=FLAGS.meshes, extra=FLAGS.extra),
                                                machine=machine, wall_s=wall_s, rows=rows))
     ok = [r for r in rows if "error" not in r]
@@ -158,11 +193,13 @@ def _write(rows, wall_s, final=False):
     if errs:
         md += ["", "Rows that did not compile:", ""] + [f"- {r['model']} {r['topology']} {r['mesh_name']}: "
                                                       f"{r['error']}" for r in errs]
-    with open(FLAGS.out + ".md", "w") as f:
+    if out != FLAGS.out:
+        return
+    with open(out + ".md", "w") as f:
         f.write("\n".join(md) + "\n")
     if final:
         common.print_table(ok, COLUMNS)
-        print(f"wrote {FLAGS.out}.json and .md ({wall_s:.0f}s)")
+        print(f"wrote {out}.json and .md")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,26 @@ def test_frozen_group_is_untouched_and_others_train():
         assert same == (k in frozen), k
 
 
+def test_frozen_params_are_not_differentiated():
+    """The step differentiates only the trainable params: freezing every layer's kernels removes
+    their weight-gradient matmuls from the compiled step (a LoRA base costs no weight gradients),
+    and accumulation agrees with the full batch when some params are frozen."""
+    def step_flops(tr, batch):
+        cost = tr.train_step.lower(tr.abstract_state, batch).compile().cost_analysis()
+        return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+    full, batch = _trainer()
+    frozen, _ = _trainer(**{"optim.frozen": (r"^layers_\d+/(self_attn|mlp)/",)})
+    assert frozen._trainable_idx and len(frozen._trainable_idx) < len(full._trainable_idx)
+    assert step_flops(frozen, batch) < 0.9 * step_flops(full, batch)
+    accum, _ = _trainer(**{"optim.frozen": (r"^layers_\d+/(self_attn|mlp)/",), "optim.grad_accum_steps": 2})
+    s1, m1 = frozen.train_step(frozen.init(), batch)
+    s2, m2 = accum.train_step(accum.init(), batch)
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-4)
+    for k, v in _flat(s1.params).items():
+        np.testing.assert_allclose(v, _flat(s2.params)[k], atol=2e-5, err_msg=k)
+
+
 def test_bf16_compute_keeps_fp32_params_and_trains():
     tr, batch = _trainer(**{"model.dtype": "bfloat16"})
     state = tr.init()
