@@ -87,3 +87,16 @@ def test_a_mesh_axis_that_does_not_divide_a_param_says_which_size_does():
     with pytest.raises(Exception, match=r"cannot split its axis 1 \(size 32\) 64 ways over mesh axis fsdp: .*"
                                         r"--config.mesh.fsdp=32 --config.mesh.data=-1"):
         plan_lib.plan(c, "v5e:8x8", compile_eval=False)
+
+
+@needs_tpu
+def test_a_step_xla_cannot_fit_is_a_plan_that_does_not_fit_with_the_fix():
+    # 30M params, 1024 sequences of 512 tokens per v5e chip: XLA's TPU compiler refuses the temporaries.
+    c = load_config("lm", "smoke", **{"batch_size": 4096, "data.seq_len": 512, "model.hidden_size": 1024,
+                                      "model.intermediate_size": 4096, "model.num_attention_heads": 8,
+                                      "model.head_dim": 128})
+    p = plan_lib.plan(c, "v5e:2x2", compile_eval=False)
+    assert not p["fits"] and "RESOURCE_EXHAUSTED" in p["compiler_error"]
+    assert p["memory_gib"]["temporaries"] > 16 and 0 < p["state_gib_per_device"] < 1
+    assert "--config.model.remat=full" in p["advice"] and "--config.optim.grad_accum_steps=2" in p["advice"]
+    assert "DOES NOT FIT" in plan_lib.format_plan(p)

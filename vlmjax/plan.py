@@ -95,6 +95,9 @@ def tpu_available(topology: str = "v5e:2x2") -> str | None:
 
 def topology_devices(topology: str, num_slices: int = 1) -> list:
     """The compile-only devices of a TPU slice (``num_slices`` > 1: a multislice job)."""
+    # libtpu takes a process lock (/tmp/libtpu_lockfile) meant for a TPU VM's chips; compile-only
+    # planning may run beside another jax process (a test, a second sweep shard).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
         kwargs = {"num_slices": int(num_slices)} if num_slices > 1 else {}
@@ -231,10 +234,32 @@ def plan(config, topology: str, *, num_slices: int = 1, hbm_gib: float = 0.0, he
         t_build = time.perf_counter() - t0
         batch = _abstract_batch(train_batch, int(config.batch_size), mesh)
         t0 = time.perf_counter()
-        compiled = tr.train_step.lower(tr.abstract_state, batch).compile()
+        compiled, oom = tr.train_step.lower(tr.abstract_state, batch).compile(), None
     except ValueError as e:
         raise _indivisible(e, dict(mesh.shape)) or e
+    except Exception as e:  # pylint: disable=broad-except  (XLA's TPU compiler refuses what cannot fit)
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        compiled, oom = None, str(e).splitlines()[0]
     t_compile = time.perf_counter() - t0
+    # Per-device bytes of the state and the batch from their shardings (what the arguments hold).
+    state_dev = _per_device_bytes(tr.abstract_state)
+    batch_dev = _per_device_bytes(batch)
+    if compiled is None:
+        temps = _oom_temporaries(oom)
+        mem = dict(arguments=state_dev + batch_dev, temporaries=temps if temps is not None else float("nan"))
+        mem["peak"] = mem["arguments"] + (temps or 0.0)
+        return _finish(config, dict(
+            topology=topology, num_slices=num_slices, chip=chip.name, devices=len(devices), devices_per_chip=per_chip,
+            hosts=hosts, mesh=dict(mesh.shape), task=config.task, batch_size=int(config.batch_size),
+            grad_accum_steps=int(config.optim.grad_accum_steps),
+            per_device_batch=int(config.batch_size) / sharding.data_parallel_size(mesh),
+            params=tree.num_params(tr.abstract_state.params),
+            state_gib_total=sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tr.abstract_state)) / _GIB,
+            state_gib_per_device=state_dev / _GIB, hbm_gib=chip.hbm_gib / per_chip,
+            memory_gib={k: v / _GIB for k, v in mem.items()}, flops_per_device=float("nan"), step_s_at_100pct=None,
+            step_s_at_40pct=None, collectives={op: {"count": 0, "bytes": 0.0} for op in COLLECTIVES},
+            build_s=t_build, compile_s=t_compile, compiler_error=oom), headroom, force_no_fit=True)
     mem = _memory(compiled)
     hbm = chip.hbm_gib * _GIB / per_chip  # per device
     flops = _flops(compiled)
@@ -246,7 +271,7 @@ def plan(config, topology: str, *, num_slices: int = 1, hbm_gib: float = 0.0, he
         devices_per_chip=per_chip, hosts=hosts, mesh=dict(mesh.shape), task=config.task,
         batch_size=int(config.batch_size), grad_accum_steps=int(config.optim.grad_accum_steps),
         per_device_batch=int(config.batch_size) / sharding.data_parallel_size(mesh),
-        params=n_params, state_gib_total=state_bytes / _GIB,
+        params=n_params, state_gib_total=state_bytes / _GIB, state_gib_per_device=state_dev / _GIB,
         hbm_gib=hbm / _GIB, memory_gib={k: v / _GIB for k, v in mem.items()},
         flops_per_device=flops, step_s_at_100pct=(flops / peak_flops) if peak_flops else None,
         step_s_at_40pct=(flops / peak_flops / 0.4) if peak_flops else None,
@@ -258,11 +283,30 @@ def plan(config, topology: str, *, num_slices: int = 1, hbm_gib: float = 0.0, he
         emem = _memory(ev)
         result["eval"] = dict(memory_gib={k: v / _GIB for k, v in emem.items()}, flops_per_device=_flops(ev),
                               compile_s=time.perf_counter() - t0)
+    return _finish(config, result, headroom)
+
+
+def _finish(config, result: dict[str, Any], headroom: float, force_no_fit: bool = False) -> dict[str, Any]:
     peaks = [result["memory_gib"].get("peak", 0.0)] + ([result["eval"]["memory_gib"].get("peak", 0.0)]
                                                         if "eval" in result else [])
-    result["fits"] = max(peaks) <= headroom * result["hbm_gib"]
+    result["fits"] = not force_no_fit and max(peaks) <= headroom * result["hbm_gib"]
     result["advice"] = "" if result["fits"] else advice(config, result, headroom)
     return result
+
+
+def _per_device_bytes(tree_) -> float:
+    """Bytes one device holds of a tree of sharded abstract arrays (its shard of each)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    return float(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree_)))
+
+
+def _oom_temporaries(message: str) -> float | None:
+    """Bytes of temporaries in XLA's TPU out-of-memory error ('... HLO temporaries (36.21G) exceeds
+    available HBM (31.25G)'), None when the message says no size."""
+    m = re.search(r"temporaries \(([\d.]+)([KMGT]?)\)", message)
+    if not m:
+        return None
+    return float(m[1]) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m[2]]
 
 
 def _indivisible(exc: ValueError, mesh: dict[str, int]) -> errors.UserError | None:
@@ -308,6 +352,9 @@ def advice(config, result: dict[str, Any], headroom: float) -> str:
                         f"--config.batch_size")
     which = "eval" if "eval" in result and result["eval"]["memory_gib"].get("peak", 0) > mem.get("peak", 0) else "train"
     peak = max(mem.get("peak", 0.0), result.get("eval", {}).get("memory_gib", {}).get("peak", 0.0))
+    if result.get("compiler_error"):
+        return (f"XLA cannot fit the train step on {result['topology']}: {result['compiler_error']} (state + batch "
+                f"{args:.2f} GiB per device of {hbm:.1f} GiB): " + "; or ".join(tips) + ".")
     return (f"the {which} step needs {peak:.2f} GiB per device on {result['topology']} but a {result['chip']} "
             f"device has {hbm:.1f} GiB (limit {headroom:.0%}: {headroom * hbm:.1f} GiB; params + optimizer "
             f"state + batch {args:.2f} GiB, temporaries {temps:.2f} GiB): " + "; or ".join(tips) + ".")
@@ -320,13 +367,19 @@ def format_plan(p: dict[str, Any]) -> str:
         f"{p['task']} on {p['topology']}" + (f" x{p['num_slices']} slices" if p["num_slices"] > 1 else "")
         + f": {p['devices']} {p['chip']} devices ({p['devices_per_chip']} per chip), {p['hosts']} host(s), "
           f"mesh {p['mesh']}",
-        f"  params {p['params'] / 1e6:,.1f}M; train state {p['state_gib_total']:.2f} GiB in all; global batch "
+        f"  params {p['params'] / 1e6:,.1f}M; train state {p['state_gib_total']:.2f} GiB in all, "
+        f"{p['state_gib_per_device']:.3f} GiB per device; global batch "
         f"{p['batch_size']} ({p['per_device_batch']:g} per device, grad_accum {p['grad_accum_steps']})",
         f"  train step per device: arguments {m.get('arguments', 0):.3f} GiB, outputs {m.get('outputs', 0):.3f} "
         f"(donated {m.get('aliased', 0):.3f}), temporaries {m.get('temporaries', 0):.3f}, code "
         f"{m.get('code', 0):.3f} -> peak {m.get('peak', 0):.3f} GiB of {p['hbm_gib']:.1f} GiB HBM "
         f"({m.get('peak', 0) / p['hbm_gib']:.0%})",
     ]
+    if p.get("compiler_error"):  # XLA refused: only its temporaries count and our state + batch are known
+        lines[-1] = (f"  train step per device: state + batch {m.get('arguments', 0):.3f} GiB, temporaries "
+                     f"{m.get('temporaries', 0):.3f} GiB (XLA: {p['compiler_error']})")
+        lines.append("  DOES NOT FIT: " + p["advice"])
+        return "\n".join(lines)
     if "eval" in p:
         lines.append(f"  eval step per device: peak {p['eval']['memory_gib'].get('peak', 0):.3f} GiB, "
                      f"{p['eval']['flops_per_device'] / 1e12:.3f} TFLOP")
