@@ -118,6 +118,7 @@ def _steps(cfg, workdir=None, n=1, evaluate=True):
     return task, before, moved, float(m["loss"]), metrics, (tr, state)
 
 
+@pytest.mark.slow  # default-suite time; the generative head's forward and generation are tested at model level in test_fusion.py
 def test_generative_head_trains_and_generates():
     task, _, moved, loss, metrics, (tr, state) = _steps(_smoke(**{"fusion.head": "generate", "optim.warmup_steps": 0}))
     assert np.isfinite(loss) and "answer_head/fc1/kernel" not in {k for k in moved}

@@ -58,6 +58,7 @@ def test_smoke_trains_backbone_then_reuse(smoke_run, capsys):
     assert [json.loads(line) for line in open(workdir / "reuse" / "metrics.jsonl")] == records
 
 
+@pytest.mark.slow  # default-suite time; init_from an HF directory stays in the default suite
 def test_init_from_vlmjax_workdir(smoke_run, tmp_path):
     workdir, _ = smoke_run
     config = load_config("reuse", "smoke", init_from=str(workdir / "backbone"), total_steps=2)

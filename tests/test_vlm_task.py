@@ -123,6 +123,7 @@ def test_vision_stage_starts_the_tower_and_resampler(tmp_path):
         task.pretrained_params(tr.abstract_state.params, tr.state_shardings.params)
 
 
+@pytest.mark.slow  # default-suite time; TRM recursion, state carry and the refiner's identity at init are unit-tested in test_trm.py
 def test_trm_decoder_and_refiner_variants_train(tmp_path):
     trm = {"decoder.type": "trm", "decoder.load_in_4bit": False, "decoder.use_lora": False, "decoder.lora_rank": 0,
            "decoder.trm.num_cycles": 2, "decoder.trm.latent_steps": 1, "decoder.trm.deep_supervision": True}
