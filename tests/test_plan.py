@@ -100,3 +100,20 @@ def test_a_step_xla_cannot_fit_is_a_plan_that_does_not_fit_with_the_fix():
     assert p["memory_gib"]["temporaries"] > 16 and 0 < p["state_gib_per_device"] < 1
     assert "--config.model.remat=full" in p["advice"] and "--config.optim.grad_accum_steps=2" in p["advice"]
     assert "DOES NOT FIT" in plan_lib.format_plan(p)
+
+
+SMOKE_DEFAULT = ("dtf", "perceiver_mrl_alignment")
+SMOKE_ALL = ("lm", "mod", "dtf", "tdtf", "video_cls", "reuse", "perceiver_mrl_alignment", "pixmo_alignment",
+             "trm_vlm_qa", "fusion_vqa", "foveated")
+
+
+@needs_tpu
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in SMOKE_DEFAULT else pytest.mark.slow)
+                                  for n in SMOKE_ALL])
+def test_every_smoke_config_compiles_for_a_v5e_slice(name):
+    c = load_config(name, "smoke", **{"mesh.data": -1})
+    c.unlock()
+    c.batch_size = max(4, c.batch_size - c.batch_size % 4)  # divisible by the slice's 4 chips
+    c.lock()
+    p = plan_lib.plan(c, "v5e:2x2", compile_eval=True)
+    assert p["fits"] and p["flops_per_device"] > 0 and p["eval"]["memory_gib"]["peak"] > 0, plan_lib.format_plan(p)

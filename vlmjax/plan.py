@@ -34,6 +34,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 import traceback
 from typing import Any
@@ -197,6 +198,25 @@ def _abstract_batch(batch: dict[str, Any], global_batch: int, mesh) -> dict[str,
                                     sharding=sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
 
 
+def build_task(config, scratch: str):
+    """The experiment's task as the runner builds it, in the scratch folder ``scratch`` (its caches,
+    e.g. target latents). Each stage the task needs (``config.stages``) is stood in for by a folder
+    holding only the stage's ``config.json``: the architecture a task reads from there, never weights
+    (the planner compiles with abstract params)."""
+    from vlmjax import tasks  # pylint: disable=g-import-not-at-top
+    stage_dirs = {}
+    if "stages" in config:
+        for name in tasks.task_class(config.task).needed_stages(config):
+            folder = os.path.join(scratch, name)
+            os.makedirs(folder)
+            with open(os.path.join(folder, "config.json"), "w") as f:
+                f.write(config.stages[name].to_json_best_effort())
+            stage_dirs[name] = folder
+    own = os.path.join(scratch, config.task)
+    os.makedirs(own, exist_ok=True)
+    return tasks.build(config, own, stage_dirs)
+
+
 def sample_batches(task, config) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """One train batch and one eval batch of a few rows from the task's real data pipeline (their
     shapes and dtypes past the batch axis are what the planner needs)."""
@@ -216,7 +236,7 @@ def plan(config, topology: str, *, num_slices: int = 1, hbm_gib: float = 0.0, he
     ``task``: a built task to reuse (the sweep builds one per model); None builds it from ``config``."""
     import jax  # pylint: disable=g-import-not-at-top
 
-    from vlmjax import sharding, tasks, tree  # pylint: disable=g-import-not-at-top
+    from vlmjax import sharding, tree  # pylint: disable=g-import-not-at-top
     from vlmjax.train import config as config_lib  # pylint: disable=g-import-not-at-top
     from vlmjax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
 
@@ -227,8 +247,9 @@ def plan(config, topology: str, *, num_slices: int = 1, hbm_gib: float = 0.0, he
     mesh = make_mesh(config.mesh, devices, num_slices)
     config_lib.validate_for_mesh(config, sharding.data_parallel_size(mesh), hosts)
     t0 = time.perf_counter()
-    task = task if task is not None else tasks.build(config, None, {})
-    train_batch, eval_batch = sample_batches(task, config)
+    with tempfile.TemporaryDirectory(prefix="vlmjax-plan-") as scratch:
+        task = task if task is not None else build_task(config, scratch)
+        train_batch, eval_batch = sample_batches(task, config)
     try:
         tr = trainer_lib.Trainer(config, task, mesh)
         t_build = time.perf_counter() - t0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from etils import epath
@@ -11,10 +12,16 @@ from vlmjax.train.task import Task
 
 
 def is_hf_dir(path: str) -> bool:
-    """True for a Hugging Face checkpoint directory (config.json, no vlmjax ``checkpoints/``): an
-    ``init_from`` that may also name a vlmjax workdir (which holds config.json too)."""
+    """True for a Hugging Face checkpoint directory: an ``init_from`` that may also name a vlmjax
+    workdir, which holds a config.json too, but one with the run's ``task`` (and ``checkpoints/``
+    once it has trained)."""
     path = epath.Path(path)
-    return (path / "config.json").exists() and not (path / "checkpoints").exists()
+    if not (path / "config.json").exists() or (path / "checkpoints").exists():
+        return False
+    try:
+        return "task" not in json.loads((path / "config.json").read_text())
+    except ValueError:  # not JSON: let the HF loader say what is wrong with it
+        return True
 
 
 def load_pretrained(entries, abstract_params, shardings, skip=()) -> dict[str, Any]:
