@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 
 from absl import flags, logging
 
@@ -66,33 +65,11 @@ def main(argv: list[str]) -> dict:
     return run.diagnose_workdir(workdir, FLAGS.out or None, split=FLAGS.split)
 
 
-def _verbose(argv: list[str]) -> bool:
-    if os.environ.get("VLMJAX_VERBOSE", "").lower() not in ("", "0", "false", "no"):
-        return True
-    return any(a in ("--verbose", "-verbose", "--verbose=true", "--verbose=True") for a in argv)
-
-
 def cli(argv: list[str] | None = None) -> None:
     """Runs ``main``; --help prints the usage. An error is printed as ONE last line on stderr,
     'vlmjax: error: ...', exit code 1 (Ctrl-C: 130); with --verbose its traceback comes first."""
-    argv = list(sys.argv if argv is None else argv)
-    if any(a in ("--help", "-help", "-h", "--helpfull") for a in argv[1:]):
-        print(__doc__.rstrip() + "\n\nflags:\n" + FLAGS.get_help(), flush=True)
-        return
-    try:
-        main(argv)
-    except KeyboardInterrupt as e:
-        _fail(e, argv, 130)
-    except BaseException as e:  # pylint: disable=broad-except
-        _fail(e, argv, 1)
-
-
-def _fail(exc: BaseException, argv: list[str], code: int) -> None:
-    sys.stdout.flush()
-    if _verbose(argv):
-        traceback.print_exception(exc)
-    print(errors.format_error(exc), file=sys.stderr, flush=True)
-    sys.exit(code)
+    errors.run_cli(main, list(sys.argv if argv is None else argv),
+                   __doc__.rstrip() + "\n\nflags:\n" + FLAGS.get_help())
 
 
 if __name__ == "__main__":

@@ -8,7 +8,11 @@ do not describe bad input get a note that it looks like a bug. Nothing here impo
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+import traceback
+from collections.abc import Callable
 
 from absl import flags
 
@@ -87,3 +91,32 @@ def format_error(exc: BaseException) -> str:
     """The one line printed for ``exc``: 'vlmjax: error: <message>' (+ a note when it looks like a bug)."""
     exc = root_cause(exc)
     return PREFIX + message(exc) + ("" if is_input_error(exc) else BUG_NOTE)
+
+
+def verbose_requested(argv: list[str]) -> bool:
+    """--verbose in ``argv`` (the last of --verbose / --noverbose wins) or VLMJAX_VERBOSE=1."""
+    if os.environ.get("VLMJAX_VERBOSE", "").lower() not in ("", "0", "false", "no"):
+        return True
+    value = False
+    for arg in argv:
+        name, _, v = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name in ("verbose", "noverbose"):
+            value = (name == "verbose") == (v.lower() not in ("0", "false", "no"))
+    return value
+
+
+def run_cli(main: Callable[[list[str]], object], argv: list[str], usage: str) -> None:
+    """The small entry points' (``vlmjax.diagnose``, ``vlmjax.plan``) command line: --help prints
+    ``usage``; an error is printed as ONE last line on stderr, 'vlmjax: error: ...', exit code 1
+    (Ctrl-C: 130), with its traceback first under --verbose or VLMJAX_VERBOSE=1."""
+    if any(a in ("--help", "-help", "-h", "--helpfull") for a in argv[1:]):
+        print(usage, flush=True)
+        return
+    try:
+        main(argv)
+    except BaseException as e:  # pylint: disable=broad-except
+        sys.stdout.flush()
+        if verbose_requested(argv):
+            traceback.print_exception(e)
+        print(format_error(e), file=sys.stderr, flush=True)
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 1)

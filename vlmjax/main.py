@@ -198,16 +198,9 @@ def main(argv):
 
 
 def _verbose(argv: list[str]) -> bool:
-    if os.environ.get("VLMJAX_VERBOSE", "").lower() not in ("", "0", "false", "no"):
+    if FLAGS.is_parsed() and FLAGS.verbose:
         return True
-    if FLAGS.is_parsed():
-        return bool(FLAGS.verbose)
-    value = False  # flag parsing failed: read it from argv, the last one wins
-    for arg in argv:
-        name, _, v = arg.lstrip("-").partition("=")
-        if arg.startswith("-") and name in ("verbose", "noverbose"):
-            value = (name == "verbose") == (v.lower() not in ("0", "false", "no"))
-    return value
+    return errors.verbose_requested(argv if not FLAGS.is_parsed() else [])  # + VLMJAX_VERBOSE=1
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -36,7 +36,6 @@ import re
 import sys
 import tempfile
 import time
-import traceback
 from typing import Any
 
 from absl import flags, logging
@@ -455,18 +454,8 @@ def main(argv: list[str]) -> int:
 def cli(argv: list[str] | None = None) -> None:
     """Runs ``main``: exit 0 when the step fits, 1 with one line 'vlmjax: error: ...' (the fix) when it
     does not or the input is wrong; --verbose adds the traceback."""
-    argv = list(sys.argv if argv is None else argv)
-    if any(a in ("--help", "-help", "-h", "--helpfull") for a in argv[1:]):
-        print(__doc__.rstrip() + "\n\nflags:\n" + FLAGS.get_help(), flush=True)
-        return
-    try:
-        main(argv)
-    except BaseException as e:  # pylint: disable=broad-except
-        sys.stdout.flush()
-        if FLAGS.is_parsed() and FLAGS.verbose or os.environ.get("VLMJAX_VERBOSE", "") not in ("", "0"):
-            traceback.print_exception(e)
-        print(errors.format_error(e), file=sys.stderr, flush=True)
-        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 1)
+    errors.run_cli(main, list(sys.argv if argv is None else argv),
+                   __doc__.rstrip() + "\n\nflags:\n" + FLAGS.get_help())
 
 
 if __name__ == "__main__":
