@@ -66,6 +66,7 @@ flags.DEFINE_string("out", "benchmarks/results/pod_plan", "Output prefix (.json,
 flags.DEFINE_string("shard", "0/1", "I/N: run every N-th case from the I-th (N processes share a sweep; "
                     "each writes OUT.partI.json, and --merge joins them).")
 flags.DEFINE_string("part", "", "Name of this process's part file (default: its shard index).")
+flags.DEFINE_bool("force", False, "Recompile the cases even when OUT already has them.")
 flags.DEFINE_bool("merge", False, "Only join OUT.json and OUT.part*.json into OUT.json / OUT.md.")
 
 
@@ -107,7 +108,7 @@ def main(argv):
         return
     index, count = (int(x) for x in FLAGS.shard.split("/"))
     done = {(r["model"], r["topology"], r["mesh_name"]) for r in _done_rows() if "error" not in r}
-    cases = [c for c in cases[index::count] if c not in done]  # resume: rows already written are kept
+    cases = [c for c in cases[index::count] if FLAGS.force or c not in done]  # resume: rows already written are kept
     out = f"{FLAGS.out}.part{FLAGS.part or index}"
     rows, t_all = _read_rows(out + ".json"), time.perf_counter()
     tasks_built = {}

@@ -353,7 +353,8 @@ def advice(config, result: dict[str, Any], headroom: float) -> str:
     args = mem.get("arguments", 0.0)
     temps = mem.get("temporaries", 0.0)
     tips = []
-    if args >= temps and mesh["fsdp"] < n // max(1, mesh["tensor"]):
+    # The state and batch alone over half the HBM, or the larger part: shard them (ZeRO-3) first.
+    if (args >= temps or args > 0.5 * hbm) and mesh["fsdp"] < n // max(1, mesh["tensor"]):
         tips.append(f"shard params and optimizer state over more chips: --config.mesh.fsdp=-1 --config.mesh.data=1 "
                     f"(fsdp is {mesh['fsdp']} of {n} devices)")
     if result["state_gib_total"] / n > headroom * hbm:
