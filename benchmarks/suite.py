@@ -169,9 +169,12 @@ def error_row(part: str, e: BaseException) -> dict[str, Any]:
                     traceback=traceback.format_exc())
 
 
-def run_parts(args, parts: dict[str, Callable] | None = None) -> list[dict[str, Any]]:
+def run_parts(args, parts: dict[str, Callable] | None = None,
+              after_part: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """Runs the parts of ``args.only`` in order (``parts``: name -> fn(args, size) -> rows; default
-    ``PART_FNS``), each in a try/except; every row gets the part's wall time (``details.part_s``)."""
+    ``PART_FNS``), each in a try/except; every row gets the part's wall time (``details.part_s``).
+    ``after_part(rows so far)`` runs after each part (the CLI writes its outputs there, so a run cut
+    short by a time limit keeps the parts it finished)."""
     parts = PART_FNS if parts is None else parts
     rows: list[dict[str, Any]] = []
     for name in args.only:
@@ -190,6 +193,8 @@ def run_parts(args, parts: dict[str, Callable] | None = None) -> list[dict[str, 
               flush=True)
         for r in got:
             print("   ", {k: r[k] for k in COLUMNS}, flush=True)
+        if after_part is not None:
+            after_part(rows)
     return rows
 
 
@@ -653,8 +658,7 @@ def main(argv=None) -> int:
         return 2
     t0 = time.perf_counter()
     print(common.machine_line(), flush=True)
-    rows = run_parts(args)
-    write_outputs(rows, args, time.perf_counter() - t0)
+    run_parts(args, after_part=lambda rows: write_outputs(rows, args, time.perf_counter() - t0))
     return 0
 
 
