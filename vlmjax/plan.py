@@ -264,38 +264,30 @@ def plan(config, topology: str, *, num_slices: int = 1, hbm_gib: float = 0.0, he
     t_compile = time.perf_counter() - t0
     # Per-device bytes of the state and the batch from their shardings (what the arguments hold).
     state_dev = _per_device_bytes(tr.abstract_state)
-    batch_dev = _per_device_bytes(batch)
-    if compiled is None:
+    if compiled is None:  # XLA says only how much the temporaries need
         temps = _oom_temporaries(oom)
-        mem = dict(arguments=state_dev + batch_dev, temporaries=temps if temps is not None else float("nan"))
+        mem = dict(arguments=state_dev + _per_device_bytes(batch), temporaries=temps or float("nan"))
         mem["peak"] = mem["arguments"] + (temps or 0.0)
-        return _finish(config, dict(
-            topology=topology, num_slices=num_slices, chip=chip.name, devices=len(devices), devices_per_chip=per_chip,
-            hosts=hosts, mesh=dict(mesh.shape), task=config.task, batch_size=int(config.batch_size),
-            grad_accum_steps=int(config.optim.grad_accum_steps),
-            per_device_batch=int(config.batch_size) / sharding.data_parallel_size(mesh),
-            params=tree.num_params(tr.abstract_state.params),
-            state_gib_total=sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tr.abstract_state)) / _GIB,
-            state_gib_per_device=state_dev / _GIB, hbm_gib=chip.hbm_gib / per_chip,
-            memory_gib={k: v / _GIB for k, v in mem.items()}, flops_per_device=float("nan"), step_s_at_100pct=None,
-            step_s_at_40pct=None, collectives={op: {"count": 0, "bytes": 0.0} for op in COLLECTIVES},
-            build_s=t_build, compile_s=t_compile, compiler_error=oom), headroom, force_no_fit=True)
-    mem = _memory(compiled)
+        flops = float("nan")
+    else:
+        mem, flops = _memory(compiled), _flops(compiled)
     hbm = chip.hbm_gib * _GIB / per_chip  # per device
-    flops = _flops(compiled)
-    peak_flops = chip.bf16_tflops * 1e12 / per_chip
-    n_params = tree.num_params(tr.abstract_state.params)
+    peak_flops = chip.bf16_tflops * 1e12 / per_chip if compiled is not None else 0.0
     state_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tr.abstract_state))
     result: dict[str, Any] = dict(
         topology=topology, num_slices=num_slices, chip=chip.name, devices=len(devices),
         devices_per_chip=per_chip, hosts=hosts, mesh=dict(mesh.shape), task=config.task,
         batch_size=int(config.batch_size), grad_accum_steps=int(config.optim.grad_accum_steps),
         per_device_batch=int(config.batch_size) / sharding.data_parallel_size(mesh),
-        params=n_params, state_gib_total=state_bytes / _GIB, state_gib_per_device=state_dev / _GIB,
-        hbm_gib=hbm / _GIB, memory_gib={k: v / _GIB for k, v in mem.items()},
+        params=tree.num_params(tr.abstract_state.params), state_gib_total=state_bytes / _GIB,
+        state_gib_per_device=state_dev / _GIB, hbm_gib=hbm / _GIB, memory_gib={k: v / _GIB for k, v in mem.items()},
         flops_per_device=flops, step_s_at_100pct=(flops / peak_flops) if peak_flops else None,
         step_s_at_40pct=(flops / peak_flops / 0.4) if peak_flops else None,
-        collectives=collectives(compiled.as_text()), build_s=t_build, compile_s=t_compile)
+        collectives=collectives(compiled.as_text() if compiled is not None else ""), build_s=t_build,
+        compile_s=t_compile)
+    if compiled is None:
+        result["compiler_error"] = oom
+        return _finish(config, result, headroom, force_no_fit=True)
     if compile_eval and eval_batch is not None:
         t0 = time.perf_counter()
         ev = tr.eval_step.lower(tr.abstract_state.params, tr.abstract_state.model_state,
