@@ -102,7 +102,7 @@ def test_a_step_xla_cannot_fit_is_a_plan_that_does_not_fit_with_the_fix():
     assert "DOES NOT FIT" in plan_lib.format_plan(p)
 
 
-SMOKE_DEFAULT = ("dtf", "perceiver_mrl_alignment")
+SMOKE_DEFAULT = ("dtf",)
 SMOKE_ALL = ("lm", "mod", "dtf", "tdtf", "video_cls", "reuse", "perceiver_mrl_alignment", "pixmo_alignment",
              "trm_vlm_qa", "fusion_vqa", "foveated")
 

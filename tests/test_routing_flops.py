@@ -97,6 +97,7 @@ def test_tdtf_teacher_dense_in_training_routed_at_inference():
                                          rel=0.05)
 
 
+@pytest.mark.slow  # default-suite time; a benchmark script's end-to-end run; its counting functions are tested above
 def test_routing_flops_script_runs_and_writes_its_report(tmp_path):
     """The benchmark script end to end on the CPU shape (FLOP counts only, no timing)."""
     import json

@@ -122,6 +122,7 @@ def test_nonfinite_updates_are_skipped_then_stop(tmp_path):
                                   "ckpt_every": 0}), str(tmp_path))
 
 
+@pytest.mark.slow  # default-suite time; an optional logger's offline run
 def test_wandb_offline_logs_and_disabled_never_imports_it(tmp_path):
     code = ("import sys; sys.path.insert(0, 'tests'); from conftest import smoke_config; "
             "from vlmjax import run; run.run(smoke_config(**{'total_steps': 2, 'sample.max_new_tokens': 0}), "

@@ -93,6 +93,7 @@ def test_freeze_regexes_leave_the_refiner_and_adapters_trainable():
     assert not is_frozen("decoder/trm_refiner/out_proj/kernel") and not is_frozen("vision_resampler/latents")
 
 
+@pytest.mark.slow  # default-suite time; stages are covered by the reuse and vlm smoke runs
 def test_vision_stage_starts_the_tower_and_resampler(tmp_path):
     """Stage 'vision' (an alignment run with the VLM's tower and Perceiver): the VLM's vision subtrees start
     equal to that run's; a Perceiver that does not fit is one clear error."""
