@@ -117,3 +117,12 @@ def test_every_smoke_config_compiles_for_a_v5e_slice(name):
     c.lock()
     p = plan_lib.plan(c, "v5e:2x2", compile_eval=True)
     assert p["fits"] and p["flops_per_device"] > 0 and p["eval"]["memory_gib"]["peak"] > 0, plan_lib.format_plan(p)
+
+
+@needs_tpu
+def test_multislice_puts_the_data_axis_across_slices():
+    p = plan_lib.plan(load_config("lm", "smoke", **{"mesh.data": 2, "mesh.fsdp": -1}), "v5e:2x2", num_slices=2,
+                      compile_eval=False)
+    assert (p["devices"], p["hosts"], p["mesh"]) == (8, 2, {"data": 2, "fsdp": 4, "tensor": 1}) and p["fits"]
+    with pytest.raises(Exception, match=r"--num_slices=2: config.mesh.data=1 must be a multiple of the slices"):
+        plan_lib.plan(load_config("lm", "smoke", **{"mesh.data": 1, "mesh.fsdp": -1}), "v5e:2x2", num_slices=2)
