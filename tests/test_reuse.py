@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -53,7 +54,8 @@ def _init(model, frames, cmap, grouping, seed=0, perturb=True):
     jitted) saves most of this file's compile time.
     """
     del grouping, cmap
-    rc = dataclasses.replace(model.reuse_config, capacity_buckets=(1.0,), policy="mlp")
+    rc = dataclasses.replace(model.reuse_config, capacity_buckets=(1.0,), policy="mlp", execution="packed",
+                             chunk_tokens=16)
     key = (model.config, rc, model.num_slots, seed, perturb)
     if key not in _PARAMS:
         _PARAMS[key] = _fresh_init(model.clone(reuse_config=rc), frames.shape, seed, perturb)
@@ -192,8 +194,8 @@ def test_all_recompute_is_the_original_model(mode):
 def test_all_reuse_passthrough_reproduces_cached_states():
     cfg = _vit()
     # capacity 1/16: the hard path recomputes at least one token per layer (its smallest bucket).
-    model = reuse.build(cfg, reuse.ReuseConfig(restoration="passthrough", capacity_buckets=(0.0625, 1.0)),
-                        num_slots=2)
+    model = reuse.build(cfg, reuse.ReuseConfig(restoration="passthrough", capacity_buckets=(0.0625, 1.0),
+                                               execution="bucket"), num_slots=2)
     frames, _ = _clip()
     g = reuse.Grouping(order=(0, 1), refs=((), (0,)), ref_type=((1, 0, 0), (0, 1, 0)))
     clip = frames[:, :2]
@@ -217,17 +219,24 @@ def test_all_reuse_passthrough_reproduces_cached_states():
 # The compile time grows with frames x reuse layers x buckets (every frame is unrolled, every bucket is
 # an nn.switch branch), so the variants run on a 3-frame group (I, P, B: order (0, 2, 1)) and only the
 # default buckets on the 5-frame codec order.
+_BUCKET = {"execution": "bucket"}
+
+
 @pytest.mark.parametrize("variant,kw,order", [
-    ("clip", {}, (0, 4, 2, 1, 3)),  # the default buckets
-    ("clip", {"similarity": "low_rank", "similarity_rank": 8, "restore_q": True, "capacity_buckets": BUCKETS},
-     (0, 2, 1)),
-    pytest.param("clip", {"similarity": "headwise", "skip_cls": False, "capacity_buckets": BUCKETS}, (0, 2, 1),
-                 marks=pytest.mark.slow),  # the suite's 15-minute budget; run with -m slow
-    ("clip", {"capacity_buckets": (1.0,)}, (0, 2, 1)),
-    pytest.param("clip", {"restoration": "shared_mlp", "capacity_buckets": (0.5,)}, (0, 2, 1),
+    ("clip", {}, (0, 4, 2, 1, 3)),  # the default: packed execution
+    ("clip", {"chunk_tokens": 5, "restore_q": True}, (0, 2, 1)),  # chunks that split examples
+    ("clip", {"execution": "bucket"}, (0, 4, 2, 1, 3)),  # the default buckets
+    ("clip", {"similarity": "low_rank", "similarity_rank": 8, "restore_q": True, "capacity_buckets": BUCKETS,
+              **_BUCKET}, (0, 2, 1)),
+    pytest.param("clip", {"similarity": "headwise", "skip_cls": False, "capacity_buckets": BUCKETS, **_BUCKET},
+                 (0, 2, 1), marks=pytest.mark.slow),  # the suite's time budget; run with -m slow
+    ("clip", {"similarity": "headwise", "skip_cls": False, "chunk_tokens": 7}, (0, 2, 1)),
+    ("clip", {"capacity_buckets": (1.0,), **_BUCKET}, (0, 2, 1)),
+    pytest.param("clip", {"restoration": "shared_mlp", "capacity_buckets": (0.5,), **_BUCKET}, (0, 2, 1),
                  marks=pytest.mark.slow),
-    ("siglip", {"capacity_buckets": BUCKETS}, (0, 2, 1)),
-    ("dinov2", {"reuse_layers": (2,), "capacity_buckets": BUCKETS}, (0, 2, 1)),
+    ("clip", {"restoration": "shared_mlp"}, (0, 2, 1)),
+    ("siglip", {"capacity_buckets": BUCKETS, **_BUCKET}, (0, 2, 1)),
+    ("dinov2", {"reuse_layers": (2,)}, (0, 2, 1)),
 ])
 def test_hard_path_equals_soft_path_under_forced_decisions(variant, kw, order):
     extra = {"num_register_tokens": 2} if variant == "dinov2" else {}
@@ -243,11 +252,14 @@ def test_hard_path_equals_soft_path_under_forced_decisions(variant, kw, order):
     forced = _forced(g, nr, lambda f, l: jax.random.bernoulli(keys[f * 8 + l], 0.6, (B, nr)),
                      rc.layers(3))
     hard, h_st, h_cache = _encode(model, params, frames, cmap, g, mode="hard", keep_hidden=(1, 2), forced=forced)
-    # The hard path recomputes every token decided "recompute" (plus padding up to its bucket).
+    # The hard path recomputes every token decided "recompute" (bucket: plus padding up to its bucket;
+    # packed: exactly those).
     eff = {f: {l: h_st["gate"][l][:, f] > 0.5 for l in rc.layers(3)} for f in forced}
     for f in forced:
         for l in rc.layers(3):
             assert not bool(jnp.any(eff[f][l] & ~forced[f][l]))
+            if rc.execution == "packed":
+                np.testing.assert_array_equal(eff[f][l], forced[f][l])
     soft, s_st, s_cache = _encode(model, params, frames, cmap, g, mode="soft", keep_hidden=(1, 2), forced=eff)
     np.testing.assert_allclose(hard["pooled"], soft["pooled"], atol=3e-5)
     np.testing.assert_allclose(hard["last_hidden_state"], soft["last_hidden_state"], atol=3e-5)
@@ -276,7 +288,7 @@ def test_hard_path_argmax_and_overflow():
     need = {l: np.maximum((np.asarray(s_st["gate"][l]) < 0.5).sum(-1).max(0), 1) for l in (1, 2)}  # [F]
     counts = sorted({int(need[l][f]) for l in need for f in ref_frames})
     assert len(counts) >= 2 and counts[0] < 16, counts  # several switch branches, and real reuse
-    rc = reuse.ReuseConfig(capacity_buckets=tuple((k - 0.5) / 16 for k in counts))
+    rc = reuse.ReuseConfig(capacity_buckets=tuple((k - 0.5) / 16 for k in counts), execution="bucket")
     _, h_st, _ = _encode(reuse.build(cfg, rc, num_slots=F), params, frames, cmap, g, mode="hard")
     for l in (1, 2):
         s_reuse, h_reuse = np.asarray(s_st["gate"][l]) > 0.5, np.asarray(h_st["gate"][l]) > 0.5
@@ -285,7 +297,7 @@ def test_hard_path_argmax_and_overflow():
                                       np.broadcast_to(16 - need[l][ref_frames], (B, len(ref_frames))))
         assert float(h_st["overflow"][l].max()) == 0.0
     # A single small capacity: tokens beyond it are reused anyway and counted as overflow.
-    small = reuse.build(cfg, reuse.ReuseConfig(capacity_buckets=(0.25,)), num_slots=F)
+    small = reuse.build(cfg, reuse.ReuseConfig(capacity_buckets=(0.25,), execution="bucket"), num_slots=F)
     forced = _forced(g, 16, lambda f, l: jnp.zeros((B, 16), bool), (1, 2))
     _, st, _ = _encode(small, params, frames, cmap, g, mode="hard", forced=forced)
     assert abs(float(st["overflow"][1][:, 1].mean()) - 0.75) < 1e-6
@@ -296,7 +308,8 @@ def test_topk_similarity_policy_reuses_the_most_similar_fraction():
     cfg = _vit()
     frames, cmap = _clip(static=False)
     g = _grouping()
-    rc = reuse.ReuseConfig(policy="topk_similarity", topk_reuse_fraction=0.75, capacity_buckets=(0.25,))
+    rc = reuse.ReuseConfig(policy="topk_similarity", topk_reuse_fraction=0.75, capacity_buckets=(0.25,),
+                           execution="bucket")
     model = reuse.build(cfg, rc, num_slots=F)
     params = _init(model, frames, cmap, g)
     _, st, _ = _encode(model, params, frames, cmap, g, mode="hard")
@@ -410,3 +423,83 @@ def test_config_errors(tmp_path):
 def test_dataclass_roundtrip():
     rc = reuse.ReuseConfig.from_config(reuse.default_config())
     assert dataclasses.asdict(rc)["capacity_buckets"] == (0.125, 0.25, 0.5, 0.75, 1.0)
+
+
+def _static_and_busy():
+    """A batch of two clips: [static background, panning background] (frames, cmap)."""
+    static, cs = _clip(static=True)
+    busy, cb = _clip(seed=7, static=False)
+    return jnp.stack([static[0], busy[0]]), jnp.stack([cs[0], cb[0]])
+
+
+def test_packed_execution_follows_each_examples_decisions():
+    """Executed reuse == decided reuse per example: a busy clip no longer makes a static one recompute."""
+    cfg = _vit()
+    frames, cmap = _static_and_busy()
+    g = _grouping()
+    nr, n = 16, 17
+    # Decisions: the static clip reuses 14 of 16 tokens, the busy one 2 (in every reuse layer).
+    keep = lambda k, f, l: jnp.arange(nr)[None] < k
+    forced = _forced(g, nr, lambda f, l: jnp.concatenate([keep(14, f, l), keep(2, f, l)]), (1, 2))
+    out = {}
+    for execution in ("packed", "bucket"):
+        model = reuse.build(cfg, reuse.ReuseConfig(execution=execution, chunk_tokens=4), num_slots=F)
+        params = _init(model, frames, cmap, g)
+        _, st, _ = _encode(model, params, frames, cmap, g, mode="hard", forced=forced)
+        out[execution] = st
+    ref = [f for f in range(F) if g.refs[f]]
+    for l in (1, 2):
+        executed = np.asarray(out["packed"]["reused"][l])[:, ref]  # [B, F_ref]
+        np.testing.assert_allclose(executed, np.array([[14 / 16], [2 / 16]]) * np.ones((1, len(ref))), atol=1e-7)
+        # Compute follows: each example runs its own 1 + recompute tokens plus a share of the padding of
+        # the last chunk (< chunk_tokens rows for the whole batch).
+        computed = np.asarray(out["packed"]["computed"][l])[:, ref]
+        own = np.array([[1 + 2], [1 + 14]]) / n
+        assert np.all(computed >= own - 1e-6) and np.all(computed - own < 4 / (2 * n)), computed
+        # The per-batch bucket (default capacities) holds the busy clip's 14 tokens only at capacity 1:
+        # the static clip then recomputes every token too (the problem 'packed' fixes).
+        np.testing.assert_allclose(np.asarray(out["bucket"]["reused"][l])[:, ref], 0.0, atol=1e-7)
+    # Learned (argmax) decisions: executed == decided exactly, example by example.
+    model = reuse.build(cfg, reuse.ReuseConfig(chunk_tokens=4), num_slots=F)
+    params = _cmap_policy(_init(model, frames, cmap, g))
+    _, st, _ = _encode(model, params, frames, cmap, g, mode="hard")
+    for l in (1, 2):
+        decided = (np.asarray(st["p_reuse"][l]) > 0.5).mean(-1)
+        np.testing.assert_array_equal(np.asarray(st["reused"][l]), decided)
+        assert 0.2 < decided[0, ref].mean() < 0.9 and decided[1].max() == 0.0
+
+
+def _cmap_policy(params, threshold=1e-3):
+    """Decision MLPs set by hand to "reuse a patch iff its change energy < threshold" (a codec-like
+    policy: a patch of a static clip that did not change is reused, every patch of a panning clip
+    recomputes), so the decisions differ token by token and clip by clip."""
+    p = jax.tree.map(np.array, nn.meta.unbox(params["params"]))
+    for name, mod in p.items():
+        if name.startswith("reuse_"):
+            d = mod["decision"]
+            for leaf in (d["fc1"]["kernel"], d["fc1"]["bias"], d["fc2"]["kernel"]):
+                leaf[...] = 0.0
+            d["fc1"]["kernel"][2, 0], d["fc1"]["bias"][0] = -1000.0, 1000.0 * threshold  # input 2: cmap
+            d["fc2"]["kernel"][0, 0] = 1.0
+            d["fc2"]["bias"][...] = (-0.5, 0.0)  # reuse iff gelu(1000 (threshold - cmap)) > 0.5
+    return {"params": jax.tree.map(jnp.asarray, p)}
+
+
+def test_streaming_equals_batched_clip_by_clip():
+    cfg = _vit()
+    frames, cmap = _static_and_busy()
+    g = _grouping((3, 1, 0, 2))
+    frames, cmap = frames[:, :4], cmap[:, :4]
+    model = reuse.build(cfg, reuse.ReuseConfig(chunk_tokens=4), num_slots=4)
+    params = _cmap_policy(_init(model, frames, cmap, g))
+    batched, st, _ = _encode(model, params, frames, cmap, g, mode="hard")
+    rates = np.stack([np.asarray(st["reused"][l])[:, :3] for l in (1, 2)])  # frames 0-2 have references
+    # The static clip reuses its unchanged patches, the panning one nothing.
+    assert 0.2 < rates[:, 0].mean() < 0.9 and rates[:, 1].max() == 0.0, rates
+    streamer = reuse.StreamingEncoder(model, params["params"], g)
+    for b in range(2):
+        alone = streamer.encode_clip(frames[b:b + 1], cmap[b:b + 1])
+        np.testing.assert_allclose(alone["pooled"][0], batched["pooled"][b], atol=2e-5)
+        np.testing.assert_allclose(alone["last_hidden_state"][0], batched["last_hidden_state"][b], atol=2e-5)
+    with pytest.raises(ValueError, match="already pushed"):
+        streamer.push(frames[:1, 0])

@@ -64,6 +64,7 @@ SIMILARITIES = ("local_cosine", "low_rank", "headwise")
 RESTORATIONS = ("mlp", "shared_mlp", "passthrough")
 POLICIES = ("mlp", "topk_similarity")
 MODES = ("soft", "hard")
+EXECUTIONS = ("packed", "bucket")
 NUM_REF_TYPES = 3  # I / P / B (vlmjax.data.video.REF_TYPES)
 _BIG = 1e4
 
@@ -94,7 +95,20 @@ class ReuseConfig:
     restoration: str = "mlp"
     restoration_dim: int = 64          # D -> 64 -> D, no bias
     restore_q: bool = False            # see module docstring
-    # Hard path: static capacities (fraction of the reusable tokens) to gather recompute tokens
+    # Hard path execution:
+    # - 'packed' (default): every example (and frame) runs exactly the tokens its decisions
+    #   recompute. The batch's recompute tokens (and, separately, its reused tokens for restoration)
+    #   are packed into one ragged list and processed in chunks of ``chunk_tokens`` by a loop whose
+    #   trip count is ceil(count / chunk_tokens): executed reuse == decided reuse, and the only
+    #   extra compute is the last chunk's padding (< chunk_tokens tokens per layer and frame for the
+    #   whole batch). Inference only (the loop has a dynamic trip count: not reverse-differentiable).
+    # - 'bucket': one static capacity per (layer, frame) for the whole batch, the smallest of
+    #   ``capacity_buckets`` that holds the busiest example's recompute tokens (``nn.switch``);
+    #   the other examples recompute padding tokens too. Static shapes, so XLA's cost analysis
+    #   counts it exactly (the FLOPs benchmarks use it with a single bucket).
+    execution: str = "packed"
+    chunk_tokens: int = 16
+    # 'bucket': static capacities (fraction of the reusable tokens) to gather recompute tokens
     # into; the smallest that holds every batch row's recompute tokens is run. If the largest is
     # < 1, tokens beyond it are reused anyway (reported as overflow).
     capacity_buckets: tuple[float, ...] = (0.125, 0.25, 0.5, 0.75, 1.0)
@@ -109,7 +123,8 @@ class ReuseConfig:
 
     def validate(self, num_layers: int) -> None:
         """Raises ValueError naming the field and what it accepts."""
-        for name, allowed in (("similarity", SIMILARITIES), ("restoration", RESTORATIONS), ("policy", POLICIES)):
+        for name, allowed in (("similarity", SIMILARITIES), ("restoration", RESTORATIONS), ("policy", POLICIES),
+                              ("execution", EXECUTIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config.reuse.{name}={getattr(self, name)!r}; use one of {allowed}.")
         lyr = self.layers(num_layers)
@@ -126,7 +141,7 @@ class ReuseConfig:
             raise ValueError(f"config.reuse.topk_reuse_fraction={self.topk_reuse_fraction} must be in [0, 1).")
         if not self.tau > 0 or self.tau_end < 0:
             raise ValueError(f"config.reuse.tau={self.tau} must be > 0 and tau_end={self.tau_end} >= 0.")
-        for name in ("similarity_rank", "decision_hidden", "restoration_dim"):
+        for name in ("similarity_rank", "decision_hidden", "restoration_dim", "chunk_tokens"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"config.reuse.{name} must be a positive integer.")
 
@@ -240,6 +255,31 @@ def _put_tokens(base: Array, idx: Array, new: Array, valid: Array) -> Array:
     """base [B, N, ...] with rows idx [B, K] replaced by new [B, K, ...] where valid [B, K]."""
     new = jnp.where(valid.reshape(valid.shape + (1,) * (new.ndim - 2)), new, _take_tokens(base, idx))
     return jax.vmap(lambda b, i, n: b.at[i].set(n))(base, idx, new.astype(base.dtype))
+
+
+def packed_map(fn, select: Array, chunk: int, init: dict[str, Array]) -> tuple[dict[str, Array], Array]:
+    """Runs ``fn`` on the selected rows only, ``chunk`` rows at a time: a ragged gather with real savings.
+
+    The selected rows of ``select`` [M] are packed first (ascending row order) and a loop of
+    ceil(count / chunk) iterations (a dynamic trip count, so unselected rows cost nothing) calls
+    ``fn(idx [chunk])`` -> {name: [chunk, ...]} and writes the results into ``init[name]`` [M, ...]
+    at those rows. The last chunk's unused slots run ``fn`` on row 0 and their results are dropped
+    (an out-of-range scatter index with mode='drop'). Returns (outputs, rows run incl. that padding).
+    Inference only: the loop is not reverse-differentiable.
+    """
+    m = select.shape[0]
+    count = select.sum().astype(jnp.int32)
+    order = jnp.argsort(~select, stable=True).astype(jnp.int32)  # selected rows first, ascending
+    order = jnp.concatenate([order, jnp.zeros(((-m) % chunk,), jnp.int32)])
+    n_chunks = (count + chunk - 1) // chunk
+
+    def body(j, out):
+        start = j * chunk
+        idx = jax.lax.dynamic_slice(order, (start,), (chunk,))
+        dest = jnp.where(start + jnp.arange(chunk) < count, idx, m)  # padding -> dropped
+        new = fn(idx)
+        return {k: out[k].at[dest].set(new[k].astype(out[k].dtype), mode="drop") for k in out}
+    return jax.lax.fori_loop(0, n_chunks, body, dict(init)), n_chunks * chunk
 
 
 def reuse_loss(pooled, pooled_orig, hidden, hidden_orig, patch, patch_orig, rates, example_mask, cfg):
@@ -568,6 +608,15 @@ class ReuseViT(vit.VisionTransformer):
             overflow = jnp.zeros((b,), jnp.float32)
             k_all = k_m
             gate_reuse = gate[..., 0]
+        elif c.execution == "packed":
+            recompute = gate[..., 1] > 0.5  # [B, Nr]
+            h, states, q_cls, k_all, run_rows = self._packed_layer(layer, module, x, recompute, dec)
+            gate_reuse = (~recompute).astype(jnp.float32)
+            reused = gate_reuse.mean(-1)
+            overflow = jnp.zeros((b,), jnp.float32)
+            # Rows run: each example's own computed tokens plus an equal share of the last chunk's padding.
+            own = fixed + recompute.sum(-1).astype(jnp.float32)
+            computed = (own + (run_rows - own.sum()) / b) / n
         else:
             recompute = gate[..., 1] > 0.5  # [B, Nr]
             need = recompute.sum(-1).max()
@@ -620,10 +669,67 @@ class ReuseViT(vit.VisionTransformer):
             reused = gate_reuse.mean(-1)
             # Tokens decided "recompute" that did not fit the largest capacity (reused anyway).
             overflow = jnp.sum(recompute & (gate_reuse > 0.5), -1).astype(jnp.float32) / nr
+            computed = (fixed + nr - gate_reuse.sum(-1)) / n
+        if mode == "soft":
+            computed = jnp.ones((b,), jnp.float32)
         module.store(slot, x[:, fixed:], states)
         # gate: the reuse gate (soft) or the effective reuse mask (hard: padding tokens recomputed).
+        # computed: fraction of the frame's N tokens this layer ran (padding included) per example.
         return h, q_cls, k_all, {"gate": gate_reuse, "reused": reused, "overflow": overflow,
-                                 "sim": dec["sim"], "p_reuse": p_reuse}
+                                 "sim": dec["sim"], "p_reuse": p_reuse, "computed": computed}
+
+    def _packed_layer(self, layer, module, x, recompute, dec):
+        """The hard path of one reuse layer with ``execution='packed'`` (see ``ReuseConfig``).
+
+        x: [B, N, D] layer input; recompute: [B, Nr] bool decisions. Restores the reused tokens, runs
+        q/k/v, attention (each computed query against all N keys of its own example, restored keys
+        included) and the MLP on the prefix + recompute tokens only, each in ``packed_map`` chunks
+        over the whole batch. Returns (h [B, N, D], states to cache, q_cls [B, H, Dh], k [B, N, H, Dh],
+        rows run by the q/k/v and attention loops incl. padding).
+        """
+        c = self.reuse_config
+        fixed = self._fixed
+        b, n, d = x.shape
+        nr = n - fixed
+        nh = self.config.num_attention_heads
+        dh = d // nh
+        dt = x.dtype
+        chunk = c.chunk_tokens
+        # 1. Restoration of the reused tokens only: cached_t + MLP_t(x - x_ref).
+        cached = {t: v.reshape(b * nr, d) for t, v in dec["cached"].items()}
+        if c.restoration == "passthrough":
+            base = cached
+        else:
+            diff = dec["diff"].reshape(b * nr, d)
+            base, _ = packed_map(lambda idx: module.restore({t: v[idx] for t, v in cached.items()}, diff[idx]),
+                                 (~recompute).reshape(-1), chunk, cached)
+
+        def full(t):  # [B * Nr, D] restored states -> [B * N, ...] with zero prefix rows
+            v = jnp.concatenate([jnp.zeros((b, fixed, d), dt), base[t].reshape(b, nr, d).astype(dt)], 1)
+            return v.reshape(b * n, d)
+        comp = jnp.concatenate([jnp.ones((b, fixed), jnp.bool_), recompute], 1).reshape(-1)  # [B * N]
+        xf = x.reshape(b * n, d)
+
+        # 2. q, k, v of the computed tokens; the reused tokens keep their restored k, v.
+        def qkv_fn(idx):
+            q, k, v = layer.qkv(xf[idx][None])
+            return {"q": _merge_heads(q)[0], "k": _merge_heads(k)[0], "v": _merge_heads(v)[0]}
+        init = {"q": full("q") if c.restore_q else jnp.zeros((b * n, d), dt), "k": full("k"), "v": full("v")}
+        qkv, run_rows = packed_map(qkv_fn, comp, chunk, init)
+        split = lambda t: rearrange(t, "(b n) (h e) -> b n h e", b=b, h=nh)
+        qf, kf, vf = split(qkv["q"]), split(qkv["k"]), split(qkv["v"])
+
+        # 3. Attention of each computed query over its own example's N keys, then the rest of the layer.
+        def finish_fn(idx):
+            ex = idx // n
+            attn = layer.attend(qf.reshape(b * n, nh, dh)[idx][:, None], kf[ex], vf[ex])  # [chunk, 1, H, Dh]
+            return {"h": layer.finish(xf[idx][:, None], attn)[:, 0]}
+        h = packed_map(finish_fn, comp, chunk, {"h": full("h")})[0]["h"].reshape(b, n, d)
+        states = {"h": h[:, fixed:], "k": _merge_heads(kf[:, fixed:]), "v": _merge_heads(vf[:, fixed:])}
+        if c.restore_q:
+            states["q"] = _merge_heads(qf[:, fixed:])
+        q_cls = qf[:, 0] if fixed else layer.qkv(x[:, :1])[0][:, 0]
+        return h, states, q_cls, kf, run_rows
 
     def encode_clip(self, frames: Array, grouping: Grouping, cmap: Array | None = None, *,
                     mode: str = "soft", rng: Array | None = None, tau=None, keep_hidden: tuple[int, ...] = (),
@@ -639,7 +745,9 @@ class ReuseViT(vit.VisionTransformer):
         Returns:
           (outputs: pooled [B, F, Dp], last_hidden_state [B, F, N, D], hidden {l: [B, F, N, D]};
            stats: gate {l: [B, F, Nr]} (0 on frames without references), reused {l: [B, F]},
-           overflow {l: [B, F]}, sim {l: [B, F, Nr]}, p_reuse {l: [B, F, Nr]} (noise-free reuse
+           overflow {l: [B, F]}, computed {l: [B, F]} (fraction of the N tokens the layer ran, padding
+           included: 1 on frames without references and in soft mode), sim {l: [B, F, Nr]},
+           p_reuse {l: [B, F, Nr]} (noise-free reuse
            probability of the decision MLP), has_ref [F] numpy bool)
           in frame order.
         """
@@ -663,11 +771,65 @@ class ReuseViT(vit.VisionTransformer):
         nr = outputs["last_hidden_state"].shape[2] - self._fixed
         stats: dict[str, Any] = {"has_ref": np.array([bool(grouping.refs[f]) for f in range(f_count)])}
         for name, zero in (("gate", (b, nr)), ("reused", (b,)), ("overflow", (b,)), ("sim", (b, nr)),
-                           ("p_reuse", (b, nr))):
-            stats[name] = {l: stack(lambda f, l=l, name=name, zero=zero: per_frame[f][1][l][name]
-                                    if l in per_frame[f][1] else jnp.zeros(zero, jnp.float32))
+                           ("p_reuse", (b, nr)), ("computed", (b,))):
+            fill = 1.0 if name == "computed" else 0.0  # frames without references run every token
+            stats[name] = {l: stack(lambda f, l=l, name=name, zero=zero, fill=fill: per_frame[f][1][l][name]
+                                    if l in per_frame[f][1] else jnp.full(zero, fill, jnp.float32))
                            for l in self.reuse_config.layers(self.config.num_hidden_layers)}
         return outputs, stats
+
+
+class StreamingEncoder:
+    """Online video: frames are encoded one call at a time, the reuse cache carried between calls.
+
+    For a live stream (batch 1, or B streams in lockstep) the frames of a clip arrive one by one; each
+    ``push`` runs ``ReuseViT.encode_frame`` on one frame (jitted; one executable per distinct
+    (slot, references, role), i.e. at most one per frame of the grouping) and keeps the
+    ``reuse_cache`` collection on the device for the next frame. Frames must be pushed in
+    ``grouping.order`` (``order=(0,)`` references the previous frame only: zero added latency; a
+    codec-like order buffers a group first). With ``execution='packed'`` every stream's compute
+    follows its own decisions, so streaming a clip alone gives the batched ``encode_clip`` result for
+    that clip (tested). ``reset()`` starts the next clip.
+    """
+
+    def __init__(self, model: ReuseViT, params, grouping: Grouping, *, mode: str = "hard"):
+        self.model, self.params, self.grouping, self.mode = model, params, grouping, mode
+        self._step = jax.jit(self._apply, static_argnames=("slot", "refs", "ref_type"))
+        self.reset()
+
+    def _apply(self, params, cache, pixels, cmap, *, slot, refs, ref_type):
+        variables = {"params": params, **({REUSE_CACHE: cache} if cache is not None else {})}
+        (out, stats), new = self.model.apply(variables, pixels, slot, refs, ref_type, cmap, mode=self.mode,
+                                             method=self.model.encode_frame, mutable=[REUSE_CACHE])
+        return out, stats, new[REUSE_CACHE]
+
+    def reset(self) -> None:
+        self._cache, self._pushed = None, []
+
+    def push(self, pixels: Array, cmap: Array | None = None) -> tuple[dict[str, Array], dict[str, Any]]:
+        """pixels [B, H, W, C] (normalised), cmap [B, Np]: the next frame in ``grouping.order``.
+
+        Returns ``encode_frame``'s (outputs, per-layer stats) of this frame."""
+        if len(self._pushed) == self.grouping.num_frames:
+            raise ValueError(f"{self.grouping.num_frames} frames already pushed for this clip; call reset().")
+        f = self.grouping.order[len(self._pushed)]
+        if cmap is None:
+            cmap = jnp.zeros((pixels.shape[0], (pixels.shape[1] // self.model.config.patch_size)
+                              * (pixels.shape[2] // self.model.config.patch_size)), jnp.float32)
+        out, stats, self._cache = self._step(self.params, self._cache, pixels, cmap, slot=f,
+                                             refs=self.grouping.refs[f], ref_type=self.grouping.ref_type[f])
+        self._pushed.append(f)
+        return out, stats
+
+    def encode_clip(self, frames: Array, cmap: Array | None = None) -> dict[str, Array]:
+        """frames [B, F, H, W, C] streamed frame by frame -> pooled [B, F, Dp], last_hidden_state
+        [B, F, N, D] in frame order (the ``encode_clip`` outputs, for comparing the two modes)."""
+        self.reset()
+        outs = {}
+        for f in self.grouping.order:
+            outs[f], _ = self.push(frames[:, f], None if cmap is None else cmap[:, f])
+        return {k: jnp.stack([outs[f][k] for f in range(frames.shape[1])], 1)
+                for k in ("pooled", "last_hidden_state")}
 
 
 def _merge_heads(t: Array) -> Array:
@@ -714,6 +876,7 @@ def build(vit_config: vit.ViTConfig, reuse_config: ReuseConfig, num_slots: int) 
     return ReuseViT(vit_config, reuse_config=reuse_config, num_slots=num_slots)
 
 
-__all__ = ["Grouping", "REUSE_CACHE", "ReuseConfig", "ReuseModule", "ReuseViT", "build", "cls_importance",
+__all__ = ["Grouping", "REUSE_CACHE", "ReuseConfig", "ReuseModule", "ReuseViT", "StreamingEncoder", "build",
+           "cls_importance", "packed_map",
            "cosine", "default_config", "gumbel_gate", "loss_config", "reuse_loss", "reuse_rates",
            "scheduled_tau"]
