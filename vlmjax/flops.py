@@ -238,7 +238,8 @@ def reuse_vit_frame_flops(vit_cfg, reuse_cfg, num_tokens: int, recompute: dict[i
     out of the decision (CLS + registers with ``skip_cls``, else 0), Nr = N - P reusable tokens,
     D = hidden, F = intermediate, R = ``num_refs`` allowed references, C_l = ``recompute[l]`` the
     recompute capacity gathered in reuse layer l (a static bucket size, see
-    ``reuse_capacity_tokens``; a reuse layer missing from ``recompute`` counts C_l = Nr), r_d =
+    ``reuse_capacity_tokens``, or with ``execution='packed'`` the mean tokens run, a float; a
+    reuse layer missing from ``recompute`` counts C_l = Nr), r_d =
     ``restoration_dim``, h_d = ``decision_hidden``:
 
       patch_embed     2 Np (p p C) D, always (the embedding runs for every frame).
@@ -303,9 +304,10 @@ def reuse_vit_frame_flops(vit_cfg, reuse_cfg, num_tokens: int, recompute: dict[i
         if i not in reuse_layers:
             terms["full_layers"] += sum(vit_layer_forward_flops_terms(vit_cfg, n).values())
             continue
-        cap = int(recompute.get(i, nr))
-        if not 1 <= cap <= nr:
-            raise ValueError(f"recompute[{i}]={cap} must be in [1, Nr={nr}].")
+        # A static capacity (int), or a mean count over frames/examples (packed execution: float).
+        cap = recompute.get(i, nr)
+        if not 0 <= cap <= nr:
+            raise ValueError(f"recompute[{i}]={cap} must be in [0, Nr={nr}].")
         lyr = vit_layer_forward_flops_terms(vit_cfg, cap + fixed, n)
         terms["recompute_proj"] += lyr["proj"]
         terms["recompute_attention"] += lyr["attention"]
@@ -393,7 +395,7 @@ def reuse_vit_compute_reuse(vit_cfg, reuse_cfg, num_tokens: int, num_refs, recom
         if r == 0:
             continue
         for i in lyr:
-            cap = int(rec.get(i, nr))
+            cap = rec.get(i, nr)
             rates.append(1.0 - cap / nr)
             skipped += nr - cap
     return {"layer": float(sum(rates) / len(rates)) if rates else 0.0,

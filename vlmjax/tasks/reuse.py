@@ -163,24 +163,30 @@ class ReuseTask(Task):
             orig["last_hidden_state"][:, :, p0:], self._loss_rates(rates, mode), mask, self.loss_config)
         metrics = {"loss": loss, **terms}
         layers_ = sorted(stats["gate"])
-        # reuse/{l}: tokens whose noise-free decision is "reuse" (per clip, what batch-1 inference
-        # reuses); reuse_executed/{l}: what this batch's hard path skipped (its capacity bucket is
-        # chosen for the whole batch, so a larger batch recomputes more); reuse_gate/{l}: the
-        # Gumbel-sampled gate in training.
+        # Three rates, over the reusable tokens of frames with references, per reuse layer:
+        # reuse/{l} (decided): tokens whose noise-free decision is "reuse";
+        # reuse_executed/{l}: tokens the hard path restored instead of recomputing (== decided with
+        #   execution='packed'; with 'bucket' the batch's busiest clip sets everyone's capacity);
+        # computed/{l}: tokens the layer ran per frame with references, padding included, as a
+        #   fraction of N (what the FLOPs follow). reuse_gate/{l}: the Gumbel gate in training.
+        has_ref = jnp.asarray(stats["has_ref"], jnp.float32)
+        denom = jnp.maximum(mask.sum(), 1.0)
+        ref_mean = lambda v: ((v * has_ref).sum(1) / jnp.maximum(has_ref.sum(), 1.0) * mask).sum() / denom
         for j, l in enumerate(layers_):
             metrics[f"reuse/{l}"] = rates["argmax_st"][j]
             metrics[f"reuse_executed/{l}"] = rates["hard"][j]
+            metrics[f"computed/{l}"] = ref_mean(stats["computed"][l])
             if mode == "soft":
                 metrics[f"reuse_gate/{l}"] = rates["soft"][j]
         if layers_:
             metrics["reuse_rate"] = rates["argmax_st"].mean()
             metrics["reuse_rate_executed"] = rates["hard"].mean()
-        # Fraction of all (layer, token, frame) computations skipped: what turns into FLOPs.
-        n_tokens = out["last_hidden_state"].shape[2]
-        nr = n_tokens - self.model_fixed
-        denom = jnp.maximum(mask.sum(), 1.0)
-        skipped = sum(((stats["reused"][l].mean(1)) * mask).sum() / denom for l in layers_) if layers_ else 0.0
-        metrics["compute_reuse_rate"] = skipped * nr / (self.vit_config.num_hidden_layers * n_tokens)
+        # compute_reuse_rate: fraction of all (frame, layer, token) computations of the clip skipped
+        # (I frames, layer 0, CLS and padding count as computed): what turns into FLOPs.
+        n_layers = self.vit_config.num_hidden_layers
+        skipped = (sum(((1.0 - stats["computed"][l]).mean(1) * mask).sum() / denom for l in layers_)
+                   if layers_ else jnp.zeros(()))
+        metrics["compute_reuse_rate"] = skipped / n_layers
         metrics["overflow"] = (sum((stats["overflow"][l].mean(1) * mask).sum() / denom for l in layers_)
                                / max(len(layers_), 1)) if layers_ else jnp.zeros(())
         return loss, metrics, out, orig
@@ -223,20 +229,20 @@ class ReuseTask(Task):
 
     def flops_ratio(self, metrics: dict[str, float]) -> float:
         """Analytic encoder FLOPs of the hard path / the original (``vlmjax.flops``), with each reuse
-        layer's capacity the bucket that holds its measured mean recompute count."""
+        layer's recompute count the measured mean tokens it ran (``computed/{l}``: padding included)."""
         n_tokens = self.data.num_patches + self.vit_config.num_prefix_tokens
         nr = n_tokens - self.model_fixed
         g = self.groupings["eval"]
-        recompute = {l: flops_lib.reuse_capacity_tokens(
-                         self.reuse_config, nr, nr - int(round(metrics.get(f"reuse/{l}", 0.0) * nr)))
+        # (Capped at Nr: a tiny batch's chunk padding can exceed a frame's tokens.)
+        recompute = {l: min(nr, max(0.0, metrics.get(f"computed/{l}", 1.0) * n_tokens - self.model_fixed))
                      for l in self.reuse_config.layers(self.vit_config.num_hidden_layers)}
         refs = [len(r) for r in g.refs]
         total = flops_lib.reuse_vit_clip_flops(self.vit_config, self.reuse_config, n_tokens, refs, recompute)
         return total / flops_lib.vit_original_clip_flops(self.vit_config, n_tokens, g.num_frames)
 
     def log_summary(self, metrics):
-        keys = [("reuse_rate", "reuse"), ("reuse_rate_executed", "executed"), ("pooled_cos", "pcos"), ("patch_cos", "patch-cos"), ("sloss", "s"),
-                ("rloss", "r")]
+        keys = [("reuse_rate", "reuse"), ("reuse_rate_executed", "executed"), ("compute_reuse_rate", "compute"),
+                ("pooled_cos", "pcos"), ("patch_cos", "patch-cos"), ("sloss", "s"), ("rloss", "r")]
         return " ".join(f"{short} {metrics[k]:.3f}" for k, short in keys if k in metrics)
 
     # ---- end of run ---------------------------------------------------------------------
@@ -251,8 +257,22 @@ class ReuseTask(Task):
         return {"probe": res}
 
 
-def clip_embeddings(task: ReuseTask, params, clips: list[dict[str, np.ndarray]], batch_size: int):
-    """Mean over frames of the L2-normalised pooled embeddings: (original [C, Dp], reuse [C, Dp], labels)."""
+def backbone_head(task: ReuseTask):
+    """The classification head {kernel [Dp, K], bias [K]} of a video_cls backbone workdir, or None
+    (an HF backbone has none)."""
+    if is_hf_dir(task.init_from):
+        return None
+    try:
+        head, _ = checkpoint.load_params(task.init_from, "head")
+    except (KeyError, ValueError):
+        return None
+    return {k: np.asarray(v) for k, v in head.items()}
+
+
+def clip_embeddings(task: ReuseTask, params, clips: list[dict[str, np.ndarray]], batch_size: int,
+                    head=None):
+    """Mean over frames of the L2-normalised pooled embeddings: (original [C, Dp], reuse [C, Dp],
+    labels [C], frame predictions of ``head`` {original, reuse: [C, F]} or None)."""
     model, grouping = task.model, task.groupings["eval"]
 
     @jax.jit
@@ -262,20 +282,23 @@ def clip_embeddings(task: ReuseTask, params, clips: list[dict[str, np.ndarray]],
         (out, _), _ = model.apply({"params": params}, frames, grouping, cmap, mode="hard",
                                   method=model.encode_clip, mutable=[reuse_lib.REUSE_CACHE])
         unit = lambda e: e / (jnp.linalg.norm(e, axis=-1, keepdims=True) + 1e-6)
-        return unit(orig).mean(1), unit(out["pooled"]).mean(1)
+        # The backbone's own head on every frame's pooled embedding (video_cls.FrameClassifier).
+        pred = lambda e: (jnp.argmax(e.astype(jnp.float32) @ head["kernel"] + head["bias"], -1)
+                          if head is not None else jnp.zeros(e.shape[:2], jnp.int32))
+        return unit(orig).mean(1), unit(out["pooled"]).mean(1), pred(orig), pred(out["pooled"])
 
-    origs, reuses = [], []
+    parts: list[list[np.ndarray]] = [[], [], [], []]
     for i in range(0, len(clips), batch_size):
         chunk = clips[i:i + batch_size]
         pad = batch_size - len(chunk)
         chunk = chunk + [chunk[-1]] * pad
         frames = np.stack([c["frames"] for c in chunk])
         cmap = np.stack([c["change_energy"] for c in chunk])
-        o, r = jax.device_get(embed(params, frames, cmap))
-        origs.append(o[: batch_size - pad])
-        reuses.append(r[: batch_size - pad])
+        for part, value in zip(parts, jax.device_get(embed(params, frames, cmap))):
+            part.append(value[: batch_size - pad])
     labels = np.array([int(c["label"]) for c in clips])
-    return np.concatenate(origs), np.concatenate(reuses), labels
+    o, r, po, pr = (np.concatenate(p) for p in parts)
+    return o, r, labels, (None if head is None else {"original": po, "reuse": pr})
 
 
 def ridge_probe(x_train, y_train, num_classes: int, l2: float):
@@ -292,13 +315,18 @@ def linear_probe(task: ReuseTask, params, cfg) -> dict[str, float]:
     """Downstream check: clip classification from pooled embeddings, with and without reuse."""
     train = [task.data.clip(i, "train") for i in range(int(cfg.num_train))]
     evals = [task.data.clip(i, "eval") for i in range(int(cfg.num_eval))]
-    tr_o, tr_r, tr_y = clip_embeddings(task, params, train, int(cfg.batch_size))
-    ev_o, ev_r, ev_y = clip_embeddings(task, params, evals, int(cfg.batch_size))
+    tr_o, tr_r, tr_y, _ = clip_embeddings(task, params, train, int(cfg.batch_size))
+    head = backbone_head(task)
+    ev_o, ev_r, ev_y, preds = clip_embeddings(task, params, evals, int(cfg.batch_size), head=head)
     k = task.data.num_classes
     probe = ridge_probe(tr_o, tr_y, k, float(cfg.l2))
     probe_r = ridge_probe(tr_r, tr_y, k, float(cfg.l2))
-    return {"acc_original": float((probe(ev_o) == ev_y).mean()),
-            "acc_reuse": float((probe(ev_r) == ev_y).mean()),
-            "acc_reuse_own_probe": float((probe_r(ev_r) == ev_y).mean()),
-            "clip_cos": float(np.mean(np.sum(ev_o * ev_r, -1) / (np.linalg.norm(ev_o, axis=-1)
-                                                                 * np.linalg.norm(ev_r, axis=-1) + 1e-9)))}
+    res = {"acc_original": float((probe(ev_o) == ev_y).mean()),
+           "acc_reuse": float((probe(ev_r) == ev_y).mean()),
+           "acc_reuse_own_probe": float((probe_r(ev_r) == ev_y).mean()),
+           "clip_cos": float(np.mean(np.sum(ev_o * ev_r, -1) / (np.linalg.norm(ev_o, axis=-1)
+                                                                * np.linalg.norm(ev_r, axis=-1) + 1e-9)))}
+    if preds is not None:  # frame classification by the backbone's own head
+        res["head_acc_original"] = float((preds["original"] == ev_y[:, None]).mean())
+        res["head_acc_reuse"] = float((preds["reuse"] == ev_y[:, None]).mean())
+    return res
