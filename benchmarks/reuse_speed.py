@@ -10,7 +10,7 @@ procedural clip (``vlmjax.data.video.render_clip``, CLIP-normalised) of --frames
 the codec-like group order --order (default the eval order (3, 1, 0, 2): frame 3 is the I frame,
 1 and 0 are P frames, 2 is a B frame with two references).
 
-For every target reuse rate r the model uses ``ReuseConfig(policy='topk_similarity',
+For every target reuse rate r the model uses ``ReuseConfig(policy='topk_similarity', execution='bucket',
 topk_reuse_fraction=r, capacity_buckets=(b,))`` with the single bucket b chosen so its capacity is
 exactly the Nr - floor(r Nr) tokens the policy recomputes (``flops.topk_capacity_bucket``): the
 hard path (``encode_clip(mode='hard')``) gathers that static number of tokens in every reuse layer
@@ -188,7 +188,7 @@ def init_params(model: R.ReuseViT, frames, grouping: R.Grouping, loaded=None) ->
 
 def reuse_config(rate: float, nr: int, restoration: str = "mlp") -> R.ReuseConfig:
     return R.ReuseConfig(policy="topk_similarity", topk_reuse_fraction=rate, restoration=restoration,
-                         capacity_buckets=(flops_lib.topk_capacity_bucket(rate, nr),))
+                         capacity_buckets=(flops_lib.topk_capacity_bucket(rate, nr),), execution="bucket")
 
 
 def hard_fn(model: R.ReuseViT, grouping: R.Grouping):

@@ -40,7 +40,8 @@ def _xla_flops(fn, variables) -> float:
 
 def _config(fraction: float, **kw) -> R.ReuseConfig:
     return R.ReuseConfig(policy="topk_similarity", topk_reuse_fraction=fraction,
-                         capacity_buckets=(flops_lib.topk_capacity_bucket(fraction, NR),), **kw)
+                         capacity_buckets=(flops_lib.topk_capacity_bucket(fraction, NR),), execution="bucket",
+                         **kw)
 
 
 def _hard_xla(rc: R.ReuseConfig) -> float:

@@ -23,11 +23,14 @@ Two execution paths share every parameter:
 - ``mode='soft'`` (training): every token is computed and mixed by the gate, so gradients reach
   the decision and restoration MLPs. Keys and values of the mixed tokens are mixed too, so the
   recomputed tokens attend to exactly what the hard path gives them.
-- ``mode='hard'`` (inference): decisions first; the recompute tokens are gathered to a static
-  capacity (the smallest of ``capacity_buckets`` that holds them, via ``nn.switch``), only they
-  run q/k/v, attention (against the whole frame's keys, restored ones included) and the MLP; the
-  result is scattered into the restored states. This is what saves FLOPs. With the same decisions
-  the two paths agree (tested).
+- ``mode='hard'`` (inference): decisions first; only the recompute tokens run q/k/v, attention
+  (against the whole frame's keys, restored ones included) and the MLP, and only the reused ones
+  their restoration MLPs; the results are scattered into the restored states. This is what saves
+  FLOPs. ``execution='packed'`` (default) packs the batch's recompute tokens into a ragged list run
+  in chunks by a loop of dynamic length (``packed_map``), so every example runs exactly its own
+  decisions; ``execution='bucket'`` gathers them to one static capacity for the batch (the smallest
+  of ``capacity_buckets`` that holds the busiest example, via ``nn.switch``). With the same
+  decisions the paths agree (tested). ``StreamingEncoder`` runs it one frame per call (online video).
 
 Why Q is not restored by default: a reused token's output ``h`` is restored, so its query is never
 read (it does not attend). ``restore_q=True`` restores and caches Q as in the brief's layout, at

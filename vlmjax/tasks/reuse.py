@@ -313,8 +313,9 @@ def ridge_probe(x_train, y_train, num_classes: int, l2: float):
 
 def linear_probe(task: ReuseTask, params, cfg) -> dict[str, float]:
     """Downstream check: clip classification from pooled embeddings, with and without reuse."""
-    train = [task.data.clip(i, "train") for i in range(int(cfg.num_train))]
-    evals = [task.data.clip(i, "eval") for i in range(int(cfg.num_eval))]
+    # At most the split sizes (a folder of a few videos has fewer clips than the procedural defaults).
+    train = [task.data.clip(i, "train") for i in range(min(int(cfg.num_train), len(task.data.train_clips)))]
+    evals = [task.data.clip(i, "eval") for i in range(min(int(cfg.num_eval), len(task.data.eval_clips)))]
     tr_o, tr_r, tr_y, _ = clip_embeddings(task, params, train, int(cfg.batch_size))
     head = backbone_head(task)
     ev_o, ev_r, ev_y, preds = clip_embeddings(task, params, evals, int(cfg.batch_size), head=head)
