@@ -39,7 +39,11 @@ def test_smoke_trains_backbone_then_reuse(smoke_run, capsys):
                 "hloss_1", "rloss", "compute_reuse_rate", "flops_ratio"):
         assert key in end and np.isfinite(end[key]), key
     assert 0.0 <= end["reuse_rate"] <= 1.0
-    assert set(summary["probe"]) == {"acc_original", "acc_reuse", "acc_reuse_own_probe", "clip_cos"}
+    # Packed execution: every clip's hard path restores exactly the tokens decided "reuse".
+    assert abs(end["reuse_rate_executed"] - end["reuse_rate"]) < 1e-6
+    # The ridge probe, and the backbone stage's own head (a video_cls run has one) on every frame.
+    assert set(summary["probe"]) == {"acc_original", "acc_reuse", "acc_reuse_own_probe", "clip_cos",
+                                     "head_acc_original", "head_acc_reuse"}
     records = [json.loads(line) for line in open(workdir / "reuse" / "metrics.jsonl")]
     train = [r for r in records if r.get("kind", "train") == "train" and "reuse_gate/1" in r]
     assert train and "tau" in train[-1] and "pooled_cos" in train[-1]
