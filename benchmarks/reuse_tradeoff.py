@@ -128,7 +128,7 @@ def train_backbone(config, workdir: str) -> str:
     summary = runner.run(config.stages.backbone, bdir)
     if not summary.get("finished"):
         raise SystemExit(f"the backbone stage in {bdir} did not finish; rerun to resume it.")
-    return bdir
+    return str(runner.stage_plan(config.stages.backbone, bdir)[1])  # its own workdir
 
 
 def evaluate(config, run_dir: str, params, split_label: str, iters: int) -> dict[str, Any]:
@@ -261,11 +261,12 @@ def main(argv=None) -> int:
             continue
         config = make_config(args, target, topk)
         config.init_from = backbone
-        run_dir = str(runner.stage_plan(config, os.path.join(args.workdir, name))[1])  # WORKDIR/<name>/reuse
+        top = os.path.join(args.workdir, name)
+        run_dir = str(runner.stage_plan(config, top)[1])  # WORKDIR/<name>/reuse: the run's own workdir
         t0 = time.perf_counter()
         if topk is None:
             print(f"=== {name}: training the reuse modules (target {target}) in {run_dir}", flush=True)
-            summary = runner.run(config, run_dir)
+            summary = runner.run(config, top)
             if not summary.get("finished"):
                 raise SystemExit(f"{run_dir} did not finish; rerun to resume it.")
             params, _ = checkpoint.load_params(run_dir)

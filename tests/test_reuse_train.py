@@ -100,3 +100,26 @@ def test_init_from_hf_clip_two_tower(tmp_path):
     want = hf.vision_model.encoder.layers[2].mlp.fc1.weight.detach().numpy().T
     np.testing.assert_allclose(params["layers_2"]["mlp"]["fc1"]["kernel"], want, atol=1e-6)
     assert "reuse_1" in params and "reuse_2" in params
+
+
+def test_progressive_stacking_starts_a_deeper_backbone_from_a_shallow_one(smoke_run, tmp_path):
+    """video_cls init_from a shallower video_cls run: layer i <- layer floor(i L_src / L) (Gong et al. 2019)."""
+    from vlmjax import tasks  # pylint: disable=g-import-not-at-top
+    workdir, _ = smoke_run
+    src, _ = _final_params(workdir / "backbone")  # the smoke backbone: 3 layers
+    config = load_config("video_cls", "smoke", init_from=str(workdir / "backbone"),
+                         **{"model.num_hidden_layers": 7})
+    task = tasks.build(config, str(tmp_path))
+    abstract = jax.eval_shape(task.init_variables, jax.random.PRNGKey(0))["params"]
+    params = task.pretrained_params(abstract, None)
+    assert sorted(params["vit"]) == sorted(abstract["vit"])
+    for i, j in enumerate([0, 0, 0, 1, 1, 2, 2]):  # floor(i * 3 / 7)
+        for a, b in zip(jax.tree.leaves(params["vit"][f"layers_{i}"]), jax.tree.leaves(src["vit"][f"layers_{j}"])):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(params["head"]["kernel"], src["head"]["kernel"])
+    # Another width cannot be stacked: one clear error.
+    wide = load_config("video_cls", "smoke", init_from=str(workdir / "backbone"),
+                       **{"model.hidden_size": 64, "model.intermediate_size": 128})
+    task = tasks.build(wide, str(tmp_path / "wide"))
+    with pytest.raises(ValueError, match="stacking needs the same width"):
+        task.pretrained_params(jax.eval_shape(task.init_variables, jax.random.PRNGKey(0))["params"], None)

@@ -69,7 +69,8 @@ def run(config, workdir) -> dict[str, Any]:
         if not summary.get("finished"):
             raise SystemExit(f"Stage {name!r} stopped at step {summary['step']} of {sub.total_steps}; run the "
                              "same command again to resume it.")
-        stage_dirs[name] = str(sub_dir)
+        # The stage's own workdir (a stage with stages of its own trains in sub_dir/<its task>).
+        stage_dirs[name] = str(stage_plan(sub, sub_dir)[1])
     if plan and is_main:
         print(f"=== stage {len(plan) + 1}/{len(plan) + 1}: {config.task!r} ({config.total_steps} steps) in "
               f"{own_dir}", flush=True)
