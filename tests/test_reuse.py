@@ -464,8 +464,9 @@ def test_packed_execution_follows_each_examples_decisions():
     params = _cmap_policy(_init(model, frames, cmap, g))
     _, st, _ = _encode(model, params, frames, cmap, g, mode="hard")
     for l in (1, 2):
-        decided = (np.asarray(st["p_reuse"][l]) > 0.5).mean(-1)
+        decided = np.asarray(st["decided"][l]).mean(-1)
         np.testing.assert_array_equal(np.asarray(st["reused"][l]), decided)
+        np.testing.assert_array_equal(np.asarray(st["decided"][l]), np.asarray(st["p_reuse"][l]) > 0.5)
         assert 0.2 < decided[0, ref].mean() < 0.9 and decided[1].max() == 0.0
 
 

@@ -585,9 +585,14 @@ class ReuseViT(vit.VisionTransformer):
         gate = jnp.where(dec["valid"][..., None], gate, jnp.asarray([0.0, 1.0]))
         if forced is None and c.policy == "mlp":
             p_reuse = jax.nn.softmax(dec["logits"].astype(jnp.float32), -1)[..., 0]
+            # The noise-free decision exactly as the hard path takes it (gumbel_gate without rng:
+            # argmax of the log-softmax, ties -> reuse), so decided and executed reuse can be compared.
+            decided = jnp.argmax(jax.nn.log_softmax(dec["logits"].astype(jnp.float32), -1), -1) == 0
         else:
             p_reuse = gate[..., 0]
+            decided = gate[..., 0] > 0.5
         p_reuse = jnp.where(dec["valid"], p_reuse, 0.0)
+        decided = decided & dec["valid"]
         heads = lambda t: rearrange(t, "b n (h d) -> b n h d", h=nh)  # cached [B, Nr, D] -> per head
         if mode == "soft":
             rest = module.restore(dec["cached"], dec["diff"])
@@ -679,7 +684,8 @@ class ReuseViT(vit.VisionTransformer):
         # gate: the reuse gate (soft) or the effective reuse mask (hard: padding tokens recomputed).
         # computed: fraction of the frame's N tokens this layer ran (padding included) per example.
         return h, q_cls, k_all, {"gate": gate_reuse, "reused": reused, "overflow": overflow,
-                                 "sim": dec["sim"], "p_reuse": p_reuse, "computed": computed}
+                                 "sim": dec["sim"], "p_reuse": p_reuse, "decided": decided.astype(jnp.float32),
+                                 "computed": computed}
 
     def _packed_layer(self, layer, module, x, recompute, dec):
         """The hard path of one reuse layer with ``execution='packed'`` (see ``ReuseConfig``).
@@ -750,7 +756,8 @@ class ReuseViT(vit.VisionTransformer):
            stats: gate {l: [B, F, Nr]} (0 on frames without references), reused {l: [B, F]},
            overflow {l: [B, F]}, computed {l: [B, F]} (fraction of the N tokens the layer ran, padding
            included: 1 on frames without references and in soft mode), sim {l: [B, F, Nr]},
-           p_reuse {l: [B, F, Nr]} (noise-free reuse
+           decided {l: [B, F, Nr]} (1 where the noise-free decision is "reuse", as the hard path takes
+           it), p_reuse {l: [B, F, Nr]} (noise-free reuse
            probability of the decision MLP), has_ref [F] numpy bool)
           in frame order.
         """
@@ -774,7 +781,7 @@ class ReuseViT(vit.VisionTransformer):
         nr = outputs["last_hidden_state"].shape[2] - self._fixed
         stats: dict[str, Any] = {"has_ref": np.array([bool(grouping.refs[f]) for f in range(f_count)])}
         for name, zero in (("gate", (b, nr)), ("reused", (b,)), ("overflow", (b,)), ("sim", (b, nr)),
-                           ("p_reuse", (b, nr)), ("computed", (b,))):
+                           ("p_reuse", (b, nr)), ("decided", (b, nr)), ("computed", (b,))):
             fill = 1.0 if name == "computed" else 0.0  # frames without references run every token
             stats[name] = {l: stack(lambda f, l=l, name=name, zero=zero, fill=fill: per_frame[f][1][l][name]
                                     if l in per_frame[f][1] else jnp.full(zero, fill, jnp.float32))
@@ -868,7 +875,8 @@ def reuse_rates(stats: dict[str, Any], example_mask: Array) -> dict[str, Array]:
 
     def st(l):
         p = stats["p_reuse"][l]
-        return ((p > 0.5).astype(jnp.float32) + p - jax.lax.stop_gradient(p)).mean(-1)
+        hard = stats["decided"][l] if "decided" in stats else (p > 0.5).astype(jnp.float32)
+        return (hard + p - jax.lax.stop_gradient(p)).mean(-1)
     out = {"soft": per(lambda l: stats["gate"][l].mean(-1)), "hard": per(lambda l: stats["reused"][l])}
     if "p_reuse" in stats:
         out["argmax_st"] = per(st)
