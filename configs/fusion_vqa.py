@@ -29,6 +29,7 @@ baseline, and the gates (tanh per block, the vision gate) in the train and eval 
 import ml_collections
 
 from configs import common
+from configs import scene_parse
 from configs import trm_vlm_qa
 from vlmjax.data import vlm_data
 from vlmjax.models import fusion
@@ -80,11 +81,11 @@ def get_config(arg: str | None = None):
 
     if v == "smoke":
         c.vision_encoder.tower.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                           num_attention_heads=2, patch_size=16, image_size=32))
+                                           num_attention_heads=2, patch_size=16, image_size=48))
         c.decoder.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               num_key_value_heads=1))
         c.fusion.update(dict(num_fusion_layers=2, xattn_num_heads=2))
-        c.data.update(dict(image_size=32, num_eval=8, eval_questions=2, answer_prior_samples=300, num_threads=0,
+        c.data.update(dict(image_size=48, num_eval=8, eval_questions=2, answer_prior_samples=300, num_threads=0,
                            prefetch_batches=0))
         c.update(dict(total_steps=4, batch_size=8, log_every=2, eval_every=4, ckpt_every=4))
         c.optim.warmup_steps = 1
@@ -109,4 +110,10 @@ def get_config(arg: str | None = None):
                            eval_questions=0, max_text_len=64, max_prompt_len=48))
         c.optim.update(dict(lr=2e-4, warmup_steps=200, weight_decay=0.01))
         c.update(dict(total_steps=10_000, batch_size=16, log_every=100, eval_every=1000, ckpt_every=1000))
+    if v != "vivqa":
+        # Stage 'vision' (configs/scene_parse.py): the tower learns to parse scenes painted in random colours,
+        # then stays frozen. Trained from scratch on the VQA data the tower read colour only (docs/fusion.md).
+        c.stages = ml_collections.ConfigDict(dict(vision=scene_parse.stage(
+            c.vision_encoder.tower, c.data.scenes, c.data.image_size, 4 if v == "smoke" else 800, smoke=v == "smoke")))
+        c.vision_encoder.freeze = ("",)
     return c

@@ -27,19 +27,14 @@ import ml_collections
 
 from configs import common
 from configs import perceiver_mrl_alignment
+from configs import scene_parse
 from vlmjax.data import vlm_data
 from vlmjax.tasks import vlm
 
 VARIANTS = ("default", "smoke", "trm", "smollm2", "qwen3b")
 
 
-def vision_tower_config() -> ml_collections.ConfigDict:
-    """A small CLIP-style ViT for 96 px scenes (``vit.ViTConfig`` fields): patch 32 = one token per cell
-    of the scenes' 3x3 grid (docs/alignment.md measured it beat 64 px / patch 16 for retrieval)."""
-    return ml_collections.ConfigDict(dict(
-        variant="clip", hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-        patch_size=32, image_size=96, hidden_act="quick_gelu", layer_norm_eps=1e-5, dropout_rate=0.0,
-        drop_path_rate=0.0, remat="none", scan_layers=False))
+vision_tower_config = scene_parse.vision_tower_config
 
 
 def small_decoder(c: ml_collections.ConfigDict) -> None:
@@ -94,6 +89,9 @@ def get_config(arg: str | None = None):
     # Stage 'decoder': the same task, text only, the decoder trained in full precision.
     stage = ml_collections.ConfigDict(c.to_dict())
     stage.text_only = True
+    # The decoder's language pretraining reads scene text over every colour-shape pair (data.scenes docs):
+    # the held-out pairs stay unseen as images, in every stage.
+    stage.data.scenes.train_all_pairs = True
     stage.decoder.update(dict(load_in_4bit=False, use_lora=False, lora_rank=0, lora_alpha=0.0))
     stage.update(dict(total_steps=150, batch_size=64, eval_every=150, ckpt_every=150))
     c.stages = ml_collections.ConfigDict(dict(decoder=stage))
@@ -101,11 +99,11 @@ def get_config(arg: str | None = None):
     if v == "smoke":
         for cfg in (c, c.stages.decoder):
             cfg.vision_encoder.tower.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                 num_attention_heads=2, patch_size=16, image_size=32))
+                                                 num_attention_heads=2, patch_size=16, image_size=48))
             cfg.connector.update(dict(num_latents=8, perceiver_num_layers=1, perceiver_num_heads=2))
             cfg.decoder.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                     num_key_value_heads=1, quant_block_size=16))
-            cfg.data.update(dict(image_size=32, num_eval=8, eval_questions=2, answer_prior_samples=300,
+            cfg.data.update(dict(image_size=48, num_eval=8, eval_questions=2, answer_prior_samples=300,
                                  num_threads=0, prefetch_batches=0))
             cfg.update(dict(total_steps=4, batch_size=8, log_every=2, eval_every=4, ckpt_every=4))
             cfg.optim.warmup_steps = 1
@@ -136,4 +134,11 @@ def get_config(arg: str | None = None):
         c.optim.update(dict(lr=2e-5, weight_decay=0.2, warmup_steps=200))
         c.generation.max_new_tokens = 16
         c.update(dict(total_steps=5000, batch_size=64, eval_every=1000, ckpt_every=1000))
+    if v != "qwen3b":
+        # Stage 'vision': the tower learns to parse the scenes (shape, size, colour, cell) on scenes painted
+        # in random colours (configs/scene_parse.py), then stays frozen here: trained on the VQA data itself
+        # a tower ties shape to the colours it was seen in and fails every held-out pair (docs/vlm.md).
+        c.stages.vision = scene_parse.stage(c.vision_encoder.tower, c.data.scenes, c.data.image_size,
+                                            4 if v == "smoke" else 800, smoke=v == "smoke")
+        c.vision_encoder.freeze = ("",)
     return c

@@ -28,7 +28,7 @@ def test_smoke_experiment_trains_evaluates_and_resumes(tmp_path, capsys):
     assert s["finished"] and s["step"] == 4
     out = capsys.readouterr().out
     # The decoder stage ran text-only first, then the VLM started from its decoder.
-    assert "stage 1/2: 'decoder'" in out and "(text only: no image)" in out
+    assert "stage 1/3: 'decoder'" in out and "(text only: no image)" in out
     assert "VQA exact match on" in out and "prior" in out
     end = s["eval_end"]
     for key in ("vqa_accuracy", "prior_accuracy", "caption_loss", "caption_perplexity", "vqa_loss"):

@@ -111,6 +111,11 @@ def default_config() -> ml_collections.ConfigDict:
                   ("yellow", "square"))
     # Distinct training scenes (one epoch; rendered on the fly, so this costs nothing).
     c.num_train = 100_000
+    # True: training scenes draw every (colour, shape) pair, the held-out ones included. Only for text:
+    # the VLM's text-only decoder stage (its language pretraining: a pretrained LM has read about red
+    # triangles; held out from the LM, every eval question naming one is text it never read). A run that
+    # shows images refuses it, so no image of a held-out pair is ever trained on.
+    c.train_all_pairs = False
     return c
 
 
@@ -191,7 +196,10 @@ class QA:
 def _pairs(cfg, split: str) -> list[tuple[str, str]]:
     held = {tuple(p) for p in cfg.held_out}
     pairs = [(c, s) for c in cfg.colours for s in cfg.shapes]
-    return [p for p in pairs if p not in held] if split == "train" else pairs
+    # getattr: cfg may be a ConfigDict, a plain namespace (vlm_data) or an older run's config without it.
+    if split != "train" or getattr(cfg, "train_all_pairs", False):
+        return pairs
+    return [p for p in pairs if p not in held]
 
 
 def sample_scene(seed: int, index: int, split: str, cfg) -> Scene:
@@ -237,17 +245,46 @@ def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}; shapes: {SHAPES}.")
 
 
-def render(scene: Scene, image_size: int) -> np.ndarray:
-    """uint8 [image_size, image_size, 3]: pixel centres inside a shape get its pure colour."""
+def render(scene: Scene, image_size: int,
+           rgb: Sequence[tuple[int, int, int]] | None = None) -> np.ndarray:
+    """uint8 [image_size, image_size, 3]: pixel centres inside a shape get its pure colour.
+
+    rgb: one (r, g, b) per object, in place of its palette colour (`random_colours`); None = the
+    palette colours the scene names.
+    """
+    if rgb is not None and len(rgb) != len(scene.objects):
+        raise ValueError(f"rgb has {len(rgb)} colours for a scene of {len(scene.objects)} objects.")
     coords = (np.arange(image_size, dtype=np.float64) + 0.5) / image_size
     image = np.empty((image_size, image_size, 3), np.uint8)
     image[:] = scene.background
-    for obj in scene.objects:
+    for k, obj in enumerate(scene.objects):
         r = obj.radius
         u = (coords[None, :] - obj.cx) / r
         v = (coords[:, None] - obj.cy) / r
-        image[shape_mask(obj.shape, u, v)] = PALETTE[obj.colour]
+        image[shape_mask(obj.shape, u, v)] = PALETTE[obj.colour] if rgb is None else rgb[k]
     return image
+
+
+def random_colours(scene: Scene, rng: np.random.Generator, min_distance: int) -> list[tuple[int, int, int]]:
+    """One uniformly random RGB colour per object of `scene`, each at least `min_distance` (largest
+    per-channel difference) from every PALETTE colour and from the scene's background.
+
+    Scenes painted with these never show a palette colour, so a model trained on them never sees
+    any (colour, shape) pair of the palette (in particular not the held-out ones), yet every shape
+    appears in a continuum of colours: shape features that do not depend on colour are the only
+    ones that fit (`vlmjax.data.scene_parse`).
+    """
+    avoid = np.asarray(list(PALETTE.values()) + [scene.background], np.int64)
+    out = []
+    for _ in scene.objects:
+        for _ in range(1000):
+            c = rng.integers(0, 256, size=3)
+            if np.abs(avoid - c).max(axis=1).min() >= min_distance:
+                break
+        else:
+            raise ValueError(f"min_distance={min_distance} leaves no RGB colour away from the palette; lower it.")
+        out.append(tuple(int(x) for x in c))
+    return out
 
 
 def _join(phrases: Sequence[str]) -> str:

@@ -20,10 +20,10 @@ def register(name: str, cls: type[Task]) -> None:
 
 def _registry() -> dict[str, type[Task]]:
     # Imported lazily so that `import vlmjax.tasks` stays light.
-    from vlmjax.tasks import alignment, foveated, fusion_vqa, lm, reuse, routed_lm, video_cls, vlm  # pylint: disable=g-import-not-at-top
+    from vlmjax.tasks import alignment, foveated, fusion_vqa, lm, reuse, routed_lm, scene_parse, video_cls, vlm  # pylint: disable=g-import-not-at-top
 
     return {"alignment": alignment.AlignmentTask, "foveated": foveated.FoveatedTask, "fusion_vqa": fusion_vqa.FusionVQATask, "lm": lm.LMTask,
-            "routed_lm": routed_lm.RoutedLMTask,
+            "routed_lm": routed_lm.RoutedLMTask, "scene_parse": scene_parse.SceneParseTask,
             "video_cls": video_cls.VideoClsTask,
             "reuse": reuse.ReuseTask, "vlm": vlm.VLMTask, **_EXTRA}
 

@@ -66,9 +66,10 @@ _RUN_FIELDS = ("dtype", "remat", "attention_impl", "scan_layers", "lora_rank", "
 # Keys of config.decoder that are not DecoderConfig fields.
 _VLM_DECODER_KEYS = ("type", "init_from", "use_lora", "freeze", "use_trm_recursion", "refine", "trm")
 STAGE = "decoder"  # the optional config.stages entry that pretrains the decoder on the text alone
-# The optional config.stages entry that pretrains the vision side contrastively (task 'alignment',
-# configs/perceiver_mrl_alignment.py: the same vision_tower / vision_token_norm / vision_resampler
-# param names); the VLM starts those subtrees from its checkpoint.
+# The optional config.stages entry that pretrains the vision side: scene parsing (task 'scene_parse',
+# configs/scene_parse.py: vision_tower / vision_token_norm) or contrastive alignment (task 'alignment',
+# configs/perceiver_mrl_alignment.py: also vision_resampler); same param names, so the VLM starts those
+# subtrees from its checkpoint.
 VISION_STAGE = "vision"
 VISION_SUBTREES = ("vision_tower", "vision_token_norm", "vision_resampler", "vision_pool")
 
@@ -106,6 +107,9 @@ class VLMTask(Task):
         if dc.type not in DECODER_TYPES:
             raise ValueError(f"config.decoder.type={dc.type!r}; use one of {DECODER_TYPES}.")
         self.text_only = bool(config.text_only)
+        if config.data.source == "scenes" and config.data.scenes.get("train_all_pairs") and not self.text_only:
+            raise ValueError("config.data.scenes.train_all_pairs=True would train on images of the held-out pairs "
+                             "(it is for the text-only decoder stage); set it False.")
         self.decoder_source = dc.init_from or self.stage_dirs.get(STAGE, "")
         self.data = self._build_data(config, workdir)
         self.decoder_config = self._decoder_config(config)
@@ -238,7 +242,7 @@ class VLMTask(Task):
 
     def _load_vision_stage(self, abstract_params, shardings):
         """The vision subtrees (``VISION_SUBTREES`` the model has) from the vision stage's checkpoint
-        (an alignment run); shapes must match: the stage's tower and connector are this run's."""
+        (a scene_parse or alignment run); shapes must match: the stage's tower and connector are this run's."""
         source = self.stage_dirs[VISION_STAGE]
         saved, _ = checkpoint_lib.load_params(source)
         out = {}
@@ -258,7 +262,7 @@ class VLMTask(Task):
             out[name] = tree
         if "vision_tower" not in out:
             raise ValueError(f"the vision stage in {source} has no vision_tower params: config.stages.{VISION_STAGE} "
-                             "must be an alignment run (task 'alignment').")
+                             "must be a scene_parse or alignment run.")
         return out
 
     def _load_decoder(self):
