@@ -74,7 +74,8 @@ def get_config(arg: str | None = None):
     c.data.update(dict(source="scenes", image_size=96, num_eval=128, eval_questions=3, caption_fraction=0.2))
     c.vision_encoder = dict(init_from="", freeze=(), tower=vision_tower_config())
     c.connector = dict(type="perceiver", num_latents=64, perceiver_num_layers=2, perceiver_num_heads=4,
-                       perceiver_dim=0, perceiver_ffn_mult=4, perceiver_latent_init_std=1.0, pool_probes=16,
+                       perceiver_dim=0, perceiver_ffn_mult=4, perceiver_latent_init_std=1.0,
+                       perceiver_attend_latents=True, pool_probes=16,
                        pool_heads=4, projector_layers=2, prefix_dropout=0.0)
     c.decoder = vlm.decoder_section()
     small_decoder(c.decoder)

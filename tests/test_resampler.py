@@ -332,3 +332,27 @@ def test_mrl_untied_has_one_head_per_dim():
     np.testing.assert_array_equal(out2[4], out[4])
     g = jax.jit(jax.grad(lambda p: sum(jnp.sum(e[:, 0]) for e in head.apply({"params": p}, z).values())))(p)
     assert all(float(jnp.abs(g[f"head_{m}"]).max()) > 0 for m in DIMS)
+
+
+def test_perceiver_layer_without_latent_keys_attends_to_the_media_only():
+    """attend_latents=False: x + attn(q=LN(latents), kv=LN(media)) + ffn, the same params as the Flamingo
+    layer (whose keys also hold the latents, so its output differs); masking works on media keys alone."""
+    from vlmjax.models.layers import LayerNorm  # pylint: disable=g-import-not-at-top
+    from vlmjax.models.resampler import CrossAttention, PerceiverFeedForward, PerceiverLayer  # pylint: disable=g-import-not-at-top
+    rng = np.random.default_rng(0)
+    lat = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+    media = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
+    layer = PerceiverLayer(num_heads=2, head_dim=4, attend_latents=False)
+    p = layer.init(jax.random.key(0), lat, media, None)["params"]
+    got = layer.apply({"params": p}, lat, media, None)
+    kv = LayerNorm().apply({"params": p["norm_media"]}, media)
+    q = LayerNorm().apply({"params": p["norm_latents"]}, lat)
+    x = lat + CrossAttention(2, 4).apply({"params": p["attn"]}, q, kv, None)
+    want = x + PerceiverFeedForward(4).apply({"params": p["ffn"]}, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    flamingo = PerceiverLayer(num_heads=2, head_dim=4).apply({"params": p}, lat, media, None)
+    assert np.abs(np.asarray(flamingo - got)).max() > 1e-3
+    valid = jnp.asarray([[1, 1, 0], [1, 0, 0]], jnp.bool_)
+    moved = media.at[:, 2].set(100.0).at[1, 1].set(-50.0)
+    np.testing.assert_allclose(layer.apply({"params": p}, lat, media, valid),
+                               layer.apply({"params": p}, lat, moved, valid), rtol=1e-5, atol=1e-5)

@@ -140,6 +140,11 @@ class PerceiverLayer(nn.Module):
 
     The queries come from the layer-normed latents (OpenFlamingo ``PerceiverAttention``); the
     latents themselves are always valid keys, so no query row is ever fully masked.
+
+    ``attend_latents=False`` keeps the latents out of the keys/values (``kv = LN_media(x_f)``: the
+    Perceiver IO / Q-Former / Qwen-VL resampler cross-attention). With Flamingo's concat, L latents and
+    N media tokens give the media N / (N + L) of each query's attention at init: 10 / 74 for 64 latents
+    over a 3x3-grid tower's 10 tokens, so the prefix starts nearly image-independent.
     """
 
     num_heads: int
@@ -149,6 +154,7 @@ class PerceiverLayer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    attend_latents: bool = True
 
     @nn.compact
     def __call__(self, latents: Array, media: Array, kv_valid: Array | None) -> Array:
@@ -156,8 +162,11 @@ class PerceiverLayer(nn.Module):
         ln = functools.partial(LayerNorm, dtype=self.dtype, param_dtype=self.param_dtype)
         media_n = ln(name="norm_media")(media)
         lat_n = ln(name="norm_latents")(latents)
-        kv = jnp.concatenate([media_n, lat_n], axis=1)  # [B, N + L, D]
-        if kv_valid is not None:
+        if not self.attend_latents:
+            kv = media_n  # [B, N, D]
+        else:
+            kv = jnp.concatenate([media_n, lat_n], axis=1)  # [B, N + L, D]
+        if kv_valid is not None and self.attend_latents:
             kv_valid = jnp.concatenate(
                 [kv_valid.astype(jnp.bool_), jnp.ones(latents.shape[:2], jnp.bool_)], axis=1)  # [B, N + L]
         attn = CrossAttention(self.num_heads, self.head_dim, use_bias=False, initializer_range=self.initializer_range,
@@ -189,7 +198,8 @@ class PerceiverResampler(nn.Module):
 
     Fields: ``dim`` D (None = Dv), ``num_latents`` L, ``num_layers``, ``num_heads`` H, ``head_dim``
     (None = D / H), ``ffn_mult`` (F = ffn_mult * D), ``remat`` (a ``layers.REMAT_POLICIES`` name or
-    bool; per layer).
+    bool; per layer), ``attend_latents`` (default True, Flamingo: the latents are keys too;
+    False: media keys only, ``PerceiverLayer``).
     """
 
     num_latents: int = 64
@@ -204,6 +214,7 @@ class PerceiverResampler(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
     remat: Any = "none"
+    attend_latents: bool = True
 
     @nn.compact
     def __call__(self, x: Array, kv_valid: Array | None = None) -> Array:
@@ -222,7 +233,8 @@ class PerceiverResampler(nn.Module):
         block = layers.remat(PerceiverLayer, policy)
         for i in range(self.num_layers):
             h = block(self.num_heads, dh, self.ffn_mult, initializer_range=self.initializer_range, dtype=self.dtype,
-                      param_dtype=self.param_dtype, attention_impl=self.attention_impl, name=f"layers_{i}")(
+                      param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+                      attend_latents=self.attend_latents, name=f"layers_{i}")(
                           h, x, kv_valid)
         return LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(h)
 

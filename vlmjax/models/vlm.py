@@ -64,7 +64,8 @@ class VLMConfig:
 
     connector: 'perceiver' | 'mlp' | 'attention_pool' (module docstring).
     num_latents: N for 'perceiver' (the seed's ``perceiver_num_latents``, 64 in its VLM profile).
-    perceiver_*: depth, heads, width (0 = the vision width), FFN multiplier, latent init std.
+    perceiver_*: depth, heads, width (0 = the vision width), FFN multiplier, latent init std, and
+      whether the latents are keys too (``attend_latents``: True = Flamingo, False = media keys only).
     pool_probes / pool_heads: N and heads for 'attention_pool'.
     projector_layers: 1 (linear) | 2 (Linear -> GELU -> Linear, LLaVA-1.5) to the decoder width.
     prefix_dropout: dropout on the prefix embeddings while training (the seed's VLM profile uses 0.2
@@ -78,6 +79,7 @@ class VLMConfig:
     perceiver_dim: int = 0
     perceiver_ffn_mult: int = 4
     perceiver_latent_init_std: float = 1.0
+    perceiver_attend_latents: bool = True
     pool_probes: int = 16
     pool_heads: int = 4
     projector_layers: int = 2
@@ -194,7 +196,8 @@ class VisionLanguageModel(nn.Module):
             self.vision_resampler = resampler_lib.PerceiverResampler(
                 num_latents=c.num_latents, num_layers=c.perceiver_num_layers, num_heads=c.perceiver_num_heads,
                 dim=c.perceiver_dim or None, ffn_mult=c.perceiver_ffn_mult,
-                latent_init_std=c.perceiver_latent_init_std, remat=v.remat, **common)
+                latent_init_std=c.perceiver_latent_init_std, attend_latents=c.perceiver_attend_latents,
+                remat=v.remat, **common)
         elif c.connector == "attention_pool":
             self.vision_pool = resampler_lib.AttentionPool(num_heads=c.pool_heads, num_probes=c.pool_probes,
                                                            **common)
