@@ -90,9 +90,6 @@ def get_config(arg: str | None = None):
     # Stage 'decoder': the same task, text only, the decoder trained in full precision.
     stage = ml_collections.ConfigDict(c.to_dict())
     stage.text_only = True
-    # The decoder's language pretraining reads scene text over every colour-shape pair (data.scenes docs):
-    # the held-out pairs stay unseen as images, in every stage.
-    stage.data.scenes.train_all_pairs = True
     stage.decoder.update(dict(load_in_4bit=False, use_lora=False, lora_rank=0, lora_alpha=0.0))
     stage.update(dict(total_steps=150, batch_size=64, eval_every=150, ckpt_every=150))
     c.stages = ml_collections.ConfigDict(dict(decoder=stage))

@@ -352,7 +352,7 @@ def test_vlm_blank_image_is_mid_grey_through_the_data_preprocessing():
     from vlmjax.data import vlm_data  # pylint: disable=g-import-not-at-top
     data = vlm_data.build_vlm_data(load_config("trm_vlm_qa", "smoke").data)
     blank = data.blank_image()
-    assert blank.shape == (32, 32, 3) and blank.dtype == np.float32
+    assert blank.shape == (48, 48, 3) and blank.dtype == np.float32
     want = (128 / 255 - np.asarray(data.mean, np.float32)) / np.asarray(data.std, np.float32)
     np.testing.assert_allclose(blank, np.broadcast_to(want, blank.shape), rtol=1e-6)
     assert data.example(0, "eval")["image"].shape == blank.shape  # the layout of a real image

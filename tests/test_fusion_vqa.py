@@ -28,7 +28,10 @@ def _smoke(**over):
 def smoke_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("fusion_smoke"))
     summary = runner.run(_smoke(log_every=1, diagnose_at_end=True), workdir)
-    return workdir, summary
+    # The smoke experiment's stage 'vision' (scene parsing) ran first in WORKDIR/vision; the fusion run is
+    # WORKDIR/fusion_vqa and starts its frozen tower from it.
+    assert os.path.isfile(os.path.join(workdir, "vision", "summary.json"))
+    return os.path.join(workdir, "fusion_vqa"), summary
 
 
 def test_smoke_trains_and_logs_accuracy_prior_and_gates(smoke_run):
@@ -59,7 +62,7 @@ def test_smoke_run_is_diagnosed(smoke_run):
     eval, the type prior its answer-prior baseline, and the gates are the fusion blocks' and the vision gate."""
     from vlmjax.diagnostics import report  # pylint: disable=g-import-not-at-top
     workdir, s = smoke_run
-    r = report.read_json(os.path.join(workdir, "diagnostics"))
+    r = report.read_json(os.path.join(os.path.dirname(workdir), "diagnostics"))  # the experiment's, at its root
     assert r["task"] == "fusion_vqa" and r["step"] == 4
     assert r["accuracy"]["real"]["overall"] == pytest.approx(s["eval_end"]["vqa_accuracy"])
     assert r["dataset_bias"]["type_prior"]["overall"] == pytest.approx(s["eval_end"]["prior_accuracy"])
@@ -186,7 +189,9 @@ def test_vivqa_csv_with_vietnamese_text_trains(tmp_path):
     folder = str(tmp_path / "vivqa")
     files = _vivqa_files(folder)
     tok = _tokenizer_dir(str(tmp_path / "tok"))
-    cfg = _smoke(**_vivqa_overrides(files, folder, **{"data.tokenizer": tok, "optim.warmup_steps": 0}))
+    # A tower from scratch (the smoke config freezes the one its vision stage trains).
+    cfg = _smoke(**_vivqa_overrides(files, folder, **{"data.tokenizer": tok, "optim.warmup_steps": 0,
+                                                     "vision_encoder.freeze": ()}))
     task, _, moved, loss, metrics, _ = _steps(cfg)
     assert np.isfinite(loss) and any(k.startswith("vision_tower/") for k in moved)
     data = task.data
@@ -224,6 +229,7 @@ def test_frozen_pretrained_decoder_and_dinov2_tower_train_only_the_fusion_params
     files = _vivqa_files(folder)
     cfg = _smoke(**_vivqa_overrides(files, folder, **{
         "decoder.init_from": hf, "vision_encoder.init_from": dino, "vision_encoder.freeze": ("",),
+        "data.image_size": 32,
         "optim.warmup_steps": 0}))
     task, before, moved, loss, _, _ = _steps(cfg, n=2, evaluate=False)
     assert np.isfinite(loss) and task.decoder_config.hidden_size == 64  # the checkpoint's architecture

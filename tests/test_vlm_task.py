@@ -65,7 +65,7 @@ def _two_steps(cfg):
 
 
 def test_only_adapters_and_vision_train_on_a_4bit_base():
-    task, before, moved, loss = _two_steps(_no_stage())
+    task, before, moved, loss = _two_steps(_no_stage(**{"vision_encoder.freeze": ()}))  # a tower that trains
     assert np.isfinite(loss) and task.state_collections == ("quant",)
     quant = {k for k in before if k.startswith("1/")}  # (params, model_state) -> "0/...", "1/..."
     assert quant and all(k.startswith("1/quant/decoder/") for k in quant)

@@ -111,11 +111,6 @@ def default_config() -> ml_collections.ConfigDict:
                   ("yellow", "square"))
     # Distinct training scenes (one epoch; rendered on the fly, so this costs nothing).
     c.num_train = 100_000
-    # True: training scenes draw every (colour, shape) pair, the held-out ones included. Only for text:
-    # the VLM's text-only decoder stage (its language pretraining: a pretrained LM has read about red
-    # triangles; held out from the LM, every eval question naming one is text it never read). A run that
-    # shows images refuses it, so no image of a held-out pair is ever trained on.
-    c.train_all_pairs = False
     return c
 
 
@@ -196,10 +191,7 @@ class QA:
 def _pairs(cfg, split: str) -> list[tuple[str, str]]:
     held = {tuple(p) for p in cfg.held_out}
     pairs = [(c, s) for c in cfg.colours for s in cfg.shapes]
-    # getattr: cfg may be a ConfigDict, a plain namespace (vlm_data) or an older run's config without it.
-    if split != "train" or getattr(cfg, "train_all_pairs", False):
-        return pairs
-    return [p for p in pairs if p not in held]
+    return [p for p in pairs if p not in held] if split == "train" else pairs
 
 
 def sample_scene(seed: int, index: int, split: str, cfg) -> Scene:

