@@ -1,16 +1,19 @@
 r"""Vision-language captioning + VQA: a Perceiver visual prefix into a decoder with LoRA on a 4-bit
 (NF4) base (the seed's ``trm_vlm_qa_3b_reg`` profile; docs/vlm.md).
 
-Two stages on the procedural scenes (nothing to download):
+Three runs on the procedural scenes (nothing to download):
   1. 'decoder' (WORKDIR/decoder): the small decoder learns the scenes' language from the text of
      the examples alone (captions, "question: ... answer: ..."), so it knows the answer format and
      the answer prior but cannot see;
-  2. the VLM (WORKDIR/vlm): that decoder quantised to NF4 and frozen, LoRA adapters on every
-     projection, a vision tower + Perceiver resampler (64 latents) + projector trained from scratch.
+  2. 'vision' (WORKDIR/vision, configs/scene_parse.py): the vision tower learns what each grid cell
+     holds on scenes painted in random colours, so its shape features do not depend on colour (a
+     tower trained on the VQA scenes themselves names the wrong shape for every held-out pair);
+  3. the VLM (WORKDIR/vlm): that decoder quantised to NF4 and frozen, LoRA adapters on every
+     projection, the stage's tower frozen, a Perceiver resampler (64 latents) + projector from scratch.
      Evaluation generates the answers of held-out scenes (held-out colour-shape compositions) and
      reports exact match per question type beside the answer-prior baseline.
 
-  python -m vlmjax.main --config=configs/trm_vlm_qa.py --workdir=/tmp/vlm            # 2-core CPU, < 10 min
+  python -m vlmjax.main --config=configs/trm_vlm_qa.py --workdir=/tmp/vlm    # 2-core CPU, ~16 min (docs/vlm.md)
   python -m vlmjax.main --config=configs/trm_vlm_qa.py:smoke --workdir=/tmp/vlm_smoke
   python -m vlmjax.main --config=configs/trm_vlm_qa.py:trm --workdir=/tmp/vlm_trm     # decoder.type=trm
   # SmolLM2-135M-Instruct as a 4-bit base (offline: python -c "from vlmjax.convert import gguf;
