@@ -15,17 +15,15 @@ import ml_collections
 
 from configs import common
 from vlmjax.data import scene_parse
+from vlmjax.tasks import alignment
 
 VARIANTS = ("default", "smoke", "palette")
 
 
 def vision_tower_config() -> ml_collections.ConfigDict:
-    """A small CLIP-style ViT for 96 px scenes (``vit.ViTConfig`` fields): patch 32 = one token per cell
-    of the scenes' 3x3 grid (docs/alignment.md measured it beat 64 px / patch 16 for retrieval)."""
-    return ml_collections.ConfigDict(dict(
-        variant="clip", hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-        patch_size=32, image_size=96, hidden_act="quick_gelu", layer_norm_eps=1e-5, dropout_rate=0.0,
-        drop_path_rate=0.0, remat="none", scan_layers=False))
+    """The alignment experiments' small CLIP-style ViT for 96 px scenes (``alignment.vision_tower_config``):
+    patch 32 = one token per cell of the scenes' 3x3 grid."""
+    return alignment.vision_tower_config()
 
 
 def stage(tower: ml_collections.ConfigDict, scenes_cfg: ml_collections.ConfigDict, image_size: int,
