@@ -5,7 +5,7 @@ and activation memory.
   python benchmarks/vlm_step.py --decoder=small --vision=small --batch_size=16   # CPU-sized sanity run
   python benchmarks/vlm_step.py --batch_size=32 --peak_tflops=989                 # an H100/H200 (bf16 dense)
 
-The real ``vlm`` task of ``configs/trm_vlm_qa.py`` (vision tower -> Perceiver, 64 latents -> decoder with
+The real ``vlm`` task of ``configs/trm_vlm_qa.py:perceiver`` (vision tower -> Perceiver, 64 latents -> decoder with
 LoRA r=16 on every projection) on the real ``Trainer`` (sharded init, donated jitted step), one batch
 of procedural scenes placed on device and reused (the step alone). Per base:
 
@@ -69,7 +69,7 @@ flags.DEFINE_string("out", "benchmarks/results/vlm_step.json", "JSON output path
 
 
 def _config(base: str):
-    c = trm_vlm_qa.get_config("default")
+    c = trm_vlm_qa.get_config("perceiver")  # the seed's connector: 64 latents over the tower's 196 patches
     c.stages = {}
     c.batch_size = FLAGS.batch_size
     c.vision_encoder.tower.update(VISIONS[FLAGS.vision])

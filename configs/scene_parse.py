@@ -16,6 +16,7 @@ import ml_collections
 from configs import common
 from vlmjax.data import scene_parse
 from vlmjax.tasks import alignment
+from vlmjax.tasks import scene_parse as task_lib
 
 VARIANTS = ("default", "smoke", "palette")
 
@@ -27,10 +28,14 @@ def vision_tower_config() -> ml_collections.ConfigDict:
 
 
 def stage(tower: ml_collections.ConfigDict, scenes_cfg: ml_collections.ConfigDict, image_size: int,
-          total_steps: int, smoke: bool = False) -> ml_collections.ConfigDict:
-    """This experiment as another experiment's stage 'vision': its tower, scenes and image size."""
+          total_steps: int, smoke: bool = False,
+          connector: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+    """This experiment as another experiment's stage 'vision': its tower, scenes and image size, and
+    with a Perceiver ``connector`` (a VLM's ``config.connector``, type 'perceiver') its resampler too."""
     c = get_config("smoke" if smoke else "default")
     c.model.tower = ml_collections.ConfigDict(tower.to_dict())
+    if connector is not None and connector.type == "perceiver":
+        c.model.resampler.update({k: connector[k] for k in c.model.resampler if k in connector})
     c.data.scenes = ml_collections.ConfigDict(scenes_cfg.to_dict())
     c.data.image_size = image_size
     c.total_steps = total_steps
@@ -45,10 +50,13 @@ def get_config(arg: str | None = None):
         eval=dict(max_batches=0),
         optim=dict(lr=1e-3, warmup_steps=50, weight_decay=0.05, b2=0.98, clip_norm=1.0))
     c.data = scene_parse.default_config()
-    c.model = dict(tower=vision_tower_config(), dtype="float32", attention_impl="xla")
+    # resampler.num_latents > 0 adds the VLM's Perceiver and its read-out (vlmjax/tasks/scene_parse.py).
+    c.model = dict(tower=vision_tower_config(), dtype="float32", attention_impl="xla",
+                   resampler=task_lib.resampler_config())
     # Loss = sum of weight x term: cross-entropies of shape (or empty), size and cell index per token;
-    # squared RGB error (0..1 per channel, summed over channels) on the tokens of occupied cells.
-    c.loss = dict(shape=1.0, size=1.0, rgb=5.0, cell=0.2)
+    # squared RGB error (0..1 per channel, summed over channels) on the tokens of occupied cells; the
+    # resampler's read-out terms weigh `latent` x the same weights.
+    c.loss = dict(shape=1.0, size=1.0, rgb=5.0, cell=0.2, latent=1.0)
     if v == "palette":
         c.data.colour_mode = "palette"
     if v == "smoke":

@@ -2,6 +2,8 @@
 palette, per-cell targets agree with the rendered pixels, tokens map to their cells, the smoke
 experiment trains and reports shape accuracy on held-out pairs, and the VLM starts its tower from it."""
 
+import os
+
 import numpy as np
 import pytest
 from conftest import load_config
@@ -88,3 +90,48 @@ def test_a_grid_the_cells_do_not_divide_is_one_error():
     cfg = load_config("scene_parse", "smoke", **{"model.tower.image_size": 32, "data.image_size": 32})
     with pytest.raises(ValueError, match="3x3 cells need a grid that 3 divides"):
         tasks.build(cfg, None)
+
+
+def test_resampler_stage_feeds_the_vlms_perceiver_and_leaves_the_tower_alone(tmp_path):
+    """With the VLM's Perceiver (config.model.resampler, as ``stage(connector=...)`` sets it) the read-out
+    trains the resampler only, and a Perceiver VLM starts vision_resampler from the run too."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from vlmjax import sharding as shd  # pylint: disable=g-import-not-at-top
+    from vlmjax.train import Trainer  # pylint: disable=g-import-not-at-top
+    from vlmjax.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+    import sys  # pylint: disable=g-import-not-at-top
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import scene_parse as scene_parse_config  # pylint: disable=g-import-not-at-top
+    vlm = load_config("trm_vlm_qa", "smoke", stages={}, **{"connector.type": "perceiver"})
+    stage = scene_parse_config.stage(vlm.vision_encoder.tower, vlm.data.scenes, vlm.data.image_size, 4, smoke=True,
+                                     connector=vlm.connector)
+    stage.lock()
+    assert stage.model.resampler.num_latents == vlm.connector.num_latents > 0
+    task = tasks.build(stage, None)
+    params = task.init_variables(jax.random.key(0))["params"]
+    params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
+                          is_leaf=lambda x: hasattr(x, "value"))
+    batch = task.eval_batches(global_batch_size=4, process_index=0, process_count=1)[0]
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+    def latent_loss(p):
+        _, _, _, terms = task._terms(p, batch)  # pylint: disable=protected-access
+        return sum(v.mean() for k, v in terms.items() if k.startswith("latent/"))
+
+    grads = tree.flatten(jax.grad(latent_loss)(params))
+    tower = [np.abs(np.asarray(g)).max() for k, g in grads.items() if k.startswith("vision_tower/")]
+    resampler = [np.abs(np.asarray(g)).max() for k, g in grads.items() if k.startswith("vision_resampler/")]
+    assert tower and max(tower) == 0.0  # stop_gradient: the tower learns from its own head only
+    assert resampler and max(resampler) > 0.0
+
+    vision_dir = str(tmp_path / "vision")
+    s = runner.run(stage, vision_dir)
+    assert 0.0 <= s["eval_end"]["latent/shape_acc"] <= 1.0 and "latent/colour_acc" in s["eval_end"]
+    saved = tree.flatten(checkpoint_lib.load_params(vision_dir)[0])
+    vtask = tasks.build(vlm, None, {"vision": vision_dir})
+    tr = Trainer(vlm, vtask, shd.make_mesh(vlm.mesh))
+    got = tree.flatten(vtask.pretrained_params(tr.abstract_state.params, tr.state_shardings.params))
+    assert {k.split("/")[0] for k in got} == {"vision_tower", "vision_token_norm", "vision_resampler"}
+    for k, v in got.items():
+        np.testing.assert_array_equal(np.asarray(v), saved[k])

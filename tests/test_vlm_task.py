@@ -65,7 +65,8 @@ def _two_steps(cfg):
 
 
 def test_only_adapters_and_vision_train_on_a_4bit_base():
-    task, before, moved, loss = _two_steps(_no_stage(**{"vision_encoder.freeze": ()}))  # a tower that trains
+    task, before, moved, loss = _two_steps(_no_stage(**{"vision_encoder.freeze": (),  # a tower that trains
+                                                        "connector.type": "perceiver"}))
     assert np.isfinite(loss) and task.state_collections == ("quant",)
     quant = {k for k in before if k.startswith("1/")}  # (params, model_state) -> "0/...", "1/..."
     assert quant and all(k.startswith("1/quant/decoder/") for k in quant)
@@ -80,7 +81,7 @@ def test_only_adapters_and_vision_train_on_a_4bit_base():
 
 def test_freeze_regexes_leave_the_refiner_and_adapters_trainable():
     import re  # pylint: disable=g-import-not-at-top
-    cfg = _no_stage(**{"decoder.use_trm_recursion": True, "vision_encoder.freeze": ("",)})
+    cfg = _no_stage(**{"decoder.use_trm_recursion": True, "vision_encoder.freeze": ("",), "connector.type": "perceiver"})
     task = tasks.build(cfg, None)
     frozen = task.optimizer_config(cfg.optim).frozen
 
@@ -103,7 +104,7 @@ def test_vision_stage_starts_the_tower_and_resampler(tmp_path):
     from vlmjax.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from configs import trm_vlm_qa  # pylint: disable=g-import-not-at-top
-    cfg = _no_stage()
+    cfg = _no_stage(**{"connector.type": "perceiver"})
     stage = trm_vlm_qa.vision_stage(cfg, total_steps=2)
     stage.lock()
     vision_dir = str(tmp_path / "vision")
@@ -117,7 +118,7 @@ def test_vision_stage_starts_the_tower_and_resampler(tmp_path):
     assert any(k.startswith("vision_resampler/") for k in loaded) and len(loaded) > 10
     bad = [k for k in loaded if not np.array_equal(got[k], saved[k])]
     assert not bad, (bad, len(loaded))
-    other = _no_stage(**{"connector.num_latents": 3})
+    other = _no_stage(**{"connector.type": "perceiver", "connector.num_latents": 3})
     task = tasks.build(other, None, {"vision": vision_dir})
     tr = Trainer(other, task, shd.make_mesh(other.mesh))
     with pytest.raises(ValueError, match="vision stage .* does not fit"):

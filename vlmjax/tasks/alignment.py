@@ -46,7 +46,7 @@ from vlmjax.models import alignment
 from vlmjax.models import contrastive
 from vlmjax.models import text_encoder as text_lib
 from vlmjax.models import vit as vit_lib
-from vlmjax.tasks.base import Task
+from vlmjax.tasks.base import DataTask
 
 HEAD_FIELDS = ("use_perceiver", "perceiver_num_latents", "perceiver_num_layers", "perceiver_num_heads",
                "perceiver_dim", "perceiver_ffn_mult", "perceiver_latent_init_std", "use_attention_pooling",
@@ -81,7 +81,7 @@ def _tower_fields(section) -> dict:
     return {k: v for k, v in section.tower.items()}
 
 
-class AlignmentTask(Task):
+class AlignmentTask(DataTask):
     units = "pairs"
 
     def __init__(self, config, workdir, stage_dirs=None):
@@ -143,15 +143,6 @@ class AlignmentTask(Task):
                              f"dims {self.dims}; give one per dim (largest first) or () for 1 each.")
         self.mrl_weights = weights or None
         self.image_size = int(config.data.image_size)
-
-    # ---- data ---------------------------------------------------------------------------
-    def train_dataset(self, *, global_batch_size, seed, process_index, process_count):
-        return self.data.train_dataset(global_batch_size=global_batch_size, seed=seed,
-                                       process_index=process_index, process_count=process_count)
-
-    def eval_batches(self, *, global_batch_size, process_index, process_count):
-        return self.data.eval_batches(global_batch_size=global_batch_size, process_index=process_index,
-                                      process_count=process_count, max_batches=self.config.eval.max_batches or None)
 
     # ---- model --------------------------------------------------------------------------
     def init_variables(self, rng):

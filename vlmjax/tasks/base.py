@@ -11,6 +11,22 @@ from vlmjax import tree
 from vlmjax.train.task import Task
 
 
+class DataTask(Task):
+    """A task whose data object (``self.data``, built in ``__init__``: ``vlmjax.data`` builders return
+    objects with these two methods) gives the batches; ``config.eval.max_batches`` caps evaluation
+    (0 = the whole eval split)."""
+
+    data: Any
+
+    def train_dataset(self, *, global_batch_size, seed, process_index, process_count):
+        return self.data.train_dataset(global_batch_size=global_batch_size, seed=seed,
+                                       process_index=process_index, process_count=process_count)
+
+    def eval_batches(self, *, global_batch_size, process_index, process_count):
+        return self.data.eval_batches(global_batch_size=global_batch_size, process_index=process_index,
+                                      process_count=process_count, max_batches=self.config.eval.max_batches)
+
+
 def is_hf_dir(path: str) -> bool:
     """True for a Hugging Face checkpoint directory: an ``init_from`` that may also name a vlmjax
     workdir, which holds a config.json too, but one with the run's ``task`` (and ``checkpoints/``
@@ -53,4 +69,4 @@ def load_pretrained(entries, abstract_params, shardings, skip=()) -> dict[str, A
     return out
 
 
-__all__ = ["Task", "is_hf_dir", "load_pretrained"]
+__all__ = ["DataTask", "Task", "is_hf_dir", "load_pretrained"]

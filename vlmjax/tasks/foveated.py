@@ -53,7 +53,7 @@ from vlmjax.models import decoder as decoder_lib
 from vlmjax.models import foveated as foveated_lib
 from vlmjax.models import vit as vit_lib
 from vlmjax.tasks import video_cls
-from vlmjax.tasks.base import Task, is_hf_dir
+from vlmjax.tasks.base import DataTask, is_hf_dir
 
 # DINOv2 / DINOv3 preprocessing (ImageNet statistics); CLIP-family checkpoints set their own.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -88,7 +88,7 @@ def foveated_section() -> ml_collections.ConfigDict:
     return c
 
 
-class FoveatedTask(Task):
+class FoveatedTask(DataTask):
     units = "clips"
 
     def __init__(self, config, workdir, stage_dirs=None):
@@ -169,15 +169,6 @@ class FoveatedTask(Task):
                              f"config.foveated.latent_channels={self.latent_shape[-1]}.")
         return dataclasses.replace(data, train_clips=wrapped.train, eval_clips=wrapped.eval,
                                    description=wrapped.description)
-
-    # ---- data --------------------------------------------------------------------------------
-    def train_dataset(self, *, global_batch_size, seed, process_index, process_count):
-        return self.data.train_dataset(global_batch_size=global_batch_size, seed=seed,
-                                       process_index=process_index, process_count=process_count)
-
-    def eval_batches(self, *, global_batch_size, process_index, process_count):
-        return self.data.eval_batches(global_batch_size=global_batch_size, process_index=process_index,
-                                      process_count=process_count, max_batches=self.config.eval.max_batches)
 
     # ---- model -------------------------------------------------------------------------------
     def init_variables(self, rng):

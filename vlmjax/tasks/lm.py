@@ -25,7 +25,7 @@ from vlmjax import data as data_lib
 from vlmjax.models import decoder as decoder_lib
 from vlmjax.models import generate as generate_lib
 from vlmjax.models import lora as lora_lib
-from vlmjax.tasks.base import Task, load_pretrained
+from vlmjax.tasks.base import DataTask, load_pretrained
 
 def sample_config() -> ml_collections.ConfigDict:
     """Schema of ``config.sample``: the continuation sampled at the end of a run."""
@@ -69,7 +69,7 @@ def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array):
     return nll * mask, correct * mask
 
 
-class LMTask(Task):
+class LMTask(DataTask):
     units = "tokens"
 
     def __init__(self, config, workdir, stage_dirs=None):
@@ -124,16 +124,6 @@ class LMTask(Task):
             return None
         return load_pretrained([("", self.init_from)], abstract_params, shardings,
                                skip=(lora_lib.LORA_REGEX,) if self.model_config.lora_rank else ())
-
-    # ---- data ---------------------------------------------------------------------------
-    def train_dataset(self, *, global_batch_size, seed, process_index, process_count):
-        return self.data.train_dataset(global_batch_size=global_batch_size, seed=seed,
-                                       process_index=process_index, process_count=process_count)
-
-    def eval_batches(self, *, global_batch_size, process_index, process_count):
-        return self.data.eval_batches(global_batch_size=global_batch_size,
-                                      process_index=process_index, process_count=process_count,
-                                      max_batches=self.config.eval.max_batches)
 
     def units_per_step(self, global_batch_size):
         return global_batch_size * self.seq_len

@@ -35,7 +35,7 @@ from vlmjax import data as data_lib
 from vlmjax import flops as flops_lib
 from vlmjax.models import reuse as reuse_lib
 from vlmjax.tasks import video_cls
-from vlmjax.tasks.base import Task, is_hf_dir
+from vlmjax.tasks.base import DataTask, is_hf_dir
 from vlmjax.train import checkpoint
 
 
@@ -48,7 +48,7 @@ def probe_config() -> ml_collections.ConfigDict:
     ))
 
 
-class ReuseTask(Task):
+class ReuseTask(DataTask):
     units = "clips"
 
     @classmethod
@@ -98,15 +98,6 @@ class ReuseTask(Task):
         self.model = reuse_lib.build(self.vit_config, self.reuse_config, num_slots=int(config.data.num_frames))
         self.mean = tuple(config.image_mean)
         self.std = tuple(config.image_std)
-
-    # ---- data ---------------------------------------------------------------------------
-    def train_dataset(self, *, global_batch_size, seed, process_index, process_count):
-        return self.data.train_dataset(global_batch_size=global_batch_size, seed=seed,
-                                       process_index=process_index, process_count=process_count)
-
-    def eval_batches(self, *, global_batch_size, process_index, process_count):
-        return self.data.eval_batches(global_batch_size=global_batch_size, process_index=process_index,
-                                      process_count=process_count, max_batches=self.config.eval.max_batches)
 
     # ---- backbone -----------------------------------------------------------------------
     def pretrained_params(self, abstract_params, shardings):

@@ -22,7 +22,7 @@ from vlmjax import data as data_lib
 from vlmjax.data import image_processing
 from vlmjax.train import checkpoint
 from vlmjax.models import layers, vit
-from vlmjax.tasks.base import Task
+from vlmjax.tasks.base import DataTask
 
 
 def vit_config() -> ml_collections.ConfigDict:
@@ -60,7 +60,7 @@ class FrameClassifier(nn.Module):
                                    dtype=jnp.float32, name="head")(pooled)
 
 
-class VideoClsTask(Task):
+class VideoClsTask(DataTask):
     units = "frames"
 
     def __init__(self, config, workdir, stage_dirs=None):
@@ -112,13 +112,6 @@ class VideoClsTask(Task):
             return jax.tree.map(jnp.asarray, params)
         return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), params, shardings)
 
-    def train_dataset(self, *, global_batch_size, seed, process_index, process_count):
-        return self.data.train_dataset(global_batch_size=global_batch_size, seed=seed,
-                                       process_index=process_index, process_count=process_count)
-
-    def eval_batches(self, *, global_batch_size, process_index, process_count):
-        return self.data.eval_batches(global_batch_size=global_batch_size, process_index=process_index,
-                                      process_count=process_count, max_batches=self.config.eval.max_batches)
 
     def units_per_step(self, global_batch_size):
         return global_batch_size * int(self.config.data.num_frames)

@@ -55,7 +55,7 @@ from vlmjax.models import lora as lora_lib
 from vlmjax.models import trm as trm_lib
 from vlmjax.models import vit as vit_lib
 from vlmjax.models import vlm as vlm_lib
-from vlmjax.tasks.base import Task, is_hf_dir
+from vlmjax.tasks.base import DataTask, is_hf_dir
 from vlmjax.train import checkpoint as checkpoint_lib
 
 DECODER_TYPES = ("qwen", "trm")
@@ -91,7 +91,7 @@ def decoder_section() -> ml_collections.ConfigDict:
     return c
 
 
-class VLMTask(Task):
+class VLMTask(DataTask):
     units = "examples"
 
     @classmethod
@@ -197,15 +197,6 @@ class VLMTask(Task):
                                  f"config.data.image_size={config.data.image_size}; set both to the same size.")
         vcfg.validate()
         return vcfg
-
-    # ---- data --------------------------------------------------------------------------------
-    def train_dataset(self, *, global_batch_size, seed, process_index, process_count):
-        return self.data.train_dataset(global_batch_size=global_batch_size, seed=seed,
-                                       process_index=process_index, process_count=process_count)
-
-    def eval_batches(self, *, global_batch_size, process_index, process_count):
-        return self.data.eval_batches(global_batch_size=global_batch_size, process_index=process_index,
-                                      process_count=process_count, max_batches=self.config.eval.max_batches or None)
 
     # ---- model -------------------------------------------------------------------------------
     def init_variables(self, rng):
