@@ -199,6 +199,24 @@ def test_eval_is_held_out_and_deterministic(scene_data):
     assert sub.eval_examples == vlm_data.build_vlm_data(make_config(eval_questions=2)).eval_examples
 
 
+def test_seen_compositions_eval_draws_new_training_distribution_scenes():
+    """eval_compositions='seen': scenes drawn like training's at indices training never reads (the i.i.d.
+    test beside the held-out-pair one), rendered from the same scenes the questions describe."""
+    data = vlm_data.build_vlm_data(make_config(eval_compositions="seen"))
+    cfg = data.config.scenes
+    expected = []
+    for i in range(6):
+        scene = scenes.sample_scene(cfg.seed, cfg.num_train + i, "train", cfg)
+        expected.append((0, None, "", scenes.caption(scene)))
+        expected += [(1, q.type, q.question, q.answer) for q in scenes.questions(scene)]
+    assert [tuple(e.values()) for e in data.eval_examples] == expected
+    batch = data.eval_batches(global_batch_size=8, process_index=0, process_count=1)[0]
+    first = scenes.render(scenes.sample_scene(cfg.seed, cfg.num_train, "train", cfg), SIZE)
+    np.testing.assert_allclose(_unnormalise(batch["image"][0], data), first, atol=1)
+    with pytest.raises(ValueError, match="eval_compositions='unseen'"):
+        vlm_data.build_vlm_data(make_config(eval_compositions="unseen"))
+
+
 def test_scene_prior_is_the_most_frequent_training_answer(scene_data):
     data = scene_data
     counts = {}

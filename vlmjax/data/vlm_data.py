@@ -95,6 +95,7 @@ from vlmjax.data import scenes
 from vlmjax.data import tokenizers
 
 SOURCES = ("scenes", "jsonl", "csv")
+EVAL_COMPOSITIONS = ("held_out", "seen")  # config.data.eval_compositions (scenes)
 CAPTION, VQA = 0, 1
 KINDS = ("caption", "vqa")
 IGNORE = -100  # HF's ignore_index for labels.
@@ -116,6 +117,11 @@ def default_config() -> ml_collections.ConfigDict:
     # 'scenes': questions per eval scene, drawn like the training ones (a uniform question type,
     # then one of its questions; fixed per scene); 0 = all of them (~3/4 are COUNT questions).
     c.eval_questions = 0
+    # 'scenes': which compositions the eval scenes hold. 'held_out': every eval scene holds a
+    # (colour, shape) pair training never shows (scenes.held_out), the compositional test;
+    # 'seen': new scenes drawn like the training ones (indices past scenes.num_train, so never
+    # trained on), the i.i.d. test.
+    c.eval_compositions = "held_out"
     # 'scenes': fraction of training examples that are captions (the rest are VQA).
     c.caption_fraction = 0.2
     # 'scenes': turns per training image, as in multi-turn instruction data (LLaVA): the first
@@ -179,6 +185,9 @@ def _check_config(cfg) -> None:
     if cfg.turns > 1 and cfg.source != "scenes":
         raise ValueError(f"config.data.turns={cfg.turns} needs source='scenes' (a jsonl/csv row is one turn); "
                          "set config.data.turns=1.")
+    compositions = cfg.get("eval_compositions", "held_out")  # absent in runs saved before it existed
+    if compositions not in EVAL_COMPOSITIONS:
+        raise ValueError(f"config.data.eval_compositions={compositions!r}; use one of {EVAL_COMPOSITIONS}.")
     for field in ("eval_questions", "num_threads", "prefetch_buffer_size", "prefetch_batches"):
         if not isinstance(cfg[field], int) or cfg[field] < 0:
             raise ValueError(f"config.data.{field}={cfg[field]!r} must be an int >= 0.")
@@ -383,15 +392,19 @@ def _scene_eval_records(cfg) -> _ListRecords:
     sc = _plain(cfg.scenes)
     qtype_id = {t: i for i, t in enumerate(scenes.QA_TYPES)}
     entries = []
-    for raw in scenes.eval_indices(sc, cfg.num_eval):
-        scene = scenes.sample_scene(sc.seed, raw, "eval", sc)
+    if cfg.get("eval_compositions", "held_out") == "seen":  # training's distribution, past what training reads
+        split, raws = "train", [sc.num_train + i for i in range(cfg.num_eval)]
+    else:
+        split, raws = "eval", scenes.eval_indices(sc, cfg.num_eval)
+    for raw in raws:
+        scene = scenes.sample_scene(sc.seed, raw, split, sc)
         entries.append({"raw": raw, "kind": CAPTION, "qtype": -1, "question": "",
                         "answer": scenes.caption(scene)})
         qas = scenes.questions(scene)
         if cfg.eval_questions and len(qas) > cfg.eval_questions:
             # Drawn as training draws them (a uniform question type, then one of its questions), without
             # repeats: the eval mix matches the training mix instead of being ~3/4 COUNT questions.
-            rng = np.random.default_rng([sc.seed, scenes.SPLITS["eval"], raw, 2])
+            rng = np.random.default_rng([sc.seed, scenes.SPLITS[split], raw, 2])
             by_type: dict[str, list[scenes.QA]] = {}
             for qa in qas:
                 by_type.setdefault(qa.type, []).append(qa)
@@ -406,8 +419,7 @@ def _scene_eval_records(cfg) -> _ListRecords:
                      "answer": qa.answer} for qa in qas]
 
     def image(entry):
-        return scenes.render(scenes.sample_scene(sc.seed, entry["raw"], "eval", sc),
-                             cfg.image_size)
+        return scenes.render(scenes.sample_scene(sc.seed, entry["raw"], split, sc), cfg.image_size)
 
     return _ListRecords(entries, image, "SceneEvalRecords")
 
