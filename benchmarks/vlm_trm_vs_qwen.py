@@ -1,11 +1,11 @@
 r"""The tiny recursive decoder (TRM) beside the Qwen/Llama-style decoder at equal training FLOPs, on the
 procedural-scene VQA of ``configs/trm_vlm_qa.py``.
 
-  python benchmarks/vlm_trm_vs_qwen.py                       # 2-core CPU: ~10 min
+  python benchmarks/vlm_trm_vs_qwen.py                       # 2-core CPU: ~30 min (docs/vlm.md)
   python benchmarks/vlm_trm_vs_qwen.py --qwen_steps=20 --workdir=/tmp/trm_vs_qwen_quick   # a quick check
 
 Both arms train from scratch in full precision with the same frozen vision tower (the config's
-scene-parsing stage), connector (the default's MLP projector), data, batch and optimizer; only the
+scene-parsing stage), connector (the default's linear projector over the patch tokens), data, batch and optimizer; only the
 decoder differs:
 
   qwen   the ``default`` variant's 4-layer, 128-wide Llama/Qwen-style decoder (no text-only stage, no 4-bit
@@ -41,7 +41,7 @@ from vlmjax import tasks  # noqa: E402
 from vlmjax.train import Trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("qwen_steps", 1000, "Training steps of the qwen arm (the trm arm gets the same FLOPs).")
+flags.DEFINE_integer("qwen_steps", 400, "Training steps of the qwen arm (the trm arm gets the same FLOPs).")
 flags.DEFINE_string("workdir", "/tmp/vlm_trm_vs_qwen", "Where the two runs write (WORKDIR/qwen, WORKDIR/trm).")
 flags.DEFINE_string("out", "benchmarks/results/vlm_trm_vs_qwen.json", "JSON output path.")
 

@@ -9,7 +9,7 @@ Three runs on the procedural scenes (nothing to download):
      holds on scenes painted in random colours, so its shape features do not depend on colour (a
      tower trained on the VQA scenes themselves names the wrong shape for every held-out pair);
   3. the VLM (WORKDIR/vlm): that decoder quantised to NF4 and frozen, LoRA adapters on every
-     projection, the stage's tower frozen, a 2-layer MLP projector from scratch over its 9 patch tokens
+     projection, the stage's tower frozen, a linear projector from scratch over its 9 patch tokens
      (variant 'perceiver': a Perceiver resampler with 64 latents instead).
      Evaluation generates the answers of held-out scenes (held-out colour-shape compositions) and
      reports exact match per question type beside the answer-prior baseline.
@@ -82,7 +82,7 @@ def get_config(arg: str | None = None):
     c.data.update(dict(source="scenes", image_size=96, num_eval=128, eval_questions=3, caption_fraction=0.2,
                        max_text_len=32))
     c.vision_encoder = dict(init_from="", freeze=(), tower=vision_tower_config())
-    # Connector 'mlp' (LLaVA-1.5's projector over every patch token) on the CPU default: its 96 px tower
+    # Connector 'mlp' (every patch token through the projector, as LLaVA) on the CPU default: its 96 px tower
     # has 9 patch tokens (one per grid cell), so the prefix is 9 tokens that each hold one cell's
     # object; a 64-latent Perceiver (variant 'perceiver'; the seed's connector, which qwen3b keeps for
     # its tower's 729 patches) expands 9 -> 64, mixes the cells, and costs 3.3x the step (measured:
