@@ -42,9 +42,13 @@ def _inputs(seed=0):
     return jax.random.normal(k1, (B, T, S, S, 3)), jax.random.normal(k2, (B, T, S // 8, S // 8, 4))
 
 
-@pytest.fixture(scope="module", params=["shallow", "deep"])
+@pytest.fixture(scope="module", params=[("shallow", True), ("deep", False)], ids=["shallow", "deep"])
 def model_and_vars(request):
-    model = fov.FoveatedModel(_vit(), DEC, fov.FoveatedConfig(query_mode=request.param, film_channels=(8, 16)))
+    """Both query mechanisms; the shallow one with the read-out's position (``read_position``) and a
+    non-zero FiLM layer, as configs/foveated.py runs it, the deep one with neither."""
+    mode, where = request.param
+    model = fov.FoveatedModel(_vit(), DEC, fov.FoveatedConfig(query_mode=mode, film_channels=(8, 16),
+                                                              read_position=where, film_init=0.05 * where))
     frames, latents = _inputs()
     return model, nn.meta.unbox(model.init(jax.random.key(1), frames, latents))
 
@@ -147,6 +151,33 @@ def test_predictions_are_causal_in_the_frames(model_and_vars):
     assert float(jnp.abs(out2["attn_fine"][:, -1] - out["attn_fine"][:, -1]).max()) > 0
 
 
+def test_read_position_centroids_and_motion_input():
+    """Each head's centroid is its attention-weighted patch centre (patch units from the grid centre);
+    the LLM input of frame t adds where the read looked and how far that moved since frame t-1."""
+    model = fov.FoveatedModel(_vit(), DEC, fov.FoveatedConfig(film_channels=(8, 16), read_position=True))
+    side = S // P  # 4 x 4 patches: centres at -1.5 .. 1.5
+    attn = jnp.zeros((2, 4, side * side))
+    attn = attn.at[0, :, 0].set(1.0)  # every head on patch (row 0, col 0)
+    attn = attn.at[1, 0, side * 2 + 3].set(1.0).at[1, 1:, :].set(1.0 / (side * side))  # (2, 3); uniform
+    frames, latents = _inputs()
+    variables = nn.meta.unbox(model.init(jax.random.key(1), frames, latents))
+    c = model.apply(variables, attn, method=model.centroids)
+    np.testing.assert_allclose(c[0], jnp.tile(jnp.array([-1.5, -1.5]), 4), atol=1e-6)
+    np.testing.assert_allclose(c[1], jnp.array([1.5, 0.5, 0, 0, 0, 0, 0, 0]), atol=1e-6)
+    # think(): where_proj gets [centroid_t, centroid_t - centroid_{t-1}] (0 motion at frame 0).
+    feats = jax.random.normal(jax.random.key(4), (B * T, 32))
+    where = jax.random.normal(jax.random.key(5), (B * T, 8))
+    def inputs_of(mdl, feats, where):
+        x = mdl.feature_norm(mdl.feature_proj(feats))
+        w = where.reshape(B, T, 8)
+        moved = jnp.concatenate([jnp.zeros_like(w[:, :1]), w[:, 1:] - w[:, :-1]], 1)
+        return x.reshape(B, T, -1) + mdl.where_proj(jnp.concatenate([w, moved], -1))
+    z = jnp.concatenate([feats, where], -1)
+    want = model.apply(variables, z, method=lambda m, z: m.llm.backbone(inputs_of(m, z[:, :32], z[:, 32:]))[0])
+    got = model.apply(variables, z, B, method=model.think)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_film_head_identity_at_zero_modulation():
     head = fov.FiLMHead((8, 16), 4, residual=False)
     h = jax.random.normal(jax.random.key(0), (3, 32))
@@ -212,3 +243,22 @@ def test_smoke_trains_logs_the_ratio_and_draws_attention(smoke_run):
     # The targets were cached once under the workdir.
     assert os.path.isdir(os.path.join(workdir, "latent_cache"))
     json.dumps(end)  # the summary is plain JSON
+
+
+def test_warmup_stage_loads_every_param_and_refuses_another_model(smoke_run, tmp_path):
+    """``config.stages.warmup`` (configs/foveated.py default/deep): the next stage starts from every
+    param of the warm-up run; a model of other shapes gets one line naming the stage."""
+    from vlmjax import tasks  # pylint: disable=g-import-not-at-top
+    from vlmjax.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+    workdir, _ = smoke_run
+    saved, _ = checkpoint_lib.load_params(workdir)
+    config = load_config("foveated", "smoke")
+    task = tasks.build(config, str(tmp_path / "a"), {"warmup": workdir})
+    abstract = nn.meta.unbox(task.init_variables(jax.random.key(0)))["params"]
+    loaded = task.pretrained_params(abstract, None)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), loaded, saved)
+    other = load_config("foveated", "smoke", **{"decoder.hidden_size": 48, "decoder.intermediate_size": 96})
+    task = tasks.build(other, str(tmp_path / "b"), {"warmup": workdir})
+    abstract = nn.meta.unbox(task.init_variables(jax.random.key(0)))["params"]
+    with pytest.raises(ValueError, match="warm-up stage .* does not fit"):
+        task.pretrained_params(abstract, None)

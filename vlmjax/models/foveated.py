@@ -84,9 +84,17 @@ class FoveatedConfig:
       the modulated width F.
     residual: predict the change latent_{t+1} - latent_t (module docstring).
     film_coords: coordinate channels into the FiLM head's conv encoder (``FiLMHead.coords``).
+    film_init: init std of the (gamma, beta) layer. 0 = zero modulation at init (the output ignores h
+      until the layer grows); with ``residual`` the head still starts as copy-last either way (its
+      last conv is zero), and a non-zero value lets the loss reach the LLM from step 0.
     input_norm: LayerNorm on the projected frame features before the LLM (``feature_norm``): unit-scale
       inputs whose per-clip variation the LLM's residual stream keeps (measured: without it, a
       from-scratch LLM's output varied 0.4-3.5% across clips and the head ignored it).
+    read_position: the read-out also says WHERE it looked: each head's attention centroid over the
+      patch grid (x, y in [-1, 1], 2 x heads numbers) goes into the LLM input beside the attended
+      features (``FoveatedModel.read``). A fovea knows where it points; without this the position of
+      what was read reaches the LLM only through the encoder's position embedding, a few percent of
+      each (layer-normalised) token (docs/foveated.md, Measured).
     """
 
     query_mode: str = "shallow"
@@ -97,6 +105,8 @@ class FoveatedConfig:
     film_coords: bool = True
     input_norm: bool = True
     query_attn_init: float = 0.02
+    read_position: bool = False
+    film_init: float = 0.0
     dtype: Any = jnp.float32
 
     def __post_init__(self):
@@ -268,6 +278,7 @@ class FiLMHead(nn.Module):
     latent_channels: int
     residual: bool = True
     coords: bool = True
+    film_init: float = 0.0
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -282,7 +293,7 @@ class FiLMHead(nn.Module):
         # h was still uninformative (87% of its pre-activations below -2 after 500 steps), which cut every
         # gradient to the LLM and the encoder (1e-6 of the head's) for good.
         self.film = layers.DenseGeneral((2, width), kernel_axes=("embed", None, None), use_bias=True,
-                                        initializer_range=0.0, dtype=self.dtype)
+                                        initializer_range=self.film_init, dtype=self.dtype)
         self.decoder = [conv(c, name=f"decoder_{i}") for i, c in enumerate(reversed(self.channels))]
         last_init = nn.initializers.zeros_init() if self.residual else nn.initializers.lecun_normal()
         self.out = nn.Conv(self.latent_channels, kernel_size=(3, 3), padding="SAME", dtype=self.dtype,
@@ -357,6 +368,13 @@ class FoveatedModel(nn.Module):
                 raise ValueError(f"config.foveated.query_heads={heads} must divide the encoder width {width}.")
             self.query_xattn = QueryCrossAttention(width, heads, initializer_range=c.query_attn_init, dtype=c.dtype)
         self.feature_proj = layers.DenseGeneral(dim, kernel_axes=(None, "embed"), use_bias=True, dtype=c.dtype)
+        if c.read_position:
+            # The centroids (2 x heads numbers in [-1, 1]) get their own embedding added after the
+            # feature LayerNorm, at unit scale: concatenated into z they were 2H of Dv + 2H inputs of
+            # one projection and drowned in the content features' variation.
+            heads = c.query_heads or v.num_attention_heads
+            self.where_proj = layers.DenseGeneral(dim, kernel_axes=(None, "embed"), use_bias=False,
+                                                  initializer_range=(4 * heads) ** -0.5 * 2.0, dtype=c.dtype)
         if c.input_norm:
             self.feature_norm = layers.LayerNorm(dtype=c.dtype)
         # q_t = q_static + query_head(h°_t), query_head zero-initialised: at step 0 pass 2 reads exactly
@@ -366,7 +384,7 @@ class FoveatedModel(nn.Module):
         self.query_head = layers.DenseGeneral(dim, kernel_axes=("embed", None), use_bias=True, initializer_range=0.0,
                                               dtype=c.dtype)
         self.head = FiLMHead(c.film_channels, c.latent_channels, residual=c.residual, coords=c.film_coords,
-                             dtype=c.dtype)
+                             film_init=c.film_init, dtype=c.dtype)
 
     # ---- pieces (public for tests and the benchmark) ------------------------------------------
     def frame_cache(self, frames: Array, *, deterministic: bool = True) -> dict[str, Any]:
@@ -381,21 +399,47 @@ class FoveatedModel(nn.Module):
 
     def read(self, queries: Array, cache: dict[str, Any], *, deterministic: bool = True
              ) -> tuple[Array, Array]:
-        """queries [B*T, D] (LLM width) -> (z [B*T, Dv], attention over the patches [B*T, Np])."""
+        """queries [B*T, D] (LLM width) -> (z [B*T, Dv (+ 2H with read_position)], attention over the
+        patches [B*T, Np] (mean over heads))."""
         u = self.query_in(queries.astype(self.config.dtype))
         if self.config.query_mode == "deep":
             z, probs = self.encoder.deep_query(u, cache, deterministic=deterministic)
         else:
             z, probs = self.query_xattn(u, cache["k"], cache["v"])
         n_prefix = self.vit_config.num_prefix_tokens
-        patches = probs.mean(1)[:, n_prefix:]  # mean over heads, patches only
-        return z, patches / jnp.maximum(patches.sum(-1, keepdims=True), 1e-9)
+        per_head = probs[..., n_prefix:]  # [B*T, H, Np]: patches only
+        per_head = per_head / jnp.maximum(per_head.sum(-1, keepdims=True), 1e-9)
+        if self.config.read_position:
+            z = jnp.concatenate([z, self.centroids(per_head).astype(z.dtype)], axis=-1)
+        patches = per_head.mean(1)  # mean over heads
+        return z, patches
+
+    def centroids(self, attn: Array) -> Array:
+        """attn [B, H, Np] (each head's attention over the patch grid, rows sum to 1) -> [B, 2H]: each
+        head's attention-weighted mean patch centre (x, y) in patches from the grid centre
+        (``FoveatedConfig.read_position``)."""
+        side = int(round(attn.shape[-1] ** 0.5))
+        if side * side != attn.shape[-1]:
+            raise ValueError(f"read_position needs a square patch grid, got {attn.shape[-1]} patches.")
+        axis = jnp.arange(side, dtype=jnp.float32) - (side - 1) / 2.0  # patch units, centred
+        ys, xs = jnp.meshgrid(axis, axis, indexing="ij")
+        grid = jnp.stack([xs.reshape(-1), ys.reshape(-1)], -1)  # [Np, 2], row-major like the patches
+        return rearrange(jnp.einsum("bhn,nc->bhc", attn.astype(jnp.float32), grid), "b h c -> b (h c)")
 
     def think(self, z: Array, b: int, *, deterministic: bool = True) -> Array:
         """z [B*T, Dv] -> the LLM's hidden states [B, T, D] (causal over the frames)."""
+        where = None
+        if self.config.read_position:
+            z, where = z[:, :self.vit_config.hidden_size], z[:, self.vit_config.hidden_size:]
         x = self.feature_proj(z)
         if self.config.input_norm:
             x = self.feature_norm(x)
+        if where is not None:
+            # Where it looked, and how far that moved since the previous frame (0 at frame 0).
+            where = rearrange(where, "(b t) c -> b t c", b=b)
+            moved = jnp.concatenate([jnp.zeros_like(where[:, :1]), where[:, 1:] - where[:, :-1]], axis=1)
+            where = rearrange(jnp.concatenate([where, moved], -1), "b t c -> (b t) c")
+            x = x + self.where_proj(where.astype(x.dtype))
         x = rearrange(x, "(b t) d -> b t d", b=b)
         hidden, _ = self.llm.backbone(x.astype(self.decoder_config.dtype))
         return hidden

@@ -54,6 +54,7 @@ from vlmjax.models import foveated as foveated_lib
 from vlmjax.models import vit as vit_lib
 from vlmjax.tasks import video_cls
 from vlmjax.tasks.base import DataTask, is_hf_dir
+from vlmjax.train import checkpoint
 
 # DINOv2 / DINOv3 preprocessing (ImageNet statistics); CLIP-family checkpoints set their own.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -62,6 +63,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _RUN_FIELDS = ("dtype", "remat", "attention_impl")
 _FOVEATED_KEYS = ("lambda_coarse",)
 PICTURE = "attention.png"
+# The optional config.stages entry: the same model trained first on easier clips (configs/foveated.py).
+WARMUP_STAGE = "warmup"
 
 
 def encoder_section() -> ml_collections.ConfigDict:
@@ -177,6 +180,8 @@ class FoveatedTask(DataTask):
                                jnp.zeros((1, t, *self.latent_shape), jnp.float32))
 
     def pretrained_params(self, abstract_params, shardings):
+        if WARMUP_STAGE in self.stage_dirs:
+            return self._load_warmup(abstract_params, shardings)
         out = {}
         ec, dc = self.config.encoder, self.config.decoder
         if ec.init_from:
@@ -195,6 +200,24 @@ class FoveatedTask(DataTask):
             sh = None if shardings is None else shardings["llm"]
             out["llm"] = convert.load_params(dc.init_from, spec, abstract_params["llm"], shardings=sh)
         return out or None
+
+    def _load_warmup(self, abstract_params, shardings):
+        """Every param from the warm-up stage's checkpoint (``config.stages.warmup``: the same model
+        trained first on easier clips, e.g. one sprite; it started from the init_from checkpoints
+        itself). Shapes must match this model's."""
+        source = self.stage_dirs[WARMUP_STAGE]
+        saved, _ = checkpoint.load_params(source)
+        want, have = tree.flatten(abstract_params), tree.flatten(saved)
+        bad = [f"{k}: {tuple(have[k].shape) if k in have else 'missing'} vs {tuple(want[k].shape)}"
+               for k in want if k not in have or tuple(have[k].shape) != tuple(want[k].shape)]
+        if bad:
+            raise ValueError(f"the warm-up stage in {source} does not fit this model ({bad[0]}); give "
+                             f"config.stages.{WARMUP_STAGE} the same encoder, decoder and foveated sections, "
+                             "or delete that stage's workdir.")
+        params = tree.unflatten({k: jnp.asarray(have[k], want[k].dtype) for k in want})
+        if shardings is not None:
+            params = jax.tree.map(jax.device_put, params, shardings)
+        return params
 
     def optimizer_config(self, optim_cfg):
         """Freezes ``encoder.freeze`` (regexes inside the encoder). The LLM has no vocabulary matrices
