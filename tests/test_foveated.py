@@ -154,7 +154,8 @@ def test_predictions_are_causal_in_the_frames(model_and_vars):
 def test_read_position_centroids_and_motion_input():
     """Each head's centroid is its attention-weighted patch centre (patch units from the grid centre);
     the LLM input of frame t adds where the read looked and how far that moved since frame t-1."""
-    model = fov.FoveatedModel(_vit(), DEC, fov.FoveatedConfig(film_channels=(8, 16), read_position=True))
+    model = fov.FoveatedModel(_vit(), DEC, fov.FoveatedConfig(film_channels=(8, 16), read_position=True,
+                                                              read_motion=True))
     side = S // P  # 4 x 4 patches: centres at -1.5 .. 1.5
     attn = jnp.zeros((2, 4, side * side))
     attn = attn.at[0, :, 0].set(1.0)  # every head on patch (row 0, col 0)
@@ -164,14 +165,16 @@ def test_read_position_centroids_and_motion_input():
     c = model.apply(variables, attn, method=model.centroids)
     np.testing.assert_allclose(c[0], jnp.tile(jnp.array([-1.5, -1.5]), 4), atol=1e-6)
     np.testing.assert_allclose(c[1], jnp.array([1.5, 0.5, 0, 0, 0, 0, 0, 0]), atol=1e-6)
-    # think(): where_proj gets [centroid_t, centroid_t - centroid_{t-1}] (0 motion at frame 0).
+    # think(): where_proj gets [centroid_t, centroid_t - centroid_{t-1}] (0 motion at frame 0), and
+    # motion_proj the features' change z_t - z_{t-1}.
     feats = jax.random.normal(jax.random.key(4), (B * T, 32))
     where = jax.random.normal(jax.random.key(5), (B * T, 8))
     def inputs_of(mdl, feats, where):
         x = mdl.feature_norm(mdl.feature_proj(feats))
-        w = where.reshape(B, T, 8)
-        moved = jnp.concatenate([jnp.zeros_like(w[:, :1]), w[:, 1:] - w[:, :-1]], 1)
-        return x.reshape(B, T, -1) + mdl.where_proj(jnp.concatenate([w, moved], -1))
+        moved = lambda a: jnp.concatenate([jnp.zeros_like(a[:, :1]), a[:, 1:] - a[:, :-1]], 1)
+        w, f = where.reshape(B, T, 8), feats.reshape(B, T, 32)
+        return (x.reshape(B, T, -1) + mdl.where_proj(jnp.concatenate([w, moved(w)], -1))
+                + mdl.motion_proj(moved(f)))
     z = jnp.concatenate([feats, where], -1)
     want = model.apply(variables, z, method=lambda m, z: m.llm.backbone(inputs_of(m, z[:, :32], z[:, 32:]))[0])
     got = model.apply(variables, z, B, method=model.think)

@@ -36,6 +36,8 @@ Parameter tree:
     query_xattn/...         shallow only: q/k/v/out projections of the cross-attention
     feature_proj/kernel [Dv, D]   z_t -> the LLM input embedding
     feature_norm/...        LayerNorm on it (``input_norm``)
+    where_proj/kernel [4H, D]     read_position: [centroids_t, centroids_t - centroids_{t-1}] -> added
+    motion_proj/kernel [Dv, D]    read_motion: z_t - z_{t-1} -> added
     llm/...                 the decoder (``decoder.Decoder``, HF names: SmolLM2 / Llama / Qwen load here)
     query_head/...          h°_t -> q_t - q_static (Dense D -> D, zero-initialised)
     head/...                ``FiLMHead``: h_t and latent_t -> latent_{t+1}
@@ -84,6 +86,8 @@ class FoveatedConfig:
       the modulated width F.
     residual: predict the change latent_{t+1} - latent_t (module docstring).
     film_coords: coordinate channels into the FiLM head's conv encoder (``FiLMHead.coords``).
+    read_motion: the LLM input of frame t also gets the change of the read-out's features since frame
+      t-1 (``motion_proj``; 0 at frame 0).
     film_init: init std of the (gamma, beta) layer. 0 = zero modulation at init (the output ignores h
       until the layer grows); with ``residual`` the head still starts as copy-last either way (its
       last conv is zero), and a non-zero value lets the loss reach the LLM from step 0.
@@ -106,6 +110,7 @@ class FoveatedConfig:
     input_norm: bool = True
     query_attn_init: float = 0.02
     read_position: bool = False
+    read_motion: bool = False
     film_init: float = 0.0
     dtype: Any = jnp.float32
 
@@ -368,6 +373,11 @@ class FoveatedModel(nn.Module):
                 raise ValueError(f"config.foveated.query_heads={heads} must divide the encoder width {width}.")
             self.query_xattn = QueryCrossAttention(width, heads, initializer_range=c.query_attn_init, dtype=c.dtype)
         self.feature_proj = layers.DenseGeneral(dim, kernel_axes=(None, "embed"), use_bias=True, dtype=c.dtype)
+        if c.read_motion:
+            # How the read-out changed since the previous frame (an RGB-difference-like input, as in
+            # TSN): a moving sprite changes its patch tokens, and that change carries its colour.
+            self.motion_proj = layers.DenseGeneral(dim, kernel_axes=(None, "embed"), use_bias=False,
+                                                   initializer_range=width ** -0.5 * 4.0, dtype=c.dtype)
         if c.read_position:
             # The centroids (2 x heads numbers in [-1, 1]) get their own embedding added after the
             # feature LayerNorm, at unit scale: concatenated into z they were 2H of Dv + 2H inputs of
@@ -427,19 +437,19 @@ class FoveatedModel(nn.Module):
         return rearrange(jnp.einsum("bhn,nc->bhc", attn.astype(jnp.float32), grid), "b h c -> b (h c)")
 
     def think(self, z: Array, b: int, *, deterministic: bool = True) -> Array:
-        """z [B*T, Dv] -> the LLM's hidden states [B, T, D] (causal over the frames)."""
-        where = None
-        if self.config.read_position:
-            z, where = z[:, :self.vit_config.hidden_size], z[:, self.vit_config.hidden_size:]
-        x = self.feature_proj(z)
-        if self.config.input_norm:
+        """z [B*T, Dv (+ 2H with read_position)] (``read``) -> the LLM's hidden states [B, T, D]
+        (causal over the frames: the motion inputs look one frame back)."""
+        c = self.config
+        dv = self.vit_config.hidden_size
+        feats, where = (z[:, :dv], z[:, dv:]) if c.read_position else (z, None)
+        x = self.feature_proj(feats)
+        if c.input_norm:
             x = self.feature_norm(x)
         if where is not None:
-            # Where it looked, and how far that moved since the previous frame (0 at frame 0).
-            where = rearrange(where, "(b t) c -> b t c", b=b)
-            moved = jnp.concatenate([jnp.zeros_like(where[:, :1]), where[:, 1:] - where[:, :-1]], axis=1)
-            where = rearrange(jnp.concatenate([where, moved], -1), "b t c -> (b t) c")
-            x = x + self.where_proj(where.astype(x.dtype))
+            # Where it looked, and how far that moved since the previous frame.
+            x = x + self.where_proj(jnp.concatenate([where, _since_previous(where, b)], -1).astype(x.dtype))
+        if c.read_motion:
+            x = x + self.motion_proj(_since_previous(feats, b).astype(x.dtype))
         x = rearrange(x, "(b t) d -> b t d", b=b)
         hidden, _ = self.llm.backbone(x.astype(self.decoder_config.dtype))
         return hidden
@@ -486,6 +496,13 @@ class FoveatedModel(nn.Module):
         grid = lambda a: rearrange(a, "(b t) n -> b t n", b=b)
         return {"pred_coarse": self.predict(h0, latents), "pred_fine": self.predict(h1, latents),
                 "attn_coarse": grid(attn0), "attn_fine": grid(attn1), "queries": queries}
+
+
+def _since_previous(a: Array, b: int) -> Array:
+    """a [B*T, C] (frames of B clips, in order) -> a_t - a_{t-1} [B*T, C], 0 at each clip's frame 0."""
+    a = rearrange(a, "(b t) c -> b t c", b=b)
+    moved = jnp.concatenate([jnp.zeros_like(a[:, :1]), a[:, 1:] - a[:, :-1]], axis=1)
+    return rearrange(moved, "b t c -> (b t) c")
 
 
 def shift_queries(q_init: Array, predicted: Array) -> Array:
