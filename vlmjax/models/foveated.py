@@ -95,10 +95,11 @@ class FoveatedConfig:
       inputs whose per-clip variation the LLM's residual stream keeps (measured: without it, a
       from-scratch LLM's output varied 0.4-3.5% across clips and the head ignored it).
     read_position: the read-out also says WHERE it looked: each head's attention centroid over the
-      patch grid (x, y in [-1, 1], 2 x heads numbers) goes into the LLM input beside the attended
-      features (``FoveatedModel.read``). A fovea knows where it points; without this the position of
-      what was read reaches the LLM only through the encoder's position embedding, a few percent of
-      each (layer-normalised) token (docs/foveated.md, Measured).
+      patch grid (x, y in patches from the grid centre, 2 x heads numbers; ``FoveatedModel.read``) and
+      how far it moved since the previous frame, through their own embedding added to the LLM input
+      (``where_proj``). A fovea knows where it points; without this the position of what was read
+      reaches the LLM only through the encoder's position embedding, a few percent of each
+      (layer-normalised) token (docs/foveated.md, Measured).
     """
 
     query_mode: str = "shallow"
@@ -379,9 +380,10 @@ class FoveatedModel(nn.Module):
             self.motion_proj = layers.DenseGeneral(dim, kernel_axes=(None, "embed"), use_bias=False,
                                                    initializer_range=width ** -0.5 * 4.0, dtype=c.dtype)
         if c.read_position:
-            # The centroids (2 x heads numbers in [-1, 1]) get their own embedding added after the
-            # feature LayerNorm, at unit scale: concatenated into z they were 2H of Dv + 2H inputs of
-            # one projection and drowned in the content features' variation.
+            # The centroids and their move since the previous frame (4 x heads numbers, patch units)
+            # get their own embedding added after the feature LayerNorm: concatenated into z they were
+            # 2H of Dv + 2H inputs of one projection and drowned in the content features' variation
+            # (measured: state_use 1.000); the move (a velocity) is what made the head use h.
             heads = c.query_heads or v.num_attention_heads
             self.where_proj = layers.DenseGeneral(dim, kernel_axes=(None, "embed"), use_bias=False,
                                                   initializer_range=(4 * heads) ** -0.5 * 2.0, dtype=c.dtype)
