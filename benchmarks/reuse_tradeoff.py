@@ -74,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=5, help="Timed calls per wall-time measurement.")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="Extra config overrides for every run, e.g. --set=reuse.chunk_tokens=32.")
+    p.add_argument("--suffix", default="", help="Appended to every point's name and run dir (rows of other "
+                   "--set overrides beside the defaults in one table, e.g. --suffix=-r16).")
     p.add_argument("--out", default="", help="Output prefix (default benchmarks/results/reuse_tradeoff_<backend>).")
     p.add_argument("--force", action="store_true", help="Re-evaluate rows already in <out>.json.")
     return p.parse_args(argv)
@@ -245,7 +247,7 @@ def plot(rows, path: str) -> str | None:
 
 COLUMNS = ["name", "policy", "target", "clips", "decided", "executed", "compute_reuse", "analytic_ratio",
            "xla_ratio", "time_ratio", "time_ratio_static", "pooled_cos", "pooled_cos_min", "probe_acc_original", "probe_acc_reuse",
-           "head_acc_original", "head_acc_reuse", "train_s"]
+           "head_acc_original", "head_acc_reuse", "train_s", "machine", "overrides"]
 
 
 def main(argv=None) -> int:
@@ -258,8 +260,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     base = make_config(args, None, None)
     backbone = train_backbone(base, args.workdir)
-    points = [(f"t{t}", float(t), None) for t in args.targets.split(",") if t]
-    points += [(f"topk{k}", None, float(k)) for k in args.topk.split(",") if k]
+    points = [(f"t{t}{args.suffix}", float(t), None) for t in args.targets.split(",") if t]
+    points += [(f"topk{k}{args.suffix}", None, float(k)) for k in args.topk.split(",") if k]
     for name, target, topk in points:
         if all((name, c) in done for c in ("static", "pan")):
             print(f"=== {name}: in {out}.json already", flush=True)
@@ -287,7 +289,9 @@ def main(argv=None) -> int:
             if clips == "pan":
                 cfg.data.background = "pan"
             row = {"name": name, "policy": "mlp" if topk is None else "topk_similarity",
-                   "target": target if topk is None else topk, "train_s": train_s}
+                   "target": target if topk is None else topk, "train_s": train_s,
+                   "overrides": " ".join(args.set), "machine": common.machine_info().get("cpu_model")
+                   if jax.default_backend() == "cpu" else str(jax.devices()[0].device_kind)}
             row.update(evaluate(cfg, run_dir, params, clips, args.iters))
             print(json.dumps(row), flush=True)
             rows = [r for r in rows if (r["name"], r["clips"]) != (name, clips)] + [row]

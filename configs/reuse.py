@@ -101,8 +101,12 @@ def get_config(arg: str | None = None):
         c.data.update(STATIC_CAMERA)
         c.update(dict(total_steps=600, batch_size=16, ckpt_every=200))
         # Restoration at D=128: the per-state D -> 64 -> D MLPs cost 25% of a recomputed token's layer
-        # FLOPs; one shared D -> 32 layer with a 32 -> D output per state, 8%.
-        c.reuse.update(dict(restoration="shared_mlp", restoration_dim=32))
+        # FLOPs; one shared D -> r layer with an r -> D output per state, 8% at r=32 and 4% at r=16.
+        # r=16 at target 0.85 (static clips, AMD EPYC 2 cores): analytic FLOPs 0.413 (0.465 at r=32),
+        # pooled cosine 0.9815, probe -1.2 points on 256 clips (benchmarks/results/reuse_tradeoff_cpu.md).
+        c.reuse.update(dict(restoration="shared_mlp", restoration_dim=16))
+        # The probe on the whole eval split (256 clips; 128 left one clip = 0.8 points).
+        c.probe.update(dict(num_train=512, num_eval=256))
         c.reuse_loss.update(dict(target_reuse_rate=0.85, hloss_scaler=(0.0, 1.5)))
         if v == "deep_smoke":
             c.data.update(dict(image_size=32, patch_size=8, num_frames=4, num_threads=0, prefetch_batches=0))

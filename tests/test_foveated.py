@@ -181,6 +181,42 @@ def test_read_position_centroids_and_motion_input():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_key_position_makes_places_addressable_and_query_head_init():
+    """key_position: the shallow cross-attention's keys get a learned per-token, per-head offset
+    (key_pos [N, H, Dh], N = prefix + patches); a query equal to one patch's offset (and nothing else
+    in the keys) attends there most. query_head_init > 0: pass 2's queries differ from the static one
+    from step 0."""
+    xattn = fov.QueryCrossAttention(32, 4, key_position=1.0, num_tokens=1 + 16)
+    tokens = jax.random.normal(jax.random.key(0), (2, 17, 32))
+    variables = nn.meta.unbox(xattn.init(jax.random.key(1), tokens, method=xattn.keys_values))
+    pos = variables["params"]["key_pos"]
+    assert pos.shape == (17, 4, 8)
+    k, v = xattn.apply(variables, tokens, method=xattn.keys_values)
+    plain = fov.QueryCrossAttention(32, 4)
+    k0, v0 = plain.apply(variables, tokens, method=plain.keys_values)  # the same q/k/v kernels, no offset
+    np.testing.assert_allclose(k, k0 + pos, atol=1e-5)
+    np.testing.assert_allclose(v, v0, atol=1e-6)
+    # Only the offsets in the keys (zero k_proj): a query along patch 5's offset attends to it most.
+    zero_k = dict(variables["params"], k_proj=jax.tree.map(jnp.zeros_like, variables["params"]["k_proj"]))
+    k, v = xattn.apply({"params": zero_k}, tokens, method=xattn.keys_values)
+    q = 4.0 * pos[5] / jnp.linalg.norm(pos[5], axis=-1, keepdims=True)  # [H, Dh]
+    _, probs = fov._query_attention(jnp.broadcast_to(q, (2, 1, 4, 8)), k, v, jnp.float32)
+    assert (np.asarray(probs).argmax(-1) == 5).all()
+    with pytest.raises(ValueError, match="17 tokens"):
+        xattn.apply(variables, tokens[:, :9], method=xattn.keys_values)
+    with pytest.raises(ValueError, match="key_position"):
+        fov.FoveatedConfig(query_mode="deep", key_position=1.0).validate()
+    # The full model with both: the param exists, and the queries move away from the static one at init.
+    model = fov.FoveatedModel(_vit(), DEC, fov.FoveatedConfig(film_channels=(8, 16), key_position=1.0,
+                                                              query_head_init=0.05))
+    frames, latents = _inputs()
+    mv = nn.meta.unbox(model.init(jax.random.key(1), frames, latents))
+    n_tokens = 1 + 2 + (S // P) ** 2  # CLS, 2 registers, patches
+    assert mv["params"]["query_xattn"]["key_pos"].shape == (n_tokens, 4, 8)
+    out = model.apply(mv, frames, latents)
+    assert float(jnp.abs(out["queries"][:, 1:] - mv["params"]["query_static"]).max()) > 1e-2
+
+
 def test_film_head_identity_at_zero_modulation():
     head = fov.FiLMHead((8, 16), 4, residual=False)
     h = jax.random.normal(jax.random.key(0), (3, 32))
@@ -246,6 +282,43 @@ def test_smoke_trains_logs_the_ratio_and_draws_attention(smoke_run):
     # The targets were cached once under the workdir.
     assert os.path.isdir(os.path.join(workdir, "latent_cache"))
     json.dumps(end)  # the summary is plain JSON
+
+
+def test_look_loss_rewards_attention_on_the_changed_patches():
+    """``FoveatedTask.look_loss``: -log(pass-2 attention mass on the changed patches) over frames 1..
+    that changed; frame 0 (all True by convention) and frames without change do not count."""
+    from vlmjax.tasks.foveated import FoveatedTask  # pylint: disable=g-import-not-at-top
+    changed = np.zeros((2, 3, 4), bool)
+    changed[:, 0] = True               # frame 0: ignored
+    changed[0, 1, :2] = True           # clip 0: frame 1 changed at patches 0, 1; frame 2 unchanged
+    changed[1, 1, 3] = changed[1, 2, 0] = True
+    uniform = np.full((2, 3, 4), 0.25, np.float32)
+    on = np.zeros((2, 3, 4), np.float32)
+    on[0, :, 1] = 1.0                  # clip 0 looks at patch 1 (changed in frame 1)
+    on[1, :, 0] = 1.0                  # clip 1 at patch 0: right in frame 2, wrong in frame 1
+    got = np.asarray(FoveatedTask.look_loss(jnp.asarray(uniform), jnp.asarray(changed)))
+    np.testing.assert_allclose(got, [-np.log(0.5), -np.log(0.25)], rtol=1e-6)
+    got = np.asarray(FoveatedTask.look_loss(jnp.asarray(on), jnp.asarray(changed)))
+    np.testing.assert_allclose(got, [0.0, -np.log(1e-6) / 2], rtol=1e-5)
+
+
+def test_lambda_look_adds_the_look_loss_to_training(tmp_path):
+    """config.foveated.lambda_look > 0: the training loss is fine + lambda_coarse * coarse +
+    lambda_look * look_loss, logged as loss_look; a negative weight is refused naming the field."""
+    from vlmjax import tasks  # pylint: disable=g-import-not-at-top
+    config = load_config("foveated", "smoke", **{"foveated.lambda_look": 0.5})
+    task = tasks.build(config, str(tmp_path / "a"))
+    params = nn.meta.unbox(task.init_variables(jax.random.key(0)))["params"]
+    batch = next(iter(task.eval_batches(global_batch_size=4, process_index=0, process_count=1)))
+    batch = jax.tree.map(jnp.asarray, batch)
+    loss, aux = task.loss_fn(params, {}, batch, None, 0)
+    m = aux["metrics"]
+    out = task._forward(params, batch)
+    look = jnp.mean(task.look_loss(out["attn_fine"], batch["changed_patches"]))
+    np.testing.assert_allclose(m["loss_look"], look, rtol=1e-5)
+    np.testing.assert_allclose(loss, m["loss_fine"] + m["loss_coarse"] + 0.5 * m["loss_look"], rtol=1e-5)
+    with pytest.raises(ValueError, match="lambda_look"):
+        tasks.build(load_config("foveated", "smoke", **{"foveated.lambda_look": -1.0}), str(tmp_path / "b"))
 
 
 def test_warmup_stage_loads_every_param_and_refuses_another_model(smoke_run, tmp_path):

@@ -33,7 +33,8 @@ Parameter tree:
                             SigLIP checkpoint loads here)
     query_static [D]        q_static (pass 1)       query_init [D]  q_init (pass 2, frame 0)
     query_in/kernel [D, Dv] the query, from the LLM width into the encoder width
-    query_xattn/...         shallow only: q/k/v/out projections of the cross-attention
+    query_xattn/...         shallow only: q/k/v/out projections of the cross-attention (and key_pos
+                            [N, H, Dh] with key_position)
     feature_proj/kernel [Dv, D]   z_t -> the LLM input embedding
     feature_norm/...        LayerNorm on it (``input_norm``)
     where_proj/kernel [4H, D]     read_position: [centroids_t, centroids_t - centroids_{t-1}] -> added
@@ -81,6 +82,9 @@ class FoveatedConfig:
     query_mode: 'shallow' | 'deep' (module docstring).
     query_heads: heads of the shallow cross-attention (0 = the encoder's).
     query_attn_init: init std of its q/k/v/out projections.
+    key_position: shallow only: init std of a learned per-token, per-head offset added to the cross-
+        attention's keys (``QueryCrossAttention.key_pos``), so a query can address a place, not only a
+        content (0 = off: the keys carry position only through the encoder's position embeddings).
     latent_channels: C of the target latents (4: SD-VAE and the pixel encoder).
     film_channels: widths of the FiLM head's conv encoder (the decoder mirrors it); the last one is
       the modulated width F.
@@ -94,6 +98,9 @@ class FoveatedConfig:
     input_norm: LayerNorm on the projected frame features before the LLM (``feature_norm``): unit-scale
       inputs whose per-clip variation the LLM's residual stream keeps (measured: without it, a
       from-scratch LLM's output varied 0.4-3.5% across clips and the head ignored it).
+    query_head_init: init std of the query head (h°_t -> q_t - q_static). 0 = pass 2 starts as pass 1
+        exactly; but then no gradient reaches the LLM through the queries until the head has grown,
+        and the LLM's state across clips may collapse before it does (docs/foveated.md).
     read_position: the read-out also says WHERE it looked: each head's attention centroid over the
       patch grid (x, y in patches from the grid centre, 2 x heads numbers; ``FoveatedModel.read``) and
       how far it moved since the previous frame, through their own embedding added to the LLM input
@@ -110,6 +117,8 @@ class FoveatedConfig:
     film_coords: bool = True
     input_norm: bool = True
     query_attn_init: float = 0.02
+    key_position: float = 0.0
+    query_head_init: float = 0.0
     read_position: bool = False
     read_motion: bool = False
     film_init: float = 0.0
@@ -128,6 +137,13 @@ class FoveatedConfig:
                              "(0 = the encoder's heads).")
         if not isinstance(self.latent_channels, int) or self.latent_channels < 1:
             raise ValueError(f"config.foveated.latent_channels={self.latent_channels!r} must be an int >= 1.")
+        if not self.query_head_init >= 0:
+            raise ValueError(f"config.foveated.query_head_init={self.query_head_init!r} must be >= 0.")
+        if not self.key_position >= 0:
+            raise ValueError(f"config.foveated.key_position={self.key_position!r} must be >= 0 (0 = off).")
+        if self.key_position and self.query_mode != "shallow":
+            raise ValueError("config.foveated.key_position applies to query_mode='shallow' only (the deep query "
+                             "attends inside the encoder, whose tokens carry their positions); set it to 0.")
         if not self.film_channels or min(self.film_channels) < 1:
             raise ValueError(f"config.foveated.film_channels={self.film_channels!r} must be one or more "
                              "positive widths, e.g. (64, 128).")
@@ -249,10 +265,16 @@ class QueryCrossAttention(nn.Module):
     hidden_size: int
     num_heads: int
     initializer_range: float = 0.02
+    key_position: float = 0.0  # init std of key_pos [N, H, Dh] (FoveatedConfig.key_position; 0 = none)
+    num_tokens: int = 0        # N, the tokens the keys come from (needed with key_position)
     dtype: Any = jnp.float32
 
     def setup(self):
         h, dh = self.num_heads, self.hidden_size // self.num_heads
+        if self.key_position:
+            self.key_pos = self.param("key_pos", nn.with_logical_partitioning(
+                nn.initializers.normal(self.key_position), (None, "kv_heads", "head_dim")),
+                (self.num_tokens, h, dh), jnp.float32)
         dense = functools.partial(layers.DenseGeneral, use_bias=True, initializer_range=self.initializer_range,
                                   dtype=self.dtype)
         self.q_proj = dense((h, dh), kernel_axes=("embed", "q_heads", "head_dim"))
@@ -261,8 +283,13 @@ class QueryCrossAttention(nn.Module):
         self.out_proj = dense(self.hidden_size, kernel_axes=("q_heads", "head_dim", "embed"), axis=(-2, -1))
 
     def keys_values(self, tokens: Array) -> tuple[Array, Array]:
-        """tokens [B, N, D] -> k, v [B, N, H, Dh]."""
-        return self.k_proj(tokens), self.v_proj(tokens)
+        """tokens [B, N, D] -> k, v [B, N, H, Dh] (k + key_pos with ``key_position``)."""
+        k = self.k_proj(tokens)
+        if self.key_position:
+            if tokens.shape[1] != self.num_tokens:
+                raise ValueError(f"key_position: built for {self.num_tokens} tokens, got {tokens.shape[1]}.")
+            k = k + self.key_pos.astype(k.dtype)
+        return k, self.v_proj(tokens)
 
     def __call__(self, u: Array, k: Array, v: Array) -> tuple[Array, Array]:
         """u [B, D] (encoder width), k/v [B, N, H, Dh] -> (z [B, D], probs [B, H, N])."""
@@ -372,7 +399,9 @@ class FoveatedModel(nn.Module):
             heads = c.query_heads or v.num_attention_heads
             if width % heads:
                 raise ValueError(f"config.foveated.query_heads={heads} must divide the encoder width {width}.")
-            self.query_xattn = QueryCrossAttention(width, heads, initializer_range=c.query_attn_init, dtype=c.dtype)
+            self.query_xattn = QueryCrossAttention(width, heads, initializer_range=c.query_attn_init,
+                                                   key_position=c.key_position,
+                                                   num_tokens=v.num_prefix_tokens + v.grid_size ** 2, dtype=c.dtype)
         self.feature_proj = layers.DenseGeneral(dim, kernel_axes=(None, "embed"), use_bias=True, dtype=c.dtype)
         if c.read_motion:
             # How the read-out changed since the previous frame (an RGB-difference-like input, as in
@@ -393,8 +422,8 @@ class FoveatedModel(nn.Module):
         # what pass 1 read (fine = coarse, ratio 1), and the LLM moves each query away from the static
         # one only as far as that lowers loss_fine. (A random head would start pass 2 from arbitrary,
         # near-uniform attention, a worse starting point than pass 1's.)
-        self.query_head = layers.DenseGeneral(dim, kernel_axes=("embed", None), use_bias=True, initializer_range=0.0,
-                                              dtype=c.dtype)
+        self.query_head = layers.DenseGeneral(dim, kernel_axes=("embed", None), use_bias=True,
+                                              initializer_range=c.query_head_init, dtype=c.dtype)
         self.head = FiLMHead(c.film_channels, c.latent_channels, residual=c.residual, coords=c.film_coords,
                              film_init=c.film_init, dtype=c.dtype)
 

@@ -40,6 +40,28 @@ def is_hf_dir(path: str) -> bool:
         return True
 
 
+def fit_saved(saved, abstract, shardings=None, *, where: str, hint: str) -> Any:
+    """A saved params (sub)tree fitted to this model's: every leaf of ``abstract`` (ShapeDtypeStructs),
+    cast to its dtype and placed with ``shardings`` (same structure, or None).
+
+    A missing leaf or another shape raises one ValueError: "<where> does not fit this model (<first
+    mismatch>); <hint>" (for stages: give the stage the same sections, or delete its workdir).
+    """
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    want, have = tree.flatten(abstract), tree.flatten(saved)
+    bad = [f"{k}: {tuple(have[k].shape) if k in have else 'missing'} vs {tuple(want[k].shape)}"
+           for k in want if k not in have or tuple(have[k].shape) != tuple(want[k].shape)]
+    if bad:
+        raise ValueError(f"{where} does not fit this model ({bad[0]}); {hint}")
+    params = tree.unflatten({k: jnp.asarray(have[k], want[k].dtype) for k in want})
+    if shardings is not None:
+        flat = tree.flatten(shardings)
+        params = tree.unflatten({k: jax.device_put(v, flat[k]) for k, v in tree.flatten(params).items()})
+    return params
+
+
 def load_pretrained(entries, abstract_params, shardings, skip=()) -> dict[str, Any]:
     """Loads HF checkpoint directories into subtrees of the param tree (any backbone family).
 
@@ -69,4 +91,4 @@ def load_pretrained(entries, abstract_params, shardings, skip=()) -> dict[str, A
     return out
 
 
-__all__ = ["DataTask", "Task", "is_hf_dir", "load_pretrained"]
+__all__ = ["DataTask", "Task", "fit_saved", "is_hf_dir", "load_pretrained"]

@@ -4,7 +4,8 @@ docs/foveated.md).
 The model (``vlmjax.models.foveated.FoveatedModel``) reads every frame of a clip twice: with a learned
 static query (pass 1, coarse) and with the queries its LLM predicted from pass 1 (pass 2, fine), and
 predicts each next frame's latent from each pass. Training minimises
-``loss_fine + lambda_coarse * loss_coarse`` (MSE on the cached target latents). The success metric
+``loss_fine + lambda_coarse * loss_coarse`` (MSE on the cached target latents; plus
+``lambda_look * look_loss`` when set). The success metric
 (the seed's) is ``loss_fine / loss_coarse`` on held-out clips: below 1 when the LLM's choice of where
 to look helps.
 
@@ -20,8 +21,8 @@ Config sections this task reads (besides the trainer block):
             freeze (regexes inside the encoder)
   decoder   init_from (an HF Llama / Qwen dir, e.g. SmolLM2-135M) and ``DecoderConfig`` fields
             (the architecture when training from scratch; dtype / remat / attention_impl always)
-  foveated  ``FoveatedConfig`` fields (query_mode, query_heads, film_channels, residual, ...) and
-            lambda_coarse
+  foveated  ``FoveatedConfig`` fields (query_mode, query_heads, film_channels, residual, ...),
+            lambda_coarse and lambda_look (``FoveatedTask.look_loss``, 0 = off)
   model     dtype, attention_impl
   eval      max_batches, num_pictures (clips drawn in attention.png after every evaluation)
 
@@ -53,7 +54,7 @@ from vlmjax.models import decoder as decoder_lib
 from vlmjax.models import foveated as foveated_lib
 from vlmjax.models import vit as vit_lib
 from vlmjax.tasks import video_cls
-from vlmjax.tasks.base import DataTask, is_hf_dir
+from vlmjax.tasks.base import DataTask, fit_saved, is_hf_dir
 from vlmjax.train import checkpoint
 
 # DINOv2 / DINOv3 preprocessing (ImageNet statistics); CLIP-family checkpoints set their own.
@@ -61,7 +62,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Decoder fields that say how to run a checkpoint, not its architecture (applied on top of config.json).
 _RUN_FIELDS = ("dtype", "remat", "attention_impl")
-_FOVEATED_KEYS = ("lambda_coarse",)
+_FOVEATED_KEYS = ("lambda_coarse", "lambda_look")
 PICTURE = "attention.png"
 # The optional config.stages entry: the same model trained first on easier clips (configs/foveated.py).
 WARMUP_STAGE = "warmup"
@@ -84,10 +85,12 @@ def decoder_section() -> ml_collections.ConfigDict:
 
 def foveated_section() -> ml_collections.ConfigDict:
     """``config.foveated``: every ``FoveatedConfig`` field at its default (dtype comes from
-    ``config.model``) plus ``lambda_coarse``."""
+    ``config.model``) plus ``lambda_coarse`` and ``lambda_look``."""
     c = config_util.config_dict(foveated_lib.FoveatedConfig)
     del c["dtype"]
     c.lambda_coarse = 1.0
+    # Weight of the look-where-it-changes loss on pass 2's attention (``FoveatedTask.look_loss``; 0 = off).
+    c.lambda_look = 0.0
     return c
 
 
@@ -102,8 +105,10 @@ class FoveatedTask(DataTask):
                                                   ignore=_FOVEATED_KEYS, dtype=config.model.dtype)
         self.fov_config.validate()
         self.lambda_coarse = float(config.foveated.lambda_coarse)
-        if not self.lambda_coarse >= 0:
-            raise ValueError(f"config.foveated.lambda_coarse={self.lambda_coarse!r} must be >= 0.")
+        self.lambda_look = float(config.foveated.get("lambda_look", 0.0))
+        for name in _FOVEATED_KEYS:
+            if not float(config.foveated.get(name, 0.0)) >= 0:
+                raise ValueError(f"config.foveated.{name}={config.foveated.get(name)!r} must be >= 0.")
         d = config.data
         if d.patch_size != self.vit_config.patch_size:
             raise ValueError(f"config.data.patch_size={d.patch_size} must equal the encoder's patch size "
@@ -207,17 +212,9 @@ class FoveatedTask(DataTask):
         itself). Shapes must match this model's."""
         source = self.stage_dirs[WARMUP_STAGE]
         saved, _ = checkpoint.load_params(source)
-        want, have = tree.flatten(abstract_params), tree.flatten(saved)
-        bad = [f"{k}: {tuple(have[k].shape) if k in have else 'missing'} vs {tuple(want[k].shape)}"
-               for k in want if k not in have or tuple(have[k].shape) != tuple(want[k].shape)]
-        if bad:
-            raise ValueError(f"the warm-up stage in {source} does not fit this model ({bad[0]}); give "
-                             f"config.stages.{WARMUP_STAGE} the same encoder, decoder and foveated sections, "
-                             "or delete that stage's workdir.")
-        params = tree.unflatten({k: jnp.asarray(have[k], want[k].dtype) for k in want})
-        if shardings is not None:
-            params = jax.tree.map(jax.device_put, params, shardings)
-        return params
+        return fit_saved(saved, abstract_params, shardings, where=f"the warm-up stage in {source}",
+                         hint=f"give config.stages.{WARMUP_STAGE} the same encoder, decoder and foveated "
+                              "sections, or delete that stage's workdir.")
 
     def optimizer_config(self, optim_cfg):
         """Freezes ``encoder.freeze`` (regexes inside the encoder). The LLM has no vocabulary matrices
@@ -250,6 +247,22 @@ class FoveatedTask(DataTask):
         mass = jnp.mean(jnp.sum(attn[:, 1:] * changed, -1), 1)
         return mass, jnp.mean(jnp.mean(changed, -1), 1)
 
+    @staticmethod
+    def look_loss(attn, changed):
+        """The look-where-it-changes loss: -log(pass-2 attention mass on the patches that changed).
+
+        attn [B, T, Np] (pass 2, mean over heads), changed [B, T, Np] (``changed_patches``: frame t vs
+        t-1, i.e. where the movers were at t-1 and are at t) -> per-clip mean over frames 1.. that
+        changed [B]. Frame t is read with the query the LLM chose after frame t-1, so the loss asks it
+        to predict where the motion will be from what it has seen; any split of the mass over the
+        changed patches is optimal. Frames without change (and frame 0, all True) are skipped.
+        """
+        changed = changed[:, 1:].astype(jnp.float32)
+        mass = jnp.sum(attn[:, 1:].astype(jnp.float32) * changed, -1)  # [B, T-1]
+        has = (jnp.sum(changed, -1) > 0).astype(jnp.float32)
+        nll = -jnp.log(jnp.clip(mass, 1e-6, 1.0))
+        return jnp.sum(nll * has, 1) / jnp.maximum(jnp.sum(has, 1), 1.0)
+
     def loss_fn(self, params, model_state, batch, rng, step):
         del step
         out = self._forward(params, batch, rng)
@@ -259,6 +272,10 @@ class FoveatedTask(DataTask):
         coarse = jnp.sum(self._sq_error(out["pred_coarse"], batch["latents"]) * w) / n
         loss = fine + self.lambda_coarse * coarse
         metrics = {"loss_fine": fine, "loss_coarse": coarse, "ratio": fine / jnp.maximum(coarse, 1e-12)}
+        if self.lambda_look:
+            look = jnp.sum(self.look_loss(out["attn_fine"], batch["changed_patches"]) * w) / n
+            loss = loss + self.lambda_look * look
+            metrics["loss_look"] = look
         return loss, {"metrics": metrics, "model_state": model_state}
 
     def eval_fn(self, params, model_state, batch):

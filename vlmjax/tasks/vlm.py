@@ -55,7 +55,7 @@ from vlmjax.models import lora as lora_lib
 from vlmjax.models import trm as trm_lib
 from vlmjax.models import vit as vit_lib
 from vlmjax.models import vlm as vlm_lib
-from vlmjax.tasks.base import DataTask, is_hf_dir
+from vlmjax.tasks.base import DataTask, fit_saved, is_hf_dir
 from vlmjax.train import checkpoint as checkpoint_lib
 
 DECODER_TYPES = ("qwen", "trm")
@@ -239,17 +239,11 @@ class VLMTask(DataTask):
         for name in VISION_SUBTREES:
             if name not in abstract_params or name not in saved:
                 continue
-            want, have = tree_lib.flatten(abstract_params[name]), tree_lib.flatten(saved[name])
-            bad = [f"{name}/{k}: {tuple(getattr(have.get(k), 'shape', ())) if k in have else 'missing'} vs "
-                   f"{tuple(want[k].shape)}" for k in want if k not in have or tuple(have[k].shape) != tuple(want[k].shape)]
-            if bad:
-                raise ValueError(f"the vision stage in {source} does not fit this model ({bad[0]}); give config.stages."
-                                 f"{VISION_STAGE} the same vision_encoder.tower and Perceiver (num_latents, layers, "
-                                 "heads) as config.vision_encoder / config.connector, or delete that stage's workdir.")
-            tree = tree_lib.unflatten({k: jnp.asarray(have[k], want[k].dtype) for k in want})
-            if shardings is not None:
-                tree = jax.tree.map(lambda x, sh: jax.device_put(x, sh), tree, _subset(shardings[name], tree))
-            out[name] = tree
+            out[name] = fit_saved(
+                saved[name], abstract_params[name], None if shardings is None else shardings[name],
+                where=f"the vision stage in {source} ({name})",
+                hint=f"give config.stages.{VISION_STAGE} the same vision_encoder.tower and Perceiver (num_latents, "
+                     "layers, heads) as config.vision_encoder / config.connector, or delete that stage's workdir.")
         if "vision_tower" not in out:
             raise ValueError(f"the vision stage in {source} has no vision_tower params: config.stages.{VISION_STAGE} "
                              "must be a scene_parse or alignment run.")
