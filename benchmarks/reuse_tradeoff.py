@@ -211,14 +211,18 @@ def plot(rows, path: str) -> str | None:
     except ImportError:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    # One line per (policy, --suffix): rows of other overrides (another backbone run) are other series.
+    variants = sorted({r["name"].partition("-")[2] for r in rows})
+    colours = iter(["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"] * 4)
+    series = [(p, v, next(colours)) for v in variants for p in ("mlp", "topk_similarity")]
     for clips, marker in (("static", "o"), ("pan", "s")):
-        for policy, colour in (("mlp", "tab:blue"), ("topk_similarity", "tab:orange")):
-            pts = sorted((r for r in rows if r["clips"] == clips and r["policy"] == policy),
-                         key=lambda r: r["analytic_ratio"])
+        for policy, variant, colour in series:
+            pts = sorted((r for r in rows if r["clips"] == clips and r["policy"] == policy
+                          and r["name"].partition("-")[2] == variant), key=lambda r: r["analytic_ratio"])
             if not pts:
                 continue
             speed = [1.0 / r["analytic_ratio"] for r in pts]
-            label = f"{policy}, {clips} clips"
+            label = f"{policy}{' -' + variant if variant else ''}, {clips} clips"
             acc = [100 * (r.get("head_acc_reuse") or r.get("probe_acc_reuse") or 0) for r in pts]
             axes[0].plot(speed, acc, marker=marker, color=colour, label=label,
                          linestyle="-" if clips == "static" else "--")
