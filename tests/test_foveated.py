@@ -217,6 +217,36 @@ def test_key_position_makes_places_addressable_and_query_head_init():
     assert float(jnp.abs(out["queries"][:, 1:] - mv["params"]["query_static"]).max()) > 1e-2
 
 
+def test_read_map_pools_the_patch_grid_into_both_passes():
+    """read_map=g: the patch tokens average-pooled to a g x g grid (row-major like the patches), and the
+    LLM input of each frame adds map_proj([map_t, map_t - map_{t-1}]), the same map in both passes."""
+    model = fov.FoveatedModel(_vit(), DEC, fov.FoveatedConfig(film_channels=(8, 16), read_map=2))
+    frames, latents = _inputs()
+    variables = nn.meta.unbox(model.init(jax.random.key(1), frames, latents))
+    side = S // P  # 4 x 4 patches -> 2 x 2 cells of 2 x 2 patches
+    tokens = jax.random.normal(jax.random.key(3), (B * T, 3 + side * side, 32))  # CLS + 2 registers first
+    got = model.apply(variables, tokens, method=model.coarse_map)
+    grid = np.asarray(tokens[:, 3:]).reshape(B * T, side, side, 32)
+    want = np.stack([grid[:, 0:2, 0:2].mean((1, 2)), grid[:, 0:2, 2:4].mean((1, 2)),
+                     grid[:, 2:4, 0:2].mean((1, 2)), grid[:, 2:4, 2:4].mean((1, 2))], 1).reshape(B * T, -1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    z = jax.random.normal(jax.random.key(4), (B * T, 32))
+    def with_map(mdl, z, m):
+        x = mdl.feature_norm(mdl.feature_proj(z)).reshape(B, T, -1)
+        mm = m.reshape(B, T, -1)
+        moved = jnp.concatenate([jnp.zeros_like(mm[:, :1]), mm[:, 1:] - mm[:, :-1]], 1)
+        return mdl.llm.backbone(x + mdl.map_proj(jnp.concatenate([mm, moved], -1)))[0]
+    np.testing.assert_allclose(model.apply(variables, z, B, got, method=model.think),
+                               model.apply(variables, z, got, method=with_map), atol=1e-5)
+    out = model.apply(variables, frames, latents)
+    assert out["pred_fine"].shape == (B, T - 1, S // 8, S // 8, 4)
+    static = model.apply(variables, frames, latents, fine_queries="static")
+    np.testing.assert_allclose(static["pred_fine"], static["pred_coarse"], atol=1e-6)
+    with pytest.raises(ValueError, match="read_map=3 must divide"):
+        bad = fov.FoveatedModel(_vit(), DEC, fov.FoveatedConfig(film_channels=(8, 16), read_map=3))
+        bad.init(jax.random.key(1), frames, latents)
+
+
 def test_film_head_identity_at_zero_modulation():
     head = fov.FiLMHead((8, 16), 4, residual=False)
     h = jax.random.normal(jax.random.key(0), (3, 32))

@@ -101,6 +101,9 @@ class FoveatedConfig:
     query_head_init: init std of the query head (h°_t -> q_t - q_static). 0 = pass 2 starts as pass 1
         exactly; but then no gradient reaches the LLM through the queries until the head has grown,
         and the LLM's state across clips may collapse before it does (docs/foveated.md).
+    read_map: g > 0: the LLM input of every frame (both passes) also gets a coarse spatial map, the
+        final patch tokens average-pooled to a g x g grid, and its change since the previous frame
+        (``map_proj``): query-independent peripheral vision, so a change has a place (0 = off).
     read_position: the read-out also says WHERE it looked: each head's attention centroid over the
       patch grid (x, y in patches from the grid centre, 2 x heads numbers; ``FoveatedModel.read``) and
       how far it moved since the previous frame, through their own embedding added to the LLM input
@@ -120,6 +123,7 @@ class FoveatedConfig:
     key_position: float = 0.0
     query_head_init: float = 0.0
     read_position: bool = False
+    read_map: int = 0
     read_motion: bool = False
     film_init: float = 0.0
     dtype: Any = jnp.float32
@@ -139,6 +143,8 @@ class FoveatedConfig:
             raise ValueError(f"config.foveated.latent_channels={self.latent_channels!r} must be an int >= 1.")
         if not self.query_head_init >= 0:
             raise ValueError(f"config.foveated.query_head_init={self.query_head_init!r} must be >= 0.")
+        if not isinstance(self.read_map, int) or self.read_map < 0:
+            raise ValueError(f"config.foveated.read_map={self.read_map!r} must be an int >= 0 (0 = off).")
         if not self.key_position >= 0:
             raise ValueError(f"config.foveated.key_position={self.key_position!r} must be >= 0 (0 = off).")
         if self.key_position and self.query_mode != "shallow":
@@ -416,6 +422,10 @@ class FoveatedModel(nn.Module):
             heads = c.query_heads or v.num_attention_heads
             self.where_proj = layers.DenseGeneral(dim, kernel_axes=(None, "embed"), use_bias=False,
                                                   initializer_range=(4 * heads) ** -0.5 * 2.0, dtype=c.dtype)
+        if c.read_map:
+            self.map_proj = layers.DenseGeneral(dim, kernel_axes=(None, "embed"), use_bias=False,
+                                                initializer_range=(2 * c.read_map ** 2 * width) ** -0.5 * 2.0,
+                                                dtype=c.dtype)
         if c.input_norm:
             self.feature_norm = layers.LayerNorm(dtype=c.dtype)
         # q_t = q_static + query_head(h°_t), query_head zero-initialised: at step 0 pass 2 reads exactly
@@ -432,11 +442,25 @@ class FoveatedModel(nn.Module):
         """frames [B*T, H, W, 3] -> what both passes read: the deep per-layer K/V, or the shallow
         cross-attention's K/V of the final patch tokens."""
         if self.config.query_mode == "deep":
-            return self.encoder.patch_cache(frames, deterministic=deterministic)
-        out, _ = self.encoder(frames, deterministic=deterministic)
-        tokens = out["last_hidden_state"]
-        k, v = self.query_xattn.keys_values(tokens)
-        return {"k": k, "v": v, "outputs": out}
+            cache = self.encoder.patch_cache(frames, deterministic=deterministic)
+        else:
+            out, _ = self.encoder(frames, deterministic=deterministic)
+            k, v = self.query_xattn.keys_values(out["last_hidden_state"])
+            cache = {"k": k, "v": v, "outputs": out}
+        if self.config.read_map:
+            cache["map"] = self.coarse_map(cache["outputs"]["last_hidden_state"])
+        return cache
+
+    def coarse_map(self, tokens: Array) -> Array:
+        """tokens [B, Np_prefix + Np, Dv] (final) -> the patch tokens average-pooled to a g x g grid,
+        flattened [B, g * g * Dv] (``FoveatedConfig.read_map``)."""
+        g = self.config.read_map
+        patches = tokens[:, self.vit_config.num_prefix_tokens:]
+        side = int(round(patches.shape[1] ** 0.5))
+        if side * side != patches.shape[1] or side % g:
+            raise ValueError(f"config.foveated.read_map={g} must divide the patch grid's side ({side}).")
+        grid = rearrange(patches, "b (gy y gx x) d -> b gy gx (y x) d", gy=g, gx=g, y=side // g, x=side // g)
+        return rearrange(grid.mean(3), "b gy gx d -> b (gy gx d)")
 
     def read(self, queries: Array, cache: dict[str, Any], *, deterministic: bool = True
              ) -> tuple[Array, Array]:
@@ -467,7 +491,7 @@ class FoveatedModel(nn.Module):
         grid = jnp.stack([xs.reshape(-1), ys.reshape(-1)], -1)  # [Np, 2], row-major like the patches
         return rearrange(jnp.einsum("bhn,nc->bhc", attn.astype(jnp.float32), grid), "b h c -> b (h c)")
 
-    def think(self, z: Array, b: int, *, deterministic: bool = True) -> Array:
+    def think(self, z: Array, b: int, coarse_map: Array | None = None, *, deterministic: bool = True) -> Array:
         """z [B*T, Dv (+ 2H with read_position)] (``read``) -> the LLM's hidden states [B, T, D]
         (causal over the frames: the motion inputs look one frame back)."""
         c = self.config
@@ -481,6 +505,9 @@ class FoveatedModel(nn.Module):
             x = x + self.where_proj(jnp.concatenate([where, _since_previous(where, b)], -1).astype(x.dtype))
         if c.read_motion:
             x = x + self.motion_proj(_since_previous(feats, b).astype(x.dtype))
+        if coarse_map is not None:
+            m = coarse_map.astype(jnp.float32)
+            x = x + self.map_proj(jnp.concatenate([m, _since_previous(m, b)], -1).astype(x.dtype))
         x = rearrange(x, "(b t) d -> b t d", b=b)
         hidden, _ = self.llm.backbone(x.astype(self.decoder_config.dtype))
         return hidden
@@ -510,7 +537,7 @@ class FoveatedModel(nn.Module):
         # Pass 1: the static query on every frame.
         static = jnp.broadcast_to(self.query_static, (b * t, dim))
         z0, attn0 = self.read(static, cache, deterministic=deterministic)
-        h0 = self.think(z0, b, deterministic=deterministic)
+        h0 = self.think(z0, b, cache.get("map"), deterministic=deterministic)
         predicted = self.query_static + self.query_head(h0)  # [B, T, D]: q_t, chosen after frames <= t
 
         # Pass 2: frame t read with q_{t-1} (q_init for frame 0).
@@ -521,7 +548,7 @@ class FoveatedModel(nn.Module):
                 predicted = jnp.roll(predicted, 1, axis=0)
             queries = shift_queries(self.query_init, predicted)
         z1, attn1 = self.read(rearrange(queries, "b t d -> (b t) d"), cache, deterministic=deterministic)
-        h1 = self.think(z1, b, deterministic=deterministic)
+        h1 = self.think(z1, b, cache.get("map"), deterministic=deterministic)
         if shuffle_state:
             h0, h1 = jnp.roll(h0, 1, axis=0), jnp.roll(h1, 1, axis=0)
         grid = lambda a: rearrange(a, "(b t) n -> b t n", b=b)
