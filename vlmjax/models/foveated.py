@@ -39,6 +39,7 @@ Parameter tree:
     feature_norm/...        LayerNorm on it (``input_norm``)
     where_proj/kernel [4H, D]     read_position: [centroids_t, centroids_t - centroids_{t-1}] -> added
     motion_proj/kernel [Dv, D]    read_motion: z_t - z_{t-1} -> added
+    map_proj/kernel [2 g² Dv, D]  read_map: [map_t, map_t - map_{t-1}] (the g x g pooled patch tokens) -> added
     llm/...                 the decoder (``decoder.Decoder``, HF names: SmolLM2 / Llama / Qwen load here)
     query_head/...          h°_t -> q_t - q_static (Dense D -> D, zero-initialised)
     head/...                ``FiLMHead``: h_t and latent_t -> latent_{t+1}
@@ -428,7 +429,8 @@ class FoveatedModel(nn.Module):
                                                 dtype=c.dtype)
         if c.input_norm:
             self.feature_norm = layers.LayerNorm(dtype=c.dtype)
-        # q_t = q_static + query_head(h°_t), query_head zero-initialised: at step 0 pass 2 reads exactly
+        # q_t = q_static + query_head(h°_t), query_head zero-initialised (query_head_init = 0, the
+        # default; > 0 trades this for gradients into the LLM from step 0): at step 0 pass 2 reads exactly
         # what pass 1 read (fine = coarse, ratio 1), and the LLM moves each query away from the static
         # one only as far as that lowers loss_fine. (A random head would start pass 2 from arbitrary,
         # near-uniform attention, a worse starting point than pass 1's.)
@@ -492,8 +494,9 @@ class FoveatedModel(nn.Module):
         return rearrange(jnp.einsum("bhn,nc->bhc", attn.astype(jnp.float32), grid), "b h c -> b (h c)")
 
     def think(self, z: Array, b: int, coarse_map: Array | None = None, *, deterministic: bool = True) -> Array:
-        """z [B*T, Dv (+ 2H with read_position)] (``read``) -> the LLM's hidden states [B, T, D]
-        (causal over the frames: the motion inputs look one frame back)."""
+        """z [B*T, Dv (+ 2H with read_position)] (``read``) and, with read_map, the frames' coarse maps
+        [B*T, g² Dv] (``coarse_map``) -> the LLM's hidden states [B, T, D] (causal over the frames:
+        the motion inputs look one frame back)."""
         c = self.config
         dv = self.vit_config.hidden_size
         feats, where = (z[:, :dv], z[:, dv:]) if c.read_position else (z, None)
