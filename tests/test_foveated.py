@@ -247,6 +247,67 @@ def test_read_map_pools_the_patch_grid_into_both_passes():
         bad.init(jax.random.key(1), frames, latents)
 
 
+def test_read_change_maps_where_the_frame_changed_and_stays_causal():
+    """read_change=g: per region of a g x g grid the RMS pixel change since the previous frame (0 at
+    frame 0), the same in both passes, through change_proj into the LLM input; with film_spatial too,
+    predictions still read frames <= t only, and pass 2 with the static query equals pass 1."""
+    cfg = fov.FoveatedConfig(film_channels=(8, 16), read_change=2, film_spatial=2, film_init=0.05)
+    model = fov.FoveatedModel(_vit(), DEC, cfg, latent_grid=(S // 8, S // 8))
+    frames, latents = _inputs()
+    variables = nn.meta.unbox(model.init(jax.random.key(1), frames, latents))
+    got = np.asarray(model.apply(variables, frames, method=model.change_map)).reshape(B, T, 2, 2)
+    f = np.asarray(frames, np.float64)
+    half = S // 2
+    for t in range(T):
+        for gy in range(2):
+            for gx in range(2):
+                cell = (slice(gy * half, (gy + 1) * half), slice(gx * half, (gx + 1) * half))
+                d = (f[:, t] - f[:, t - 1])[:, cell[0], cell[1]] if t else np.zeros_like(f[:, 0, :half, :half])
+                np.testing.assert_allclose(got[:, t, gy, gx], np.sqrt((d ** 2).mean((1, 2, 3))), rtol=1e-5)
+    z = jax.random.normal(jax.random.key(4), (B * T, 32))
+    change = jnp.asarray(got.reshape(B * T, 4), jnp.float32)
+    def with_change(mdl, z, c):
+        x = mdl.feature_norm(mdl.feature_proj(z)) + mdl.change_proj(c)
+        return mdl.llm.backbone(x.reshape(B, T, -1))[0]
+    np.testing.assert_allclose(model.apply(variables, z, B, None, change, method=model.think),
+                               model.apply(variables, z, change, method=with_change), atol=1e-5)
+    out = model.apply(variables, frames, latents)
+    frames2 = frames.at[:, -1].set(jax.random.normal(jax.random.key(9), frames[:, -1].shape))
+    out2 = model.apply(variables, frames2, latents)
+    for key in ("pred_fine", "pred_coarse"):
+        np.testing.assert_allclose(out2[key][:, : T - 2], out[key][:, : T - 2], atol=1e-6, err_msg=key)
+    static = model.apply(variables, frames, latents, fine_queries="static")
+    np.testing.assert_allclose(static["pred_fine"], static["pred_coarse"], atol=1e-6)
+    with pytest.raises(ValueError, match="read_change=3 must divide"):
+        bad = fov.FoveatedModel(_vit(), DEC, fov.FoveatedConfig(film_channels=(8, 16), read_change=3))
+        bad.init(jax.random.key(1), frames, latents)
+
+
+def test_film_spatial_modulates_each_place():
+    """film_spatial=R: gamma/beta(x, y, c) = global(c) + sum_r where_r(x, y) what_r(c), both affine in
+    h; with where at zero it is the per-channel FiLM; the head needs the latent grid."""
+    head = fov.FiLMHead((8, 16), 4, residual=False, film_init=0.05, spatial=2, grid=(4, 4))
+    h = jax.random.normal(jax.random.key(0), (3, 32))
+    prev = jax.random.normal(jax.random.key(1), (3, 4, 4, 4))
+    variables = nn.meta.unbox(head.init(jax.random.key(2), h, prev))
+    p = variables["params"]
+    assert p["film_where"]["kernel"].shape == (32, 2, 4, 4) and p["film_what"]["kernel"].shape == (32, 2, 2, 16)
+    gamma, beta = head.apply(variables, h, method=head.modulation)
+    assert gamma.shape == beta.shape == (3, 4, 4, 16)
+    glob = h @ p["film"]["kernel"].reshape(32, -1) + p["film"]["bias"].reshape(-1)
+    where = jnp.einsum("bd,drxy->brxy", h, p["film_where"]["kernel"]) + p["film_where"]["bias"]
+    what = jnp.einsum("bd,drgf->brgf", h, p["film_what"]["kernel"]) + p["film_what"]["bias"]
+    want = glob.reshape(3, 2, 1, 1, 16) + jnp.einsum("brxy,brgf->bgxyf", where, what)
+    np.testing.assert_allclose(gamma, want[:, 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(beta, want[:, 1], rtol=1e-5, atol=1e-6)
+    assert float(jnp.std(gamma, axis=(1, 2)).max()) > 1e-3  # it varies over the places
+    flat = dict(p, film_where=jax.tree.map(jnp.zeros_like, p["film_where"]))
+    g0, _ = head.apply({"params": flat}, h, method=head.modulation)
+    np.testing.assert_allclose(g0, jnp.broadcast_to(glob.reshape(3, 2, 1, 1, 16)[:, 0], g0.shape), atol=1e-6)
+    with pytest.raises(ValueError, match="latent grid"):
+        fov.FiLMHead((8, 16), 4, spatial=1).init(jax.random.key(2), h, prev)
+
+
 def test_film_head_identity_at_zero_modulation():
     head = fov.FiLMHead((8, 16), 4, residual=False)
     h = jax.random.normal(jax.random.key(0), (3, 32))

@@ -40,9 +40,11 @@ Parameter tree:
     where_proj/kernel [4H, D]     read_position: [centroids_t, centroids_t - centroids_{t-1}] -> added
     motion_proj/kernel [Dv, D]    read_motion: z_t - z_{t-1} -> added
     map_proj/kernel [2 g² Dv, D]  read_map: [map_t, map_t - map_{t-1}] (the g x g pooled patch tokens) -> added
+    change_proj/kernel [g², D]    read_change: how much each of g x g regions changed since frame t-1 -> added
     llm/...                 the decoder (``decoder.Decoder``, HF names: SmolLM2 / Llama / Qwen load here)
     query_head/...          h°_t -> q_t - q_static (Dense D -> D, zero-initialised)
-    head/...                ``FiLMHead``: h_t and latent_t -> latent_{t+1}
+    head/...                ``FiLMHead``: h_t and latent_t -> latent_{t+1} (film_where / film_what with
+                            film_spatial)
 
 Non-obvious choices (and why):
   * FiLM is ``feat * (1 + gamma) + beta`` with the (gamma, beta) layer zero-initialised: zero
@@ -105,6 +107,16 @@ class FoveatedConfig:
     read_map: g > 0: the LLM input of every frame (both passes) also gets a coarse spatial map, the
         final patch tokens average-pooled to a g x g grid, and its change since the previous frame
         (``map_proj``): query-independent peripheral vision, so a change has a place (0 = off).
+    read_change: g > 0: the LLM input of every frame (both passes) also gets a g x g map of how much
+        each region of the frame changed since the previous one (RMS pixel difference, average-pooled;
+        ``FoveatedModel.change_map``, through ``change_proj``): parameter-free peripheral motion
+        vision that says WHERE something moved but not what it looks like (0 = off). Unlike
+        ``read_map`` it carries no patch features, so a detail at the mover (say its heading mark)
+        reaches the LLM only through a read.
+    film_spatial: R > 0: the FiLM modulation also varies over the latent grid, gamma/beta(x, y, c) =
+        global(c) + sum_r where_r(x, y) what_r(c), both affine in h (``FiLMHead``): the LLM can say
+        "change THIS place this way"; a per-channel FiLM on translation-equivariant convolutions can
+        only say it through the coordinate channels (0 = off: the FiLM paper's per-channel form).
     read_position: the read-out also says WHERE it looked: each head's attention centroid over the
       patch grid (x, y in patches from the grid centre, 2 x heads numbers; ``FoveatedModel.read``) and
       how far it moved since the previous frame, through their own embedding added to the LLM input
@@ -125,6 +137,8 @@ class FoveatedConfig:
     query_head_init: float = 0.0
     read_position: bool = False
     read_map: int = 0
+    read_change: int = 0
+    film_spatial: int = 0
     read_motion: bool = False
     film_init: float = 0.0
     dtype: Any = jnp.float32
@@ -144,8 +158,10 @@ class FoveatedConfig:
             raise ValueError(f"config.foveated.latent_channels={self.latent_channels!r} must be an int >= 1.")
         if not self.query_head_init >= 0:
             raise ValueError(f"config.foveated.query_head_init={self.query_head_init!r} must be >= 0.")
-        if not isinstance(self.read_map, int) or self.read_map < 0:
-            raise ValueError(f"config.foveated.read_map={self.read_map!r} must be an int >= 0 (0 = off).")
+        for name in ("read_map", "read_change", "film_spatial"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"config.foveated.{name}={value!r} must be an int >= 0 (0 = off).")
         if not self.key_position >= 0:
             raise ValueError(f"config.foveated.key_position={self.key_position!r} must be >= 0 (0 = off).")
         if self.key_position and self.query_mode != "shallow":
@@ -319,6 +335,8 @@ class FiLMHead(nn.Module):
     residual: bool = True
     coords: bool = True
     film_init: float = 0.0
+    spatial: int = 0          # FoveatedConfig.film_spatial (rank R; 0 = per-channel FiLM only)
+    grid: tuple[int, ...] = ()  # (h, w) of the latents, needed with ``spatial``
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -334,6 +352,18 @@ class FiLMHead(nn.Module):
         # gradient to the LLM and the encoder (1e-6 of the head's) for good.
         self.film = layers.DenseGeneral((2, width), kernel_axes=("embed", None, None), use_bias=True,
                                         initializer_range=self.film_init, dtype=self.dtype)
+        if self.spatial:
+            if len(self.grid) != 2:
+                raise ValueError(f"film_spatial needs the latent grid (h, w), got grid={self.grid!r}.")
+            # Spatially varying FiLM of rank R: where_r(x, y) [R, h, w] and what_r [R, 2, F], both affine
+            # in h (like SPADE's per-location gamma/beta, but from a vector, not a map): one term can say
+            # "at the mover, shift this way". Both start small and non-zero (film_init, or 0.02 when it is
+            # 0) so each gets a gradient through the other.
+            std = self.film_init or 0.02
+            self.film_where = layers.DenseGeneral((self.spatial, *self.grid), kernel_axes=("embed", None, None, None),
+                                                  use_bias=True, initializer_range=std, dtype=self.dtype)
+            self.film_what = layers.DenseGeneral((self.spatial, 2, width), kernel_axes=("embed", None, None, None),
+                                                 use_bias=True, initializer_range=std, dtype=self.dtype)
         self.decoder = [conv(c, name=f"decoder_{i}") for i, c in enumerate(reversed(self.channels))]
         last_init = nn.initializers.zeros_init() if self.residual else nn.initializers.lecun_normal()
         self.out = nn.Conv(self.latent_channels, kernel_size=(3, 3), padding="SAME", dtype=self.dtype,
@@ -358,8 +388,11 @@ class FiLMHead(nn.Module):
         return f
 
     def modulation(self, h: Array) -> tuple[Array, Array]:
-        """h [B, D] -> gamma, beta [B, F]."""
-        gb = self.film(h)
+        """h [B, D] -> gamma, beta [B, 1, 1, F] (per channel), or [B, h, w, F] with ``spatial``."""
+        gb = self.film(h)[:, :, None, None, :]  # [B, 2, 1, 1, F]
+        if self.spatial:
+            where, what = self.film_where(h), self.film_what(h)  # [B, R, h, w], [B, R, 2, F]
+            gb = gb + jnp.einsum("brxy,brgf->bgxyf", where, what)
         return gb[:, 0], gb[:, 1]
 
     def decode(self, f: Array, prev: Array) -> Array:
@@ -372,7 +405,7 @@ class FiLMHead(nn.Module):
     def __call__(self, h: Array, prev: Array) -> Array:
         gamma, beta = self.modulation(h)
         f = self.features(prev)
-        f = f * (1.0 + gamma[:, None, None, :].astype(f.dtype)) + beta[:, None, None, :].astype(f.dtype)
+        f = f * (1.0 + gamma.astype(f.dtype)) + beta.astype(f.dtype)
         return self.decode(f, prev)
 
 
@@ -390,6 +423,7 @@ class FoveatedModel(nn.Module):
     vit_config: vit_lib.ViTConfig
     decoder_config: decoder_lib.DecoderConfig
     config: FoveatedConfig
+    latent_grid: tuple[int, ...] = ()  # (h, w) of the target latents: needed with film_spatial
 
     def setup(self):
         c, v, d = self.config, self.vit_config, self.decoder_config
@@ -427,6 +461,9 @@ class FoveatedModel(nn.Module):
             self.map_proj = layers.DenseGeneral(dim, kernel_axes=(None, "embed"), use_bias=False,
                                                 initializer_range=(2 * c.read_map ** 2 * width) ** -0.5 * 2.0,
                                                 dtype=c.dtype)
+        if c.read_change:
+            self.change_proj = layers.DenseGeneral(dim, kernel_axes=(None, "embed"), use_bias=False,
+                                                   initializer_range=c.read_change ** -1 * 2.0, dtype=c.dtype)
         if c.input_norm:
             self.feature_norm = layers.LayerNorm(dtype=c.dtype)
         # q_t = q_static + query_head(h°_t), query_head zero-initialised (query_head_init = 0, the
@@ -437,7 +474,8 @@ class FoveatedModel(nn.Module):
         self.query_head = layers.DenseGeneral(dim, kernel_axes=("embed", None), use_bias=True,
                                               initializer_range=c.query_head_init, dtype=c.dtype)
         self.head = FiLMHead(c.film_channels, c.latent_channels, residual=c.residual, coords=c.film_coords,
-                             film_init=c.film_init, dtype=c.dtype)
+                             film_init=c.film_init, spatial=c.film_spatial, grid=tuple(self.latent_grid),
+                             dtype=c.dtype)
 
     # ---- pieces (public for tests and the benchmark) ------------------------------------------
     def frame_cache(self, frames: Array, *, deterministic: bool = True) -> dict[str, Any]:
@@ -463,6 +501,19 @@ class FoveatedModel(nn.Module):
             raise ValueError(f"config.foveated.read_map={g} must divide the patch grid's side ({side}).")
         grid = rearrange(patches, "b (gy y gx x) d -> b gy gx (y x) d", gy=g, gx=g, y=side // g, x=side // g)
         return rearrange(grid.mean(3), "b gy gx d -> b (gy gx d)")
+
+    def change_map(self, frames: Array) -> Array:
+        """frames [B, T, H, W, 3] -> [B*T, g²]: per region of a g x g grid, the RMS pixel change
+        since the previous frame (0 at frame 0; ``FoveatedConfig.read_change``). Parameter-free and
+        query-independent: where something moved, not what it looks like."""
+        g = self.config.read_change
+        h, w = frames.shape[2:4]
+        if h % g or w % g:
+            raise ValueError(f"config.foveated.read_change={g} must divide the frame size {h}x{w}.")
+        f = frames.astype(jnp.float32)
+        diff = jnp.concatenate([jnp.zeros_like(f[:, :1]), f[:, 1:] - f[:, :-1]], axis=1)
+        cells = rearrange(jnp.square(diff), "b t (gy y) (gx x) c -> (b t) (gy gx) (y x c)", gy=g, gx=g)
+        return jnp.sqrt(cells.mean(-1))
 
     def read(self, queries: Array, cache: dict[str, Any], *, deterministic: bool = True
              ) -> tuple[Array, Array]:
@@ -493,10 +544,12 @@ class FoveatedModel(nn.Module):
         grid = jnp.stack([xs.reshape(-1), ys.reshape(-1)], -1)  # [Np, 2], row-major like the patches
         return rearrange(jnp.einsum("bhn,nc->bhc", attn.astype(jnp.float32), grid), "b h c -> b (h c)")
 
-    def think(self, z: Array, b: int, coarse_map: Array | None = None, *, deterministic: bool = True) -> Array:
+    def think(self, z: Array, b: int, coarse_map: Array | None = None, change: Array | None = None, *,
+              deterministic: bool = True) -> Array:
         """z [B*T, Dv (+ 2H with read_position)] (``read``) and, with read_map, the frames' coarse maps
-        [B*T, g² Dv] (``coarse_map``) -> the LLM's hidden states [B, T, D] (causal over the frames:
-        the motion inputs look one frame back)."""
+        [B*T, g² Dv] (``coarse_map``), with read_change their change maps [B*T, g²] (``change_map``)
+        -> the LLM's hidden states [B, T, D] (causal over the frames: the motion inputs look one frame
+        back)."""
         c = self.config
         dv = self.vit_config.hidden_size
         feats, where = (z[:, :dv], z[:, dv:]) if c.read_position else (z, None)
@@ -511,6 +564,8 @@ class FoveatedModel(nn.Module):
         if coarse_map is not None:
             m = coarse_map.astype(jnp.float32)
             x = x + self.map_proj(jnp.concatenate([m, _since_previous(m, b)], -1).astype(x.dtype))
+        if change is not None:
+            x = x + self.change_proj(change.astype(x.dtype))
         x = rearrange(x, "(b t) d -> b t d", b=b)
         hidden, _ = self.llm.backbone(x.astype(self.decoder_config.dtype))
         return hidden
@@ -540,7 +595,8 @@ class FoveatedModel(nn.Module):
         # Pass 1: the static query on every frame.
         static = jnp.broadcast_to(self.query_static, (b * t, dim))
         z0, attn0 = self.read(static, cache, deterministic=deterministic)
-        h0 = self.think(z0, b, cache.get("map"), deterministic=deterministic)
+        change = self.change_map(frames) if self.config.read_change else None
+        h0 = self.think(z0, b, cache.get("map"), change, deterministic=deterministic)
         predicted = self.query_static + self.query_head(h0)  # [B, T, D]: q_t, chosen after frames <= t
 
         # Pass 2: frame t read with q_{t-1} (q_init for frame 0).
@@ -551,7 +607,7 @@ class FoveatedModel(nn.Module):
                 predicted = jnp.roll(predicted, 1, axis=0)
             queries = shift_queries(self.query_init, predicted)
         z1, attn1 = self.read(rearrange(queries, "b t d -> (b t) d"), cache, deterministic=deterministic)
-        h1 = self.think(z1, b, cache.get("map"), deterministic=deterministic)
+        h1 = self.think(z1, b, cache.get("map"), change, deterministic=deterministic)
         if shuffle_state:
             h0, h1 = jnp.roll(h0, 1, axis=0), jnp.roll(h1, 1, axis=0)
         grid = lambda a: rearrange(a, "(b t) n -> b t n", b=b)

@@ -114,7 +114,8 @@ class FoveatedTask(DataTask):
             raise ValueError(f"config.data.patch_size={d.patch_size} must equal the encoder's patch size "
                              f"{self.vit_config.patch_size} (the change maps score attention per patch).")
         self.data = self._build_data(config, workdir)
-        self.model = foveated_lib.FoveatedModel(self.vit_config, self.decoder_config, self.fov_config)
+        self.model = foveated_lib.FoveatedModel(self.vit_config, self.decoder_config, self.fov_config,
+                                                latent_grid=self.latent_shape[:2])
         self.mean, self.std = tuple(config.encoder.image_mean), tuple(config.encoder.image_std)
 
     # ---- building ----------------------------------------------------------------------------
