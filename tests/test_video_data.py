@@ -104,33 +104,43 @@ def test_moving_sprites_change_some_patches_and_leave_most():
 
 
 def test_heading_marks_the_mover_steps_where_its_mark_points():
-    """data.heading_marks + turn: the mover (sprite 0) turns by U(-turn, turn) every frame and steps
-    along the heading its mark shows (mirrored when it would leave the box); standing sprites keep
-    theirs. Rendering adds only the dark dots: outside them the frames equal the unmarked ones."""
+    """data.heading_marks + turn: every sprite steps along one of four headings; the mover (sprite 0)
+    draws a new one with probability `turn` per frame; a step that would leave the box is reversed
+    first, so the heading shown at frame t is the step t -> t+1. Rendering adds the checkerboard
+    marks inside the sprites only: outside them the frames equal the unmarked ones."""
     rng = np.random.default_rng(0)
     low, high = np.full((3, 1), 5.0), np.full((3, 1), 43.0)
     start = np.array([[6.0, 24.0], [20.0, 20.0], [30.0, 30.0]])
-    speed, angle = np.array([3.0, 0.0, 0.0]), np.array([np.pi, 0.3, 2.0])  # the mover heads into the wall
-    centres, heading = procedural_video._turning(start, angle, speed, np.pi, 12, low, high, rng)
-    assert centres.shape == (12, 3, 2) and heading.shape == (12, 3)
-    step = np.stack([np.cos(heading[:-1, 0]), np.sin(heading[:-1, 0])], -1) * 3.0
-    np.testing.assert_allclose(centres[1:, 0] - centres[:-1, 0], step, atol=1e-9)
+    speed, heading0 = np.array([3.0, 0.0, 2.0]), np.array([2, 1, 0])  # the mover heads into the wall
+    centres, headings = procedural_video._turning(start, heading0, speed, 1.0, 40, low, high, rng)
+    assert centres.shape == (40, 3, 2) and headings.shape == (40, 3)
+    steps = procedural_video._HEADING_STEP[headings[:-1]] * speed[:, None]
+    np.testing.assert_allclose(centres[1:] - centres[:-1], steps, atol=1e-9)
+    assert headings[0, 0] != 2 or centres[1, 0, 0] > 6.0  # never steps out of the box
     assert ((centres >= 5.0) & (centres <= 43.0)).all()
-    assert np.unique(np.round(heading[:, 0], 6)).size > 6  # a new heading (nearly) every frame
-    np.testing.assert_allclose(heading[:, 1:], np.broadcast_to(angle[1:], (12, 2)))
-    np.testing.assert_allclose(centres[:, 1:], np.broadcast_to(start[1:], (12, 2, 2)))
+    assert len(set(headings[:, 0].tolist())) == 4  # the mover turns
+    assert (headings[:, 1] == 1).all()  # a standing sprite keeps its heading
+    assert set(headings[:, 2].tolist()) == {0, 2}  # a straight one only reverses at the walls
+    still, _ = procedural_video._turning(start, heading0, speed, 0.0, 40, low, high, rng)
+    assert (np.diff(still[:, 0, 1]) == 0).all()  # turn=0: the mover keeps its axis
 
     base = dict(image_size=48, patch_size=8, num_sprites=4, sprite_scale=0.4, distractor_scale=2.5,
                 distractor_speed=0.0, sprite_speed=0.05, num_frames=6)
     plain = video.render_clip(make_config(**base), 3)["frames"]
-    straight = video.render_clip(make_config(**base, heading_marks=True), 3)["frames"]
-    dark = np.all(np.abs(straight - procedural_video._MARK_COLOUR) < 1e-6, -1)
-    assert dark.sum(axis=(1, 2)).min() >= 4 * 4  # four dots in every frame
-    np.testing.assert_array_equal(straight[~dark], plain[~dark])  # turn=0: the same clip plus the marks
-    turning = video.render_clip(make_config(**base, heading_marks=True, turn=float(np.pi)), 3)
-    assert turning["changed_patches"][1:].any(-1).all() and turning["changed_patches"][1:].mean() < 0.3
+    marked = video.render_clip(make_config(**base, heading_marks=True, turn=1.0), 3)
+    frames = marked["frames"]
+    assert marked["changed_patches"][1:].any(-1).all() and marked["changed_patches"][1:].mean() < 0.3
+    # Standing sprites: the same pixels as unmarked, except the dark squares of their marks.
+    base["sprite_speed"] = 0.0
+    stand = video.render_clip(make_config(**base), 3)["frames"]
+    stand_marked = video.render_clip(make_config(**base, heading_marks=True), 3)["frames"]
+    differ = np.any(stand_marked != stand, -1)
+    assert 0 < differ.mean() < 0.1
+    np.testing.assert_allclose(stand_marked[differ].reshape(-1, 3) / procedural_video._MARK_DARK,
+                               stand[differ].reshape(-1, 3), atol=2e-6)
+    assert plain.shape == frames.shape
     with pytest.raises(ValueError, match="turn"):
-        video.build_video_data(make_config(turn=-1.0))
+        video.build_video_data(make_config(turn=2.0))
 
 
 def test_labels_cover_all_shapes():

@@ -41,11 +41,18 @@ _DISTRACTOR_RADIUS = (0.07, 0.12)
 # Background: sum of this many oriented sinusoids of up to _MAX_CYCLES cycles
 # per image, around a random base colour (kept inside [0.15, 0.85]).
 _NUM_WAVES = 6
-# Heading marks (config.data.heading_marks): dot radius and offset from the centre, in sprite radii.
-_MARK_RADIUS = 0.4
-_MARK_OFFSET = 0.5
-_MARK_COLOUR = np.array([0.05, 0.05, 0.05], np.float32)
 _MAX_CYCLES = 8
+# Heading marks (config.data.heading_marks): the four headings (x, y steps; y grows downwards), each
+# written on the sprite as the phase of a checkerboard of 2x2-pixel squares (period 4, anchored to
+# the pixel grid): heading k shifts it by _MARK_SHIFT[k] pixels (x, y). Half the squares are the sprite
+# colour, half _MARK_DARK x it, so a region the sprite covers has (nearly) the same mean colour and
+# luminance spread whatever the heading: the 8x pooled latents barely see it (measured on random
+# discs: 0.03 rms latent change between headings against 0.15 for a 2.4 px move), a patch embedding
+# reads it linearly.
+HEADINGS = ("right", "down", "left", "up")
+_HEADING_STEP = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+_MARK_SHIFT = ((0, 0), (1, 0), (0, 1), (1, 1))
+_MARK_DARK = 0.45
 
 
 def _shape_mask(kind: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -94,30 +101,31 @@ def _bounce(start: np.ndarray, velocity: np.ndarray, steps: np.ndarray,
     return low + np.where(folded > span, 2.0 * span - folded, folded)
 
 
-def _turning(start: np.ndarray, angle: np.ndarray, speed: np.ndarray, turn: float, frames_n: int,
+def _turning(start: np.ndarray, heading0: np.ndarray, speed: np.ndarray, turn: float, frames_n: int,
              low: np.ndarray, high: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """`data.turn` > 0: sprite 0 turns by U(-turn, turn) every frame and steps along its new heading.
+    """Sprites with heading marks (``data.heading_marks``): each steps along one of ``HEADINGS``;
+    sprite 0 (the mover) draws a new heading (uniform over the four) with probability ``turn`` every
+    frame.
 
-    start [K, 2], angle / speed [K] -> centres [F, K, 2] (pixels) and headings [F, K] (radians): the
-    heading shown at frame t is the direction of the step t -> t+1 (mirrored first when it would
-    leave [low, high]). Sprites 1.. keep their heading and step at their own speed (with bounces).
+    start [K, 2] pixels, heading0 [K] codes, speed [K] -> centres [F, K, 2] and headings [F, K] (codes):
+    the heading shown at frame t is the direction of the step t -> t+1, reversed first when that
+    step would leave [low, high] (so the mark never lies).
     """
     num = start.shape[0]
     centres = np.empty((frames_n, num, 2))
-    heading = np.empty((frames_n, num))
-    pos, theta = start.astype(np.float64).copy(), angle.astype(np.float64).copy()
-    turns = rng.uniform(-turn, turn, size=frames_n)
+    headings = np.empty((frames_n, num), np.int64)
+    pos, code = start.astype(np.float64).copy(), heading0.astype(np.int64).copy()
+    turns = rng.uniform(size=frames_n) < turn
+    draws = rng.integers(0, len(HEADINGS), size=frames_n)
     for t in range(frames_n):
-        theta[0] = theta[0] + turns[t]
-        d = np.stack([np.cos(theta), np.sin(theta)], -1)  # [K, 2]
-        nxt = pos + speed[:, None] * d
-        # A step that would leave the box is mirrored (the mark shows the mirrored heading).
-        flip = (nxt < low) | (nxt > high)
-        d = np.where(flip, -d, d)
-        theta = np.arctan2(d[:, 1], d[:, 0])
-        centres[t], heading[t] = pos, theta
-        pos = np.clip(pos + speed[:, None] * d, low, high)
-    return centres, heading
+        if turns[t]:
+            code[0] = draws[t]
+        nxt = pos + speed[:, None] * _HEADING_STEP[code]
+        out = ((nxt < low) | (nxt > high)).any(-1)
+        code = np.where(out, (code + 2) % len(HEADINGS), code)  # reverse: right <-> left, down <-> up
+        centres[t], headings[t] = pos, code
+        pos = np.clip(pos + speed[:, None] * _HEADING_STEP[code], low, high)
+    return centres, headings
 
 
 def num_classes(sprite_kind: str) -> int:
@@ -200,15 +208,12 @@ def render_clip(cfg, index: int, split: str = "train") -> dict[str, np.ndarray]:
     velocity = np.stack([speed * np.cos(angle), speed * np.sin(angle)], axis=-1)  # [K, 2]
     low, high = radius[:, None], size - radius[:, None]
     start = rng.uniform(low, high, size=(num, 2))
-    heading = np.broadcast_to(angle, (frames_n, num))  # [F, K] radians, what the marks show
-    if cfg.get("heading_marks", False) and cfg.get("turn", 0.0):
-        centres, heading = _turning(start, angle, speed, cfg.turn, frames_n, low, high, rng)
+    marks = bool(cfg.get("heading_marks", False))
+    if marks:
+        heading0 = rng.integers(0, len(HEADINGS), size=num)
+        centres, headings = _turning(start, heading0, speed, float(cfg.turn), frames_n, low, high, rng)
     else:
         centres = _bounce(start, velocity, steps, low, high)  # [F, K, 2] (x, y), pixels
-        if cfg.get("heading_marks", False):
-            # A straight mover's mark follows its bounces: the direction of its next step.
-            step = np.diff(centres, axis=0, append=centres[-1:] + (centres[-1:] - centres[-2:-1]))
-            heading = np.where(speed[None] > 0, np.arctan2(step[..., 1], step[..., 0]), angle[None])
 
     if cfg.background == "static":
         static_bg = background(0.0, 0.0)
@@ -227,13 +232,11 @@ def render_clip(cfg, index: int, split: str = "train") -> dict[str, np.ndarray]:
             y0, y1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, size)
             inside = masks[k]((pixel[None, x0:x1] - cx) / r, (pixel[y0:y1, None] - cy) / r)
             frame[y0:y1, x0:x1][inside] = colour[k]
-            if cfg.get("heading_marks", False):
-                # The heading mark: a dark dot (radius 0.4 r) centred 0.5 r from the centre.
-                hx = cx + _MARK_OFFSET * r * np.cos(heading[t, k])
-                hy = cy + _MARK_OFFSET * r * np.sin(heading[t, k])
-                dot = ((pixel[None, x0:x1] - hx) ** 2 + (pixel[y0:y1, None] - hy) ** 2
-                       <= (_MARK_RADIUS * r) ** 2)
-                frame[y0:y1, x0:x1][dot] = _MARK_COLOUR
+            if marks:
+                # The heading mark: the checkerboard's phase (HEADINGS, _MARK_SHIFT).
+                sx, sy = _MARK_SHIFT[int(headings[t, k])]
+                squares = ((np.arange(x0, x1)[None, :] + sx) // 2 + (np.arange(y0, y1)[:, None] + sy) // 2) % 2
+                frame[y0:y1, x0:x1][inside & (squares == 1)] = colour[k] * _MARK_DARK
         frames[t] = frame
     if cfg.noise:
         frames += rng.normal(0.0, cfg.noise, size=frames.shape).astype(np.float32)

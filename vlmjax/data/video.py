@@ -112,12 +112,12 @@ def default_config() -> ml_collections.ConfigDict:
     # (0 = they stand still). Applied after drawing, like sprite_scale.
     c.distractor_scale = 1.0
     c.distractor_speed = 1.0
-    # Heading marks (the foveated experiment): every sprite shows its heading as a dark dot off its
-    # centre, and sprite 0 (the mover) draws a new heading every frame, turned by a uniform angle in
-    # [-turn, turn] radians from the last (pi = any direction), and moves along the heading it shows
-    # (one pointing out of the frame is mirrored before it is shown). Its next step is then readable
-    # only at the mover, in full resolution: history says where it is, not where it goes next.
-    # The other sprites keep their heading. turn = 0 with heading_marks: a straight mover with a mark.
+    # Heading marks (the foveated experiment): every sprite steps along one of four headings (right,
+    # down, left, up), written on it as the phase of a 2x2-pixel checkerboard, which leaves the 8x8
+    # cells' mean colour and luminance spread (nearly) unchanged: the pooled latents barely see a
+    # heading, a full-resolution read can. Sprite 0 (the mover) draws a new heading with probability
+    # `turn` every frame (1 = every frame), so where it goes next is written on it, not in its past;
+    # the others keep theirs.
     c.heading_marks = False
     c.turn = 0.0
     # Std of i.i.d. Gaussian pixel noise added to every frame (0 = none). Noise
@@ -226,9 +226,11 @@ def _check_config(cfg) -> None:
     for field in ("sprite_scale", "distractor_scale"):
         if not 0.0 < cfg[field] <= 4.0:
             raise ValueError(f"config.data.{field}={cfg[field]!r} must be in (0, 4].")
-    for field in ("sprite_speed", "distractor_speed", "pan_speed", "noise", "change_threshold", "turn"):
+    for field in ("sprite_speed", "distractor_speed", "pan_speed", "noise", "change_threshold"):
         if not cfg[field] >= 0:
             raise ValueError(f"config.data.{field}={cfg[field]!r} must be >= 0.")
+    if not 0.0 <= cfg.turn <= 1.0:
+        raise ValueError(f"config.data.turn={cfg.turn!r} must be a probability in [0, 1].")
     if cfg.source == "procedural":
         procedural_video.check_sprites(cfg.sprite_kind)
         return
