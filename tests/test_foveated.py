@@ -283,6 +283,35 @@ def test_read_change_maps_where_the_frame_changed_and_stays_causal():
         bad.init(jax.random.key(1), frames, latents)
 
 
+@pytest.mark.parametrize("mode", ["shallow", "deep"])
+def test_query_where_points_pass_two_at_a_place(mode):
+    """query_where: where_head (zero-initialised: pass 2 reads as without it) maps h°_t to a bias over
+    the patches for pass 2's attention, shifted like the queries (frame 0 and pass 1 get none); a
+    large bias on one patch puts pass 2's attention there; the static control drops it."""
+    cfg = fov.FoveatedConfig(query_mode=mode, film_channels=(8, 16), query_where=True)
+    model = fov.FoveatedModel(_vit(), DEC, cfg)
+    frames, latents = _inputs()
+    variables = nn.meta.unbox(model.init(jax.random.key(1), frames, latents))
+    plain = fov.FoveatedModel(_vit(), DEC, fov.FoveatedConfig(query_mode=mode, film_channels=(8, 16)))
+    params = variables["params"]
+    without = {k: v for k, v in params.items() if k != "where_head"}
+    out = model.apply(variables, frames, latents)
+    np.testing.assert_allclose(out["attn_fine"], plain.apply({"params": without}, frames, latents)["attn_fine"],
+                               atol=1e-6)
+    n = (S // P) ** 2
+    bias = jnp.zeros((n,)).at[5].set(30.0)
+    pointed = dict(params, where_head=dict(params["where_head"], bias=bias))
+    out = model.apply({"params": pointed}, frames, latents)
+    assert (np.asarray(out["attn_fine"][:, 1:]).argmax(-1) == 5).all()
+    assert float(out["attn_fine"][:, 1:, 5].min()) > 0.9
+    assert float(out["attn_fine"][:, 0, 5].max()) < 0.5 and float(out["attn_coarse"][:, :, 5].max()) < 0.5
+    static = model.apply({"params": pointed}, frames, latents, fine_queries="static")
+    np.testing.assert_allclose(static["pred_fine"], static["pred_coarse"], atol=1e-6)
+    frames2 = frames.at[:, -1].set(jax.random.normal(jax.random.key(9), frames[:, -1].shape))
+    out2 = model.apply({"params": pointed}, frames2, latents)
+    np.testing.assert_allclose(out2["pred_fine"][:, : T - 2], out["pred_fine"][:, : T - 2], atol=1e-6)
+
+
 def test_film_spatial_modulates_each_place():
     """film_spatial=R: gamma/beta(x, y, c) = global(c) + sum_r where_r(x, y) what_r(c), both affine in
     h; with where at zero it is the per-channel FiLM; the head needs the latent grid."""

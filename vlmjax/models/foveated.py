@@ -43,6 +43,7 @@ Parameter tree:
     change_proj/kernel [g², D]    read_change: how much each of g x g regions changed since frame t-1 -> added
     llm/...                 the decoder (``decoder.Decoder``, HF names: SmolLM2 / Llama / Qwen load here)
     query_head/...          h°_t -> q_t - q_static (Dense D -> D, zero-initialised)
+    where_head/...          query_where: h°_t -> a bias over the Np patches for pass 2's attention (zero-init)
     head/...                ``FiLMHead``: h_t and latent_t -> latent_{t+1} (film_where / film_what with
                             film_spatial)
 
@@ -113,6 +114,11 @@ class FoveatedConfig:
         vision that says WHERE something moved but not what it looks like (0 = off). Unlike
         ``read_map`` it carries no patch features, so a detail at the mover (say its heading mark)
         reaches the LLM only through a read.
+    query_where: the LLM also says WHERE pass 2 looks: ``where_head`` (zero-initialised) maps h°_t to a
+        bias over the patch grid added to the query's attention logits (every head; deep: every
+        layer), shifted between the passes like the queries (none at frame 0, none in pass 1). A
+        query vector can address a place only through the keys' position content; this is the
+        direct pointer (measured: docs/foveated.md).
     film_spatial: R > 0: the FiLM modulation also varies over the latent grid, gamma/beta(x, y, c) =
         global(c) + sum_r where_r(x, y) what_r(c), both affine in h (``FiLMHead``): the LLM can say
         "change THIS place this way"; a per-channel FiLM on translation-equivariant convolutions can
@@ -138,6 +144,7 @@ class FoveatedConfig:
     read_position: bool = False
     read_map: int = 0
     read_change: int = 0
+    query_where: bool = False
     film_spatial: int = 0
     read_motion: bool = False
     film_init: float = 0.0
@@ -177,15 +184,18 @@ class FoveatedConfig:
 # ------------------------------------------------------------------------------------------------
 
 
-def _query_attention(q: Array, k: Array, v: Array, dtype) -> tuple[Array, Array]:
+def _query_attention(q: Array, k: Array, v: Array, dtype, bias: Array | None = None) -> tuple[Array, Array]:
     """One query token per row over S keys, softmax in fp32.
 
-    q: [B, 1, H, Dh]; k/v: [B, S, H, Dh] -> (out [B, 1, H, Dh] in ``dtype``, probs [B, H, S] fp32).
+    q: [B, 1, H, Dh]; k/v: [B, S, H, Dh]; bias: [B, S] added to every head's logits, or None
+    -> (out [B, 1, H, Dh] in ``dtype``, probs [B, H, S] fp32).
     Written out (not ``attention.attend``) because the caller needs the probabilities (the attention
     pictures) and one query row is a matrix-vector product that no fused kernel speeds up.
     """
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bqhd,bshd->bhqs", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)[:, None, None, :]
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bhqs,bshd->bqhd", probs.astype(dtype), v.astype(dtype))
     return out, probs[:, :, 0]
@@ -230,13 +240,15 @@ class FoveatedEncoder(vit_lib.VisionTransformer):
             x = layer.finish(x, layer.attend(q, k, v), deterministic)
         return {"k": ks, "v": vs, "outputs": self.outputs(x)}
 
-    def deep_query(self, u: Array, cache: dict[str, Any], *, deterministic: bool = True
-                   ) -> tuple[Array, Array]:
+    def deep_query(self, u: Array, cache: dict[str, Any], bias: Array | None = None, *,
+                   deterministic: bool = True) -> tuple[Array, Array]:
         """Runs query tokens through every layer against the cached keys/values.
 
         Args:
             u: [B, D] query token (encoder width), one per frame.
             cache: ``patch_cache`` of the same B frames.
+            bias: [B, N] added to the query's attention logits over the N cached tokens in every layer
+                (``FoveatedConfig.query_where``), or None.
         Returns:
             (z [B, D] the query token after the final layer norm, probs [B, H, N] the last layer's
             attention of the query over the N cached tokens, renormalised without its self-weight).
@@ -244,10 +256,12 @@ class FoveatedEncoder(vit_lib.VisionTransformer):
         self._check_loop()
         x = u[:, None].astype(self.config.dtype)
         probs = None
+        if bias is not None:
+            bias = jnp.concatenate([bias, jnp.zeros_like(bias[:, :1])], 1)  # none on its own key
         for layer, k_c, v_c in zip(self.layers, cache["k"], cache["v"]):
             q, k, v = layer.qkv(x)  # no RoPE for the query token
             out, probs = _query_attention(q, jnp.concatenate([k_c, k], 1), jnp.concatenate([v_c, v], 1),
-                                          self.config.dtype)
+                                          self.config.dtype, bias)
             x = layer.finish(x, out, deterministic)
         patches = probs[..., :-1]
         patches = patches / jnp.maximum(patches.sum(-1, keepdims=True), 1e-9)
@@ -314,9 +328,9 @@ class QueryCrossAttention(nn.Module):
             k = k + self.key_pos.astype(k.dtype)
         return k, self.v_proj(tokens)
 
-    def __call__(self, u: Array, k: Array, v: Array) -> tuple[Array, Array]:
-        """u [B, D] (encoder width), k/v [B, N, H, Dh] -> (z [B, D], probs [B, H, N])."""
-        out, probs = _query_attention(self.q_proj(u)[:, None], k, v, self.dtype)
+    def __call__(self, u: Array, k: Array, v: Array, bias: Array | None = None) -> tuple[Array, Array]:
+        """u [B, D] (encoder width), k/v [B, N, H, Dh], bias [B, N] or None -> (z [B, D], probs [B, H, N])."""
+        out, probs = _query_attention(self.q_proj(u)[:, None], k, v, self.dtype, bias)
         return self.out_proj(out)[:, 0], probs
 
 
@@ -473,6 +487,9 @@ class FoveatedModel(nn.Module):
         # near-uniform attention, a worse starting point than pass 1's.)
         self.query_head = layers.DenseGeneral(dim, kernel_axes=("embed", None), use_bias=True,
                                               initializer_range=c.query_head_init, dtype=c.dtype)
+        if c.query_where:
+            self.where_head = layers.DenseGeneral(v.grid_size ** 2, kernel_axes=("embed", None), use_bias=True,
+                                                  initializer_range=0.0, dtype=c.dtype)
         self.head = FiLMHead(c.film_channels, c.latent_channels, residual=c.residual, coords=c.film_coords,
                              film_init=c.film_init, spatial=c.film_spatial, grid=tuple(self.latent_grid),
                              dtype=c.dtype)
@@ -515,16 +532,20 @@ class FoveatedModel(nn.Module):
         cells = rearrange(jnp.square(diff), "b t (gy y) (gx x) c -> (b t) (gy gx) (y x c)", gy=g, gx=g)
         return jnp.sqrt(cells.mean(-1))
 
-    def read(self, queries: Array, cache: dict[str, Any], *, deterministic: bool = True
-             ) -> tuple[Array, Array]:
-        """queries [B*T, D] (LLM width) -> (z [B*T, Dv (+ 2H with read_position)], attention over the
-        patches [B*T, Np] (mean over heads))."""
+    def read(self, queries: Array, cache: dict[str, Any], where: Array | None = None, *,
+             deterministic: bool = True) -> tuple[Array, Array]:
+        """queries [B*T, D] (LLM width) and, with query_where, a bias over the patches [B*T, Np] (pass 2)
+        -> (z [B*T, Dv (+ 2H with read_position)], attention over the patches [B*T, Np] (mean over
+        heads))."""
         u = self.query_in(queries.astype(self.config.dtype))
-        if self.config.query_mode == "deep":
-            z, probs = self.encoder.deep_query(u, cache, deterministic=deterministic)
-        else:
-            z, probs = self.query_xattn(u, cache["k"], cache["v"])
         n_prefix = self.vit_config.num_prefix_tokens
+        bias = None
+        if where is not None:  # no bias on the prefix tokens (CLS, registers)
+            bias = jnp.concatenate([jnp.zeros((where.shape[0], n_prefix), where.dtype), where], 1)
+        if self.config.query_mode == "deep":
+            z, probs = self.encoder.deep_query(u, cache, bias, deterministic=deterministic)
+        else:
+            z, probs = self.query_xattn(u, cache["k"], cache["v"], bias)
         per_head = probs[..., n_prefix:]  # [B*T, H, Np]: patches only
         per_head = per_head / jnp.maximum(per_head.sum(-1, keepdims=True), 1e-9)
         if self.config.read_position:
@@ -598,15 +619,20 @@ class FoveatedModel(nn.Module):
         change = self.change_map(frames) if self.config.read_change else None
         h0 = self.think(z0, b, cache.get("map"), change, deterministic=deterministic)
         predicted = self.query_static + self.query_head(h0)  # [B, T, D]: q_t, chosen after frames <= t
+        where = self.where_head(h0) if self.config.query_where else None  # [B, T, Np]
 
         # Pass 2: frame t read with q_{t-1} (q_init for frame 0).
         if fine_queries == "static":
             queries = jnp.broadcast_to(self.query_static, (b, t, dim))
+            where = None
         else:
             if fine_queries == "shuffled":
                 predicted = jnp.roll(predicted, 1, axis=0)
+                where = None if where is None else jnp.roll(where, 1, axis=0)
             queries = shift_queries(self.query_init, predicted)
-        z1, attn1 = self.read(rearrange(queries, "b t d -> (b t) d"), cache, deterministic=deterministic)
+            if where is not None:  # the same shift: frame 0 gets no bias
+                where = rearrange(shift_queries(jnp.zeros_like(where[0, 0]), where), "b t n -> (b t) n")
+        z1, attn1 = self.read(rearrange(queries, "b t d -> (b t) d"), cache, where, deterministic=deterministic)
         h1 = self.think(z1, b, cache.get("map"), change, deterministic=deterministic)
         if shuffle_state:
             h0, h1 = jnp.roll(h0, 1, axis=0), jnp.roll(h1, 1, axis=0)
