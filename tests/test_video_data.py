@@ -123,6 +123,10 @@ def test_heading_marks_the_mover_steps_where_its_mark_points():
     assert set(headings[:, 2].tolist()) == {0, 2}  # a straight one only reverses at the walls
     still, _ = procedural_video._turning(start, heading0, speed, 0.0, 40, low, high, rng)
     assert (np.diff(still[:, 0, 1]) == 0).all()  # turn=0: the mover keeps its axis
+    # distractor_turn: the standing sprite's mark changes too, and it still stands.
+    flick, flick_headings = procedural_video._turning(start, heading0, speed, 1.0, 40, low, high, rng, 1.0)
+    assert len(set(flick_headings[:, 1].tolist())) == 4
+    np.testing.assert_allclose(flick[:, 1], np.broadcast_to(start[1], (40, 2)))
 
     base = dict(image_size=48, patch_size=8, num_sprites=4, sprite_scale=0.4, distractor_scale=2.5,
                 distractor_speed=0.0, sprite_speed=0.05, num_frames=6)
@@ -141,6 +145,8 @@ def test_heading_marks_the_mover_steps_where_its_mark_points():
     assert plain.shape == frames.shape
     with pytest.raises(ValueError, match="turn"):
         video.build_video_data(make_config(turn=2.0))
+    with pytest.raises(ValueError, match="distractor_turn"):
+        video.build_video_data(make_config(distractor_turn=-0.5))
 
 
 def test_labels_cover_all_shapes():

@@ -102,10 +102,11 @@ def _bounce(start: np.ndarray, velocity: np.ndarray, steps: np.ndarray,
 
 
 def _turning(start: np.ndarray, heading0: np.ndarray, speed: np.ndarray, turn: float, frames_n: int,
-             low: np.ndarray, high: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+             low: np.ndarray, high: np.ndarray, rng: np.random.Generator, distractor_turn: float = 0.0
+             ) -> tuple[np.ndarray, np.ndarray]:
     """Sprites with heading marks (``data.heading_marks``): each steps along one of ``HEADINGS``;
-    sprite 0 (the mover) draws a new heading (uniform over the four) with probability ``turn`` every
-    frame.
+    every frame sprite 0 (the mover) draws a new heading (uniform over the four) with probability
+    ``turn``, each other sprite with probability ``distractor_turn``.
 
     start [K, 2] pixels, heading0 [K] codes, speed [K] -> centres [F, K, 2] and headings [F, K] (codes):
     the heading shown at frame t is the direction of the step t -> t+1, reversed first when that
@@ -117,9 +118,14 @@ def _turning(start: np.ndarray, heading0: np.ndarray, speed: np.ndarray, turn: f
     pos, code = start.astype(np.float64).copy(), heading0.astype(np.int64).copy()
     turns = rng.uniform(size=frames_n) < turn
     draws = rng.integers(0, len(HEADINGS), size=frames_n)
+    if distractor_turn:
+        others = rng.uniform(size=(frames_n, num - 1)) < distractor_turn
+        other_draws = rng.integers(0, len(HEADINGS), size=(frames_n, num - 1))
     for t in range(frames_n):
         if turns[t]:
             code[0] = draws[t]
+        if distractor_turn:
+            code[1:] = np.where(others[t], other_draws[t], code[1:])
         nxt = pos + speed[:, None] * _HEADING_STEP[code]
         out = ((nxt < low) | (nxt > high)).any(-1)
         code = np.where(out, (code + 2) % len(HEADINGS), code)  # reverse: right <-> left, down <-> up
@@ -211,7 +217,8 @@ def render_clip(cfg, index: int, split: str = "train") -> dict[str, np.ndarray]:
     marks = bool(cfg.get("heading_marks", False))
     if marks:
         heading0 = rng.integers(0, len(HEADINGS), size=num)
-        centres, headings = _turning(start, heading0, speed, float(cfg.turn), frames_n, low, high, rng)
+        centres, headings = _turning(start, heading0, speed, float(cfg.turn), frames_n, low, high, rng,
+                                     float(cfg.get("distractor_turn", 0.0)))
     else:
         centres = _bounce(start, velocity, steps, low, high)  # [F, K, 2] (x, y), pixels
 

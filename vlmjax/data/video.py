@@ -117,9 +117,12 @@ def default_config() -> ml_collections.ConfigDict:
     # cells' mean colour and luminance spread (nearly) unchanged: the pooled latents barely see a
     # heading, a full-resolution read can. Sprite 0 (the mover) draws a new heading with probability
     # `turn` every frame (1 = every frame), so where it goes next is written on it, not in its past;
-    # the others keep theirs.
+    # the others keep theirs unless `distractor_turn` (the same, per other sprite): standing sprites
+    # whose marks change too, so that the change of a read pooled over every sprite does not single
+    # out the mover's new heading (differencing frames would cancel still marks).
     c.heading_marks = False
     c.turn = 0.0
+    c.distractor_turn = 0.0
     # Std of i.i.d. Gaussian pixel noise added to every frame (0 = none). Noise
     # changes every patch: raise change_threshold above ~1.2 x noise.
     c.noise = 0.0
@@ -229,8 +232,9 @@ def _check_config(cfg) -> None:
     for field in ("sprite_speed", "distractor_speed", "pan_speed", "noise", "change_threshold"):
         if not cfg[field] >= 0:
             raise ValueError(f"config.data.{field}={cfg[field]!r} must be >= 0.")
-    if not 0.0 <= cfg.turn <= 1.0:
-        raise ValueError(f"config.data.turn={cfg.turn!r} must be a probability in [0, 1].")
+    for field in ("turn", "distractor_turn"):
+        if not 0.0 <= cfg[field] <= 1.0:
+            raise ValueError(f"config.data.{field}={cfg[field]!r} must be a probability in [0, 1].")
     if cfg.source == "procedural":
         procedural_video.check_sprites(cfg.sprite_kind)
         return
