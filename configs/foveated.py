@@ -46,13 +46,17 @@ def get_config(arg: str | None = None):
     c.eval.num_pictures = 4
     c.data = video.default_config()
     # 48 px frames, 8 px patches (a 6x6 grid, one latent cell per patch), 8 frames. Four sprites of
-    # the same size (radius 3.4-5.8 px) over a static textured background; one of them moves (~2.4 px
-    # a frame), the others stand still. In a single frame the mover looks like the rest, so a static
-    # query cannot single it out; the LLM, having seen the frames before, can.
+    # about the same size (radius 3.4-5.8 px) over a static textured background; one of them moves
+    # (~2.4 px a frame), the others stand still. Heading marks: every sprite wears its heading as the
+    # phase of a 2x2-pixel checkerboard, which the 8x pooled latents barely see; the mover draws a new
+    # heading every frame (turn 1) and steps where its mark points, and the standing sprites' marks
+    # change every frame too (distractor_turn 1). So where the mover goes next is written on it, in
+    # full resolution, and nowhere else: the history says where it is (so where to look), a read aimed
+    # there says where it goes; a static read pools four changing marks (docs/foveated.md).
     c.data.update(dict(source="procedural", num_frames=8, image_size=48, patch_size=8, num_sprites=4,
                        sprite_scale=0.4, distractor_scale=2.5, distractor_speed=0.0, sprite_speed=0.05,
-                       background="static", num_train=4096, num_eval=128, train_ref_order=(0,),
-                       eval_ref_order=(0,)))
+                       heading_marks=True, turn=1.0, distractor_turn=1.0, background="static", num_train=4096,
+                       num_eval=128, train_ref_order=(0,), eval_ref_order=(0,)))
     c.latents = latents.default_config()
     c.encoder = foveated.encoder_section()
     # A 64-wide, 2-layer ViT: 48 px / patch 8 = 36 patches; on 2 CPU cores a step is 0.15 s (Xeon) to
@@ -63,12 +67,17 @@ def get_config(arg: str | None = None):
     small_decoder(c.decoder)
     c.foveated = foveated.foveated_section()
     # read_position: the read-out also gives each head's attention centroid and its move since the
-    # previous frame; film_init 0.05 and query_attn_init 0.1 (not 0 and 0.02): with these, on one-sprite
-    # clips the predictions use what the model saw after 600 steps (state_use 1.04-1.38 in three runs,
-    # best loss 0.0079 vs copy-last 0.0104); without them state_use stayed 1.000 (docs/foveated.md).
-    # read_motion (off) adds the attended features' change since the previous frame.
+    # previous frame; film_init 0.05 and query_attn_init 0.1 (not 0 and 0.02): without them the
+    # predictions ignored what the model saw (docs/foveated.md). read_change 6: peripheral motion
+    # vision, a per-patch map of how much each place changed (where, not what), seen at 4 x 4-pixel
+    # acuity (change_acuity) so the heading marks' flicker does not light it up; only motion does.
+    # query_where: the LLM points pass 2 at a place (a bias over the patch grid); key_position lets
+    # a query vector address a place too; query_head_init 0.05 sends gradients through the queries
+    # from step 0. film_spatial 1: the LLM's state says where in the latent the change goes (the FiLM
+    # paper's per-channel modulation cannot single out one of four sprites).
     c.foveated.update(dict(query_mode="shallow", film_channels=(32, 64), lambda_coarse=1.0, read_position=True,
-                           film_init=0.05, query_attn_init=0.1))
+                           film_init=0.05, query_attn_init=0.1, read_change=6, change_acuity=4, query_where=True,
+                           key_position=1.0, query_head_init=0.05, film_spatial=1))
     # 'xla' attention: the sequences are short (37 patch tokens, 8 frame tokens).
     c.model = dict(attention_impl="xla", dtype="float32")
 
@@ -80,7 +89,7 @@ def get_config(arg: str | None = None):
         warm.data.num_sprites = 1
         warm.update(dict(total_steps=600, eval_every=600, ckpt_every=600))
         if v == "deep":
-            warm.foveated.query_mode = "deep"
+            warm.foveated.update(dict(query_mode="deep", key_position=0.0))
         c.stages = ml_collections.ConfigDict(dict(warmup=warm))
     if v == "smoke":
         c.data.update(dict(num_frames=4, image_size=32, num_train=32, num_eval=8, num_threads=0,
@@ -89,13 +98,14 @@ def get_config(arg: str | None = None):
                                     num_attention_heads=2, image_size=32))
         c.decoder.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               num_key_value_heads=1))
-        c.foveated.film_channels = (8, 16)
+        c.foveated.update(dict(film_channels=(8, 16), read_change=4))  # 32 px: a 4 x 4 patch grid
         c.eval.num_pictures = 2
         c.update(dict(total_steps=4, batch_size=4, log_every=2, eval_every=4, ckpt_every=4))
         c.optim.warmup_steps = 1
     if v == "deep":
-        # The spec's query: one extra token in every encoder block, asymmetric mask.
-        c.foveated.query_mode = "deep"
+        # The spec's query: one extra token in every encoder block, asymmetric mask (its tokens carry
+        # their positions: no key_position).
+        c.foveated.update(dict(query_mode="deep", key_position=0.0))
     if v == "smollm2":
         # SmolLM2-135M (576 wide, 30 layers) reads the frame tokens: --config.decoder.init_from=<dir>.
         c.optim.update(dict(lr=3e-4))
@@ -109,7 +119,9 @@ def get_config(arg: str | None = None):
                            change_threshold=0.03, num_threads=8, prefetch_buffer_size=32))
         c.latents.update(dict(encoder="vae", downsample=8))
         c.encoder.tower.update(dict(patch_size=16, image_size=256))
-        c.foveated.update(dict(query_mode="deep", film_channels=(64, 128, 256), lambda_coarse=1.0))
+        # read_change 16: the 16 x 16 patch grid of 256 px frames.
+        c.foveated.update(dict(query_mode="deep", key_position=0.0, film_channels=(64, 128, 256), lambda_coarse=1.0,
+                               read_change=16))
         c.model.update(dict(dtype="bfloat16", attention_impl="auto"))
         c.decoder.update(dict(dtype="bfloat16"))
         c.optim.update(dict(lr=1e-4, grad_accum_steps=4, warmup_steps=500, weight_decay=0.05, b2=0.999))

@@ -278,9 +278,31 @@ def test_read_change_maps_where_the_frame_changed_and_stays_causal():
         np.testing.assert_allclose(out2[key][:, : T - 2], out[key][:, : T - 2], atol=1e-6, err_msg=key)
     static = model.apply(variables, frames, latents, fine_queries="static")
     np.testing.assert_allclose(static["pred_fine"], static["pred_coarse"], atol=1e-6)
-    with pytest.raises(ValueError, match="read_change=3 must divide"):
+    with pytest.raises(ValueError, match="read_change=3 x change_acuity=1 must divide"):
         bad = fov.FoveatedModel(_vit(), DEC, fov.FoveatedConfig(film_channels=(8, 16), read_change=3))
         bad.init(jax.random.key(1), frames, latents)
+
+
+def test_change_acuity_hides_a_fine_checkerboard_and_sees_a_move():
+    """change_acuity=p: the map differences p x p-averaged frames, so a 2 x 2-pixel checkerboard
+    changing its phase (a heading mark turning) leaves it at 0 while the same square moving shows."""
+    def frames_of(*squares):  # squares: (y, x, phase) per frame, a 16 x 16 checkered square
+        out = np.zeros((1, len(squares), S, S, 3), np.float32)
+        yy, xx = np.mgrid[:16, :16]
+        for t, (y, x, phase) in enumerate(squares):
+            out[0, t, y:y + 16, x:x + 16] = np.where((((yy + phase) // 2) + ((xx + phase) // 2)) % 2, 1.0, 0.3)[..., None]
+        return jnp.asarray(out)
+    latents = jnp.zeros((1, 3, S // 8, S // 8, 4), jnp.float32)
+    for p, flicker_seen in ((1, True), (4, False)):
+        cfg = fov.FoveatedConfig(film_channels=(8, 16), read_change=2, change_acuity=p)
+        model = fov.FoveatedModel(_vit(), DEC, cfg)
+        frames = frames_of((0, 0, 0), (0, 0, 1), (0, 4, 1))  # flicker in place, then a 4-pixel move
+        variables = nn.meta.unbox(model.init(jax.random.key(1), frames, latents))
+        got = np.asarray(model.apply(variables, frames, method=model.change_map)).reshape(3, 4)
+        assert (got[1].max() > 0.1) == flicker_seen, (p, got[1])
+        assert got[2].max() > 0.1, (p, got[2])
+    with pytest.raises(ValueError, match="change_acuity=0 must be an int >= 1"):
+        fov.FoveatedConfig(change_acuity=0).validate()
 
 
 @pytest.mark.parametrize("mode", ["shallow", "deep"])
@@ -373,7 +395,7 @@ def test_bad_config_values_fail_with_the_field():
 @pytest.fixture(scope="module", params=["smoke", pytest.param("deep", marks=pytest.mark.slow)])
 def smoke_run(request, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp(f"fov_{request.param}"))
-    over = {"foveated.query_mode": "deep"} if request.param == "deep" else {}
+    over = {"foveated.query_mode": "deep", "foveated.key_position": 0.0} if request.param == "deep" else {}
     summary = runner.run(load_config("foveated", "smoke", log_every=1, **over), workdir)
     return workdir, summary
 
@@ -448,12 +470,13 @@ def test_warmup_stage_loads_every_param_and_refuses_another_model(smoke_run, tmp
     from vlmjax.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
     workdir, _ = smoke_run
     saved, _ = checkpoint_lib.load_params(workdir)
-    config = load_config("foveated", "smoke")
+    deep = {"foveated.query_mode": "deep", "foveated.key_position": 0.0} if "fov_deep" in workdir else {}
+    config = load_config("foveated", "smoke", **deep)
     task = tasks.build(config, str(tmp_path / "a"), {"warmup": workdir})
     abstract = nn.meta.unbox(task.init_variables(jax.random.key(0)))["params"]
     loaded = task.pretrained_params(abstract, None)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), loaded, saved)
-    other = load_config("foveated", "smoke", **{"decoder.hidden_size": 48, "decoder.intermediate_size": 96})
+    other = load_config("foveated", "smoke", **deep, **{"decoder.hidden_size": 48, "decoder.intermediate_size": 96})
     task = tasks.build(other, str(tmp_path / "b"), {"warmup": workdir})
     abstract = nn.meta.unbox(task.init_variables(jax.random.key(0)))["params"]
     with pytest.raises(ValueError, match="warm-up stage .* does not fit"):

@@ -64,7 +64,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from einops import rearrange
+from einops import rearrange, reduce
 
 from vlmjax.models import decoder as decoder_lib
 from vlmjax.models import layers
@@ -114,6 +114,10 @@ class FoveatedConfig:
         vision that says WHERE something moved but not what it looks like (0 = off). Unlike
         ``read_map`` it carries no patch features, so a detail at the mover (say its heading mark)
         reaches the LLM only through a read.
+    change_acuity: p >= 1: ``read_change`` differences the frames after averaging p x p pixel cells
+        (peripheral vision is coarse): a detail finer than p pixels that changes (a 2 x 2-pixel
+        checkerboard's phase, ``data.heading_marks``) does not show in the map, a moving object does
+        (1 = full resolution).
     query_where: the LLM also says WHERE pass 2 looks: ``where_head`` (zero-initialised) maps h°_t to a
         bias over the patch grid added to the query's attention logits (every head; deep: every
         layer), shifted between the passes like the queries (none at frame 0, none in pass 1). A
@@ -144,6 +148,7 @@ class FoveatedConfig:
     read_position: bool = False
     read_map: int = 0
     read_change: int = 0
+    change_acuity: int = 1
     query_where: bool = False
     film_spatial: int = 0
     read_motion: bool = False
@@ -169,6 +174,9 @@ class FoveatedConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"config.foveated.{name}={value!r} must be an int >= 0 (0 = off).")
+        if not isinstance(self.change_acuity, int) or self.change_acuity < 1:
+            raise ValueError(f"config.foveated.change_acuity={self.change_acuity!r} must be an int >= 1 "
+                             "(pixels averaged per side before differencing; 1 = full resolution).")
         if not self.key_position >= 0:
             raise ValueError(f"config.foveated.key_position={self.key_position!r} must be >= 0 (0 = off).")
         if self.key_position and self.query_mode != "shallow":
@@ -520,14 +528,16 @@ class FoveatedModel(nn.Module):
         return rearrange(grid.mean(3), "b gy gx d -> b (gy gx d)")
 
     def change_map(self, frames: Array) -> Array:
-        """frames [B, T, H, W, 3] -> [B*T, g²]: per region of a g x g grid, the RMS pixel change
-        since the previous frame (0 at frame 0; ``FoveatedConfig.read_change``). Parameter-free and
-        query-independent: where something moved, not what it looks like."""
-        g = self.config.read_change
+        """frames [B, T, H, W, 3] -> [B*T, g²]: per region of a g x g grid, the RMS change since the
+        previous frame of the frame averaged over p x p pixel cells (0 at frame 0;
+        ``FoveatedConfig.read_change``, ``change_acuity`` p). Parameter-free and query-independent:
+        where something moved, not what it looks like."""
+        g, p = self.config.read_change, self.config.change_acuity
         h, w = frames.shape[2:4]
-        if h % g or w % g:
-            raise ValueError(f"config.foveated.read_change={g} must divide the frame size {h}x{w}.")
-        f = frames.astype(jnp.float32)
+        if h % p or w % p or (h // p) % g or (w // p) % g:
+            raise ValueError(f"config.foveated.read_change={g} x change_acuity={p} must divide the frame size "
+                             f"{h}x{w}.")
+        f = reduce(frames.astype(jnp.float32), "b t (h p) (w q) c -> b t h w c", "mean", p=p, q=p)
         diff = jnp.concatenate([jnp.zeros_like(f[:, :1]), f[:, 1:] - f[:, :-1]], axis=1)
         cells = rearrange(jnp.square(diff), "b t (gy y) (gx x) c -> (b t) (gy gx) (y x c)", gy=g, gx=g)
         return jnp.sqrt(cells.mean(-1))
