@@ -1,11 +1,12 @@
 r"""Two-pass foveated video prediction: a static query reads every frame coarsely, the LLM predicts
 where the second pass looks, both passes predict the next frame's latent (docs/foveated.md).
 
-Procedural sprite clips (nothing to download): small sprites move over a static textured background,
-so what changes between frames is small and local and choosing where to look matters. Targets are
+Procedural sprite clips (nothing to download): small sprites over a static textured background, one
+of which moves; where it goes next is written on it as a heading mark too fine for the pooled
+latents, so what changes between frames is small and local and choosing where to look matters. Targets are
 latents computed once and cached (default: the fixed pixel encoder, 8x pooling to 4 channels).
 
-  python -m vlmjax.main --config=configs/foveated.py --workdir=/tmp/fov              # 2-core CPU, < 10 min
+  python -m vlmjax.main --config=configs/foveated.py --workdir=/tmp/fov              # 2-core CPU, ~10 min
   python -m vlmjax.main --config=configs/foveated.py:smoke --workdir=/tmp/fov_smoke
   python -m vlmjax.main --config=configs/foveated.py:deep --workdir=/tmp/fov_deep     # deep query
   # SmolLM2-135M as the LLM (offline: python -c "from vlmjax.convert import gguf;
@@ -40,7 +41,7 @@ def small_decoder(c: ml_collections.ConfigDict) -> None:
 def get_config(arg: str | None = None):
     v = common.variant(arg, VARIANTS, __file__)
     c = common.trainer(
-        "foveated", total_steps=1200, batch_size=16, log_every=100, eval_every=600, ckpt_every=600,
+        "foveated", total_steps=2400, batch_size=16, log_every=100, eval_every=600, ckpt_every=600,
         eval=dict(max_batches=0),
         optim=dict(lr=3e-3, warmup_steps=50, weight_decay=0.05, b2=0.98, clip_norm=1.0))
     c.eval.num_pictures = 4
@@ -60,7 +61,7 @@ def get_config(arg: str | None = None):
     c.latents = latents.default_config()
     c.encoder = foveated.encoder_section()
     # A 64-wide, 2-layer ViT: 48 px / patch 8 = 36 patches; on 2 CPU cores a step is 0.15 s (Xeon) to
-    # 0.33 s (AMD EPYC), so warm-up 600 + 1200 steps fit the 10 minutes.
+    # 0.2-0.3 s (AMD EPYC): warm-up 600 + 2400 steps take about 10 minutes (README).
     c.encoder.tower.update(dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                                 image_size=48))
     c.decoder = foveated.decoder_section()
@@ -71,13 +72,13 @@ def get_config(arg: str | None = None):
     # predictions ignored what the model saw (docs/foveated.md). read_change 6: peripheral motion
     # vision, a per-patch map of how much each place changed (where, not what), seen at 4 x 4-pixel
     # acuity (change_acuity) so the heading marks' flicker does not light it up; only motion does.
-    # query_where: the LLM points pass 2 at a place (a bias over the patch grid); key_position lets
-    # a query vector address a place too; query_head_init 0.05 sends gradients through the queries
-    # from step 0. film_spatial 1: the LLM's state says where in the latent the change goes (the FiLM
+    # query_where: the LLM points pass 2 at a place (a bias over the patch grid; key_position, a
+    # learned position term in the keys, stays off: with it the shallow warm-up did not take off in
+    # 2 of 6 runs); query_head_init 0.05 sends gradients through the queries from step 0. film_spatial 1: the LLM's state says where in the latent the change goes (the FiLM
     # paper's per-channel modulation cannot single out one of four sprites).
     c.foveated.update(dict(query_mode="shallow", film_channels=(32, 64), lambda_coarse=1.0, read_position=True,
                            film_init=0.05, query_attn_init=0.1, read_change=6, change_acuity=4, query_where=True,
-                           key_position=1.0, query_head_init=0.05, film_spatial=1))
+                           query_head_init=0.05, film_spatial=1))
     # 'xla' attention: the sequences are short (37 patch tokens, 8 frame tokens).
     c.model = dict(attention_impl="xla", dtype="float32")
 
@@ -89,7 +90,7 @@ def get_config(arg: str | None = None):
         warm.data.num_sprites = 1
         warm.update(dict(total_steps=600, eval_every=600, ckpt_every=600))
         if v == "deep":
-            warm.foveated.update(dict(query_mode="deep", key_position=0.0))
+            warm.foveated.query_mode = "deep"
         c.stages = ml_collections.ConfigDict(dict(warmup=warm))
     if v == "smoke":
         c.data.update(dict(num_frames=4, image_size=32, num_train=32, num_eval=8, num_threads=0,
@@ -103,9 +104,8 @@ def get_config(arg: str | None = None):
         c.update(dict(total_steps=4, batch_size=4, log_every=2, eval_every=4, ckpt_every=4))
         c.optim.warmup_steps = 1
     if v == "deep":
-        # The spec's query: one extra token in every encoder block, asymmetric mask (its tokens carry
-        # their positions: no key_position).
-        c.foveated.update(dict(query_mode="deep", key_position=0.0))
+        # The spec's query: one extra token in every encoder block, asymmetric mask.
+        c.foveated.query_mode = "deep"
     if v == "smollm2":
         # SmolLM2-135M (576 wide, 30 layers) reads the frame tokens: --config.decoder.init_from=<dir>.
         c.optim.update(dict(lr=3e-4))
@@ -120,7 +120,7 @@ def get_config(arg: str | None = None):
         c.latents.update(dict(encoder="vae", downsample=8))
         c.encoder.tower.update(dict(patch_size=16, image_size=256))
         # read_change 16: the 16 x 16 patch grid of 256 px frames.
-        c.foveated.update(dict(query_mode="deep", key_position=0.0, film_channels=(64, 128, 256), lambda_coarse=1.0,
+        c.foveated.update(dict(query_mode="deep", film_channels=(64, 128, 256), lambda_coarse=1.0,
                                read_change=16))
         c.model.update(dict(dtype="bfloat16", attention_impl="auto"))
         c.decoder.update(dict(dtype="bfloat16"))

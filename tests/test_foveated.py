@@ -395,7 +395,7 @@ def test_bad_config_values_fail_with_the_field():
 @pytest.fixture(scope="module", params=["smoke", pytest.param("deep", marks=pytest.mark.slow)])
 def smoke_run(request, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp(f"fov_{request.param}"))
-    over = {"foveated.query_mode": "deep", "foveated.key_position": 0.0} if request.param == "deep" else {}
+    over = {"foveated.query_mode": "deep"} if request.param == "deep" else {}
     summary = runner.run(load_config("foveated", "smoke", log_every=1, **over), workdir)
     return workdir, summary
 
@@ -470,7 +470,7 @@ def test_warmup_stage_loads_every_param_and_refuses_another_model(smoke_run, tmp
     from vlmjax.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
     workdir, _ = smoke_run
     saved, _ = checkpoint_lib.load_params(workdir)
-    deep = {"foveated.query_mode": "deep", "foveated.key_position": 0.0} if "fov_deep" in workdir else {}
+    deep = {"foveated.query_mode": "deep"} if "fov_deep" in workdir else {}
     config = load_config("foveated", "smoke", **deep)
     task = tasks.build(config, str(tmp_path / "a"), {"warmup": workdir})
     abstract = nn.meta.unbox(task.init_variables(jax.random.key(0)))["params"]

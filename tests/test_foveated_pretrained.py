@@ -73,7 +73,7 @@ def checkpoints(tmp_path_factory):
 def _config(dirs, **overrides):
     over = {"encoder.init_from": dirs["encoder"], "decoder.init_from": dirs["decoder"], "latents.encoder": "vae",
             "latents.vae_path": dirs["vae"], "latents.downsample": 8, "foveated.query_mode": "deep",
-            "foveated.key_position": 0.0, "data.image_size": SIZE, "data.patch_size": PATCH}
+            "data.image_size": SIZE, "data.patch_size": PATCH}
     over.update(overrides)
     return load_config("foveated", "smoke", **over)
 
