@@ -221,9 +221,11 @@ def time_compiled_step(compiled, state, batch, steps: int):
     return state, m, statistics.median(times)
 
 
-def loader_vs_synthetic(trainer, state, data_iter, steps: int) -> tuple[Any, dict[str, float]]:
+def loader_vs_synthetic(trainer, state, data_iter, steps: int, rounds: int = 1) -> tuple[Any, dict[str, float]]:
     """The train step fed one synthetic on-device batch (the first of ``data_iter``, reused) vs fed by
-    the real loader (``data_iter`` itself), ``steps`` timed steps each after 2 warm-up steps.
+    the real loader (``data_iter`` itself), ``steps`` timed steps each after 2 warm-up steps; with
+    ``rounds`` > 1 the pair is measured that many times and each number is the median over rounds (a
+    shared VM's step time drifts by 10-15% between blocks of steps, as much as the loader costs).
 
     Returns (state, {synthetic_step_ms, real_loader_step_ms, synthetic_over_real (1.0 = the loader
     costs nothing), data_wait_frac (share of the real loop spent in ``next`` + host-to-device)}).
@@ -232,22 +234,25 @@ def loader_vs_synthetic(trainer, state, data_iter, steps: int) -> tuple[Any, dic
     for _ in range(2):
         state, m = trainer.train_step(state, synthetic)
     jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, m = trainer.train_step(state, synthetic)
-    jax.block_until_ready(m)
-    synth_s = (time.perf_counter() - t0) / steps
-    wait = 0.0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        t1 = time.perf_counter()
-        batch = trainer.put(next(data_iter))
-        wait += time.perf_counter() - t1
-        state, m = trainer.train_step(state, batch)
-    jax.block_until_ready(m)
-    real_s = (time.perf_counter() - t0) / steps
-    return state, {"synthetic_step_ms": synth_s * 1e3, "real_loader_step_ms": real_s * 1e3,
-                   "synthetic_over_real": synth_s / real_s, "data_wait_frac": wait / (real_s * steps)}
+    per_round = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, m = trainer.train_step(state, synthetic)
+        jax.block_until_ready(m)
+        synth_s = (time.perf_counter() - t0) / steps
+        wait = 0.0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            t1 = time.perf_counter()
+            batch = trainer.put(next(data_iter))
+            wait += time.perf_counter() - t1
+            state, m = trainer.train_step(state, batch)
+        jax.block_until_ready(m)
+        real_s = (time.perf_counter() - t0) / steps
+        per_round.append({"synthetic_step_ms": synth_s * 1e3, "real_loader_step_ms": real_s * 1e3,
+                          "synthetic_over_real": synth_s / real_s, "data_wait_frac": wait / (real_s * steps)})
+    return state, {k: statistics.median(r[k] for r in per_round) for k in per_round[0]}
 
 
 def compiled_train_step(config, batch_size: int):

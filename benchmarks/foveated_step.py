@@ -1,7 +1,7 @@
 r"""Foveated model: what the patch cache saves in pass 2, and whether the input pipeline keeps the step fed.
 
   python benchmarks/foveated_step.py                        # configs/foveated.py default shapes
-  python benchmarks/foveated_step.py --clips=4 --repeats=3 --steps=5
+  python benchmarks/foveated_step.py --clips=4 --repeats=3 --steps=5 --rounds=1
 
 1. Encoder cost of pass 2 for B x T frames (deep query, the spec's mechanism): reading every frame
    with a new query from the cached per-layer patch K/V (``FoveatedEncoder.deep_query``: one token per
@@ -47,7 +47,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("variant", "deep", "configs/foveated.py variant whose shapes are measured.")
 flags.DEFINE_integer("clips", 16, "Clips B (x T frames each) in the encoder comparison; the config's batch.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per function (after 1 warm-up call).")
-flags.DEFINE_integer("steps", 20, "Train steps timed per input mode (after 2 warm-up steps).")
+flags.DEFINE_integer("steps", 20, "Train steps timed per input mode (after 2 warm-up steps), per round.")
+flags.DEFINE_integer("rounds", 5, "Rounds of (synthetic, real loader) steps; the medians are reported.")
 flags.DEFINE_string("out", "benchmarks/results/foveated_step.json", "JSON output path.")
 
 
@@ -130,7 +131,7 @@ def pipeline_row(config, workdir) -> dict:
     tr = Trainer(config, task, shd.make_mesh(config.mesh))
     state = tr.init()
     it = iter(task.train_dataset(global_batch_size=config.batch_size, seed=0, process_index=0, process_count=1))
-    _, r = common.loader_vs_synthetic(tr, state, it, FLAGS.steps)
+    _, r = common.loader_vs_synthetic(tr, state, it, FLAGS.steps, FLAGS.rounds)
     return {"variant": FLAGS.variant, "batch": config.batch_size, **r}
 
 
@@ -154,7 +155,7 @@ def main(argv):
     common.print_table([pipe], ["variant", "batch", "synthetic_step_ms", "real_loader_step_ms",
                                 "synthetic_over_real", "data_wait_frac"], machine=False)
     common.write_json(FLAGS.out, {"device": info, "machine": common.machine_info(),
-                                  "flags": {k: FLAGS[k].value for k in ("variant", "clips", "repeats", "steps")},
+                                  "flags": {k: FLAGS[k].value for k in ("variant", "clips", "repeats", "steps", "rounds")},
                                   "encoder": rows, "pipeline": pipe})
 
 
