@@ -155,7 +155,8 @@ def main(argv):
     common.print_table([pipe], ["variant", "batch", "synthetic_step_ms", "real_loader_step_ms",
                                 "synthetic_over_real", "data_wait_frac"], machine=False)
     common.write_json(FLAGS.out, {"device": info, "machine": common.machine_info(),
-                                  "flags": {k: FLAGS[k].value for k in ("variant", "clips", "repeats", "steps", "rounds")},
+                                  "flags": {k: FLAGS[k].value
+                                            for k in ("variant", "clips", "repeats", "steps", "rounds")},
                                   "encoder": rows, "pipeline": pipe})
 
 

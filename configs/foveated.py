@@ -74,8 +74,9 @@ def get_config(arg: str | None = None):
     # acuity (change_acuity) so the heading marks' flicker does not light it up; only motion does.
     # query_where: the LLM points pass 2 at a place (a bias over the patch grid; key_position, a
     # learned position term in the keys, stays off: with it the shallow warm-up did not take off in
-    # 2 of 6 runs); query_head_init 0.05 sends gradients through the queries from step 0. film_spatial 1: the LLM's state says where in the latent the change goes (the FiLM
-    # paper's per-channel modulation cannot single out one of four sprites).
+    # 2 of 6 runs); query_head_init 0.05 sends gradients through the queries from step 0.
+    # film_spatial 1: the LLM's state says where in the latent the change goes (the FiLM paper's
+    # per-channel modulation cannot single out one of four sprites).
     c.foveated.update(dict(query_mode="shallow", film_channels=(32, 64), lambda_coarse=1.0, read_position=True,
                            film_init=0.05, query_attn_init=0.1, read_change=6, change_acuity=4, query_where=True,
                            query_head_init=0.05, film_spatial=1))

@@ -290,7 +290,8 @@ def test_change_acuity_hides_a_fine_checkerboard_and_sees_a_move():
         out = np.zeros((1, len(squares), S, S, 3), np.float32)
         yy, xx = np.mgrid[:16, :16]
         for t, (y, x, phase) in enumerate(squares):
-            out[0, t, y:y + 16, x:x + 16] = np.where((((yy + phase) // 2) + ((xx + phase) // 2)) % 2, 1.0, 0.3)[..., None]
+            dark = (((yy + phase) // 2) + ((xx + phase) // 2)) % 2
+            out[0, t, y:y + 16, x:x + 16] = np.where(dark, 1.0, 0.3)[..., None]
         return jnp.asarray(out)
     latents = jnp.zeros((1, 3, S // 8, S // 8, 4), jnp.float32)
     for p, flicker_seen in ((1, True), (4, False)):
