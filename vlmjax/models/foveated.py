@@ -109,8 +109,9 @@ class FoveatedConfig:
         final patch tokens average-pooled to a g x g grid, and its change since the previous frame
         (``map_proj``): query-independent peripheral vision, so a change has a place (0 = off).
     read_change: g > 0: the LLM input of every frame (both passes) also gets a g x g map of how much
-        each region of the frame changed since the previous one (RMS pixel difference, average-pooled;
-        ``FoveatedModel.change_map``, through ``change_proj``): parameter-free peripheral motion
+        each region of the frame changed since the previous one (RMS difference of the frames seen at
+        ``change_acuity``, average-pooled; ``FoveatedModel.change_map``, through ``change_proj``):
+        parameter-free peripheral motion
         vision that says WHERE something moved but not what it looks like (0 = off). Unlike
         ``read_map`` it carries no patch features, so a detail at the mover (say its heading mark)
         reaches the LLM only through a read.
